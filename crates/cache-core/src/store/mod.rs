@@ -1,0 +1,50 @@
+//! Where envelopes live. Callers hold an `Arc<dyn CacheStore>` chosen once at start-up:
+//! [`MemoryStore`] in embedded mode (and as the in-process tier later), Redis when
+//! configured.
+
+mod memory;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use memory::MemoryStore;
+
+use crate::envelope::Envelope;
+use crate::key::CacheKey;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend did not answer in time; treat as a miss and carry on.
+    #[error("cache backend timed out")]
+    Timeout,
+    /// The backend is down or refused the call; treat as a miss and carry on.
+    #[error("cache backend unavailable: {0}")]
+    Unavailable(String),
+    /// A stored value could not be read back; treat as a miss.
+    #[error("stored value unreadable: {0}")]
+    Corrupt(String),
+}
+
+/// Counts that `GET /narrative/stats` reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Narrative entries only (never locks, counters or indexes).
+    pub entries: u64,
+    pub memory_bytes: u64,
+}
+
+#[async_trait::async_trait]
+pub trait CacheStore: Send + Sync + std::fmt::Debug + 'static {
+    async fn get(&self, key: &CacheKey) -> Result<Option<Arc<Envelope>>, StoreError>;
+    async fn put(
+        &self,
+        key: &CacheKey,
+        envelope: Arc<Envelope>,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+    /// Returns whether an entry was removed.
+    async fn delete(&self, key: &CacheKey) -> Result<bool, StoreError>;
+    async fn stats(&self) -> Result<StoreStats, StoreError>;
+    /// A short name for logs, metrics and `/readyz`.
+    fn name(&self) -> &'static str;
+}
