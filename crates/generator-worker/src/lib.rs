@@ -1,0 +1,19 @@
+//! Narrative generation, used by the gateway in embedded mode and by the worker.
+//!
+//! `prompt` renders the prompt template (a file in `prompts/`) from a canonical profile
+//! and computes `promptHash`; `llm` is the OpenAI-compatible client with timeouts and
+//! jittered retries; `template` writes a narrative without an LLM; `generator` puts
+//! them behind the [`NarrativeGenerator`] trait and reads the `LLM_*` settings.
+//! The RabbitMQ consumer joins this crate when generation moves out of the gateway.
+
+pub mod generator;
+pub mod llm;
+pub mod prompt;
+pub mod template;
+
+pub use generator::{
+    generator_from, llm_settings_from, GenerateError, Generation, LlmGenerator, NarrativeGenerator,
+    TemplateGenerator,
+};
+pub use llm::{ApiKey, LlmClient, LlmError, LlmSettings, Pricing};
+pub use prompt::GenerationParams;

@@ -1,0 +1,351 @@
+//! An OpenAI-compatible chat-completions client.
+//!
+//! Each attempt has a timeout. Timeouts, connection failures, 408, 429 and 5xx are
+//! retried with full-jitter exponential backoff, honouring `Retry-After`; other 4xx
+//! are not, since asking again cannot help. A reply only counts when it is complete:
+//! `finish_reason` must be `stop` and the text non-empty, which is the write policy
+//! (truncated or empty outputs are never stored).
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::prompt::GenerationParams;
+
+/// Dollars per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pricing {
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
+}
+
+impl Pricing {
+    pub fn cost_usd(&self, tokens_in: u32, tokens_out: u32) -> f64 {
+        (f64::from(tokens_in) * self.input_per_mtok + f64::from(tokens_out) * self.output_per_mtok)
+            / 1_000_000.0
+    }
+}
+
+/// An API key that never prints.
+#[derive(Clone)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    pub fn new(key: impl Into<String>) -> Self {
+        Self(key.into())
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LlmSettings {
+    /// Includes the version path, as OpenAI clients do: `https://api.openai.com/v1`.
+    pub base_url: String,
+    pub api_key: ApiKey,
+    pub params: GenerationParams,
+    pub pricing: Pricing,
+    /// Per attempt.
+    pub timeout: Duration,
+    /// Retries after the first attempt.
+    pub max_retries: u32,
+    pub backoff_base: Duration,
+    /// The longest single wait, also the longest `Retry-After` worth honouring.
+    pub backoff_max: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LlmError {
+    #[error("LLM call timed out")]
+    Timeout,
+    #[error("LLM unreachable: {0}")]
+    Connect(String),
+    #[error("LLM answered HTTP {status}")]
+    Status {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
+    #[error("LLM output incomplete (finish_reason {0:?})")]
+    Incomplete(String),
+    #[error("LLM output empty")]
+    Empty,
+    #[error("LLM reply malformed: {0}")]
+    Malformed(String),
+}
+
+impl LlmError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Timeout | Self::Connect(_) => true,
+            Self::Status { status, .. } => matches!(status, 408 | 429 | 500..=599),
+            Self::Incomplete(_) | Self::Empty | Self::Malformed(_) => false,
+        }
+    }
+
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Connect(_) => "connect",
+            Self::Status { status: 429, .. } => "rate_limited",
+            Self::Status {
+                status: 500..=599, ..
+            } => "server_error",
+            Self::Status { .. } => "client_error",
+            Self::Incomplete(_) => "incomplete",
+            Self::Empty => "empty",
+            Self::Malformed(_) => "malformed",
+        }
+    }
+}
+
+/// A complete reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub text: String,
+    pub tokens_in: u32,
+    pub tokens_out: u32,
+    pub attempts: u32,
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LlmClient {
+    http: reqwest::Client,
+    endpoint: String,
+    settings: LlmSettings,
+}
+
+#[derive(Serialize)]
+struct ChatRequest<'a> {
+    model: &'a str,
+    messages: [Message<'a>; 1],
+    temperature: f32,
+    max_tokens: u32,
+}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+#[derive(Deserialize)]
+struct ChatResponse {
+    choices: Vec<Choice>,
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    message: Option<ReplyMessage>,
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ReplyMessage {
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Usage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+}
+
+impl LlmClient {
+    pub fn new(settings: LlmSettings) -> Result<Self, LlmError> {
+        let http = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout.min(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| LlmError::Connect(e.to_string()))?;
+        let endpoint = format!(
+            "{}/chat/completions",
+            settings.base_url.trim_end_matches('/')
+        );
+        Ok(Self {
+            http,
+            endpoint,
+            settings,
+        })
+    }
+
+    pub fn settings(&self) -> &LlmSettings {
+        &self.settings
+    }
+
+    /// Sends the prompt, retrying what can be retried.
+    pub async fn complete(&self, prompt: &str) -> Result<Completion, LlmError> {
+        let started = Instant::now();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let error = match self.attempt(prompt).await {
+                Ok((text, tokens_in, tokens_out)) => {
+                    return Ok(Completion {
+                        text,
+                        tokens_in,
+                        tokens_out,
+                        attempts: attempt,
+                        elapsed: started.elapsed(),
+                    })
+                }
+                Err(error) => error,
+            };
+            if !error.is_retryable() || attempt > self.settings.max_retries {
+                return Err(error);
+            }
+            let Some(wait) = self.backoff(attempt, &error) else {
+                return Err(error);
+            };
+            tracing::debug!(attempt, error = %error, wait_ms = wait.as_millis() as u64, "retrying LLM call");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Full jitter: a random wait up to `base * 2^(attempt-1)`, capped. A server's
+    /// `Retry-After` is a floor; one longer than the cap is not worth waiting for.
+    fn backoff(&self, attempt: u32, error: &LlmError) -> Option<Duration> {
+        let ceiling = self
+            .settings
+            .backoff_base
+            .saturating_mul(1 << (attempt - 1).min(16))
+            .min(self.settings.backoff_max);
+        let jittered = ceiling.mul_f64(rand::rng().random::<f64>());
+        match error {
+            LlmError::Status {
+                retry_after: Some(after),
+                ..
+            } if *after > self.settings.backoff_max => None,
+            LlmError::Status {
+                retry_after: Some(after),
+                ..
+            } => Some(jittered.max(*after)),
+            _ => Some(jittered),
+        }
+    }
+
+    async fn attempt(&self, prompt: &str) -> Result<(String, u32, u32), LlmError> {
+        let params = &self.settings.params;
+        let request = ChatRequest {
+            model: &params.model,
+            messages: [Message {
+                role: "user",
+                content: prompt,
+            }],
+            temperature: params.temperature,
+            max_tokens: params.max_tokens,
+        };
+        let response = self
+            .http
+            .post(&self.endpoint)
+            .bearer_auth(&self.settings.api_key.0)
+            .json(&request)
+            .send()
+            .await
+            .map_err(classify)?;
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            return Err(LlmError::Status {
+                status: status.as_u16(),
+                retry_after,
+            });
+        }
+        let reply: ChatResponse = response.json().await.map_err(|e| {
+            if e.is_timeout() {
+                LlmError::Timeout
+            } else {
+                LlmError::Malformed(e.to_string())
+            }
+        })?;
+        let choice = reply
+            .choices
+            .into_iter()
+            .next()
+            .ok_or_else(|| LlmError::Malformed("no choices".into()))?;
+        let finish_reason = choice.finish_reason.unwrap_or_default();
+        if finish_reason != "stop" {
+            return Err(LlmError::Incomplete(finish_reason));
+        }
+        let text = choice
+            .message
+            .and_then(|m| m.content)
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        if text.is_empty() {
+            return Err(LlmError::Empty);
+        }
+        let usage = reply
+            .usage
+            .ok_or_else(|| LlmError::Malformed("no usage block".into()))?;
+        Ok((text, usage.prompt_tokens, usage.completion_tokens))
+    }
+}
+
+fn classify(error: reqwest::Error) -> LlmError {
+    if error.is_timeout() {
+        LlmError::Timeout
+    } else {
+        LlmError::Connect(error.without_url().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cost_from_usage_and_prices() {
+        let pricing = Pricing {
+            input_per_mtok: 0.15,
+            output_per_mtok: 0.60,
+        };
+        let cost = pricing.cost_usd(1_000_000, 500_000);
+        assert!((cost - 0.45).abs() < 1e-12, "{cost}");
+    }
+
+    #[test]
+    fn retryable_errors() {
+        assert!(LlmError::Timeout.is_retryable());
+        assert!(LlmError::Status {
+            status: 429,
+            retry_after: None
+        }
+        .is_retryable());
+        assert!(LlmError::Status {
+            status: 503,
+            retry_after: None
+        }
+        .is_retryable());
+        assert!(!LlmError::Status {
+            status: 400,
+            retry_after: None
+        }
+        .is_retryable());
+        assert!(!LlmError::Status {
+            status: 401,
+            retry_after: None
+        }
+        .is_retryable());
+        assert!(!LlmError::Incomplete("length".into()).is_retryable());
+    }
+
+    #[test]
+    fn api_keys_do_not_print() {
+        assert!(!format!("{:?}", ApiKey::new("sk-secret")).contains("sk-secret"));
+    }
+}

@@ -1,0 +1,302 @@
+//! An OpenAI-compatible chat-completions server that stands in for the LLM, which is
+//! the one thing our tests and benchmarks simulate (these machines have no internet).
+//!
+//! It waits a configurable latency, fails a configurable share of calls with a chosen
+//! status (and `Retry-After`), can answer with another `finish_reason` (`length` for a
+//! truncated output), reports realistic token usage, and counts what it served:
+//! `GET /sim/stats`, `POST /sim/reset`, and `GET`/`PUT /sim/config` to change its
+//! behaviour while it runs.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct SimConfig {
+    pub latency_ms: u64,
+    /// Extra latency drawn uniformly from `0..=jitter_ms`.
+    pub jitter_ms: u64,
+    /// Share of calls, 0.0 to 1.0, answered with `failure_status`.
+    pub failure_rate: f64,
+    pub failure_status: u16,
+    /// Seconds to put in `Retry-After` on failures.
+    pub retry_after_secs: Option<u64>,
+    pub finish_reason: String,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            latency_ms: 800,
+            jitter_ms: 0,
+            failure_rate: 0.0,
+            failure_status: 500,
+            retry_after_secs: None,
+            finish_reason: "stop".to_owned(),
+        }
+    }
+}
+
+/// Counts since start or the last reset.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimStats {
+    /// Chat-completion requests received, whatever their outcome.
+    pub requests: u64,
+    /// Requests answered 200 with a completion.
+    pub completions: u64,
+    /// Requests answered with the failure status.
+    pub failures: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Simulator {
+    config: RwLock<SimConfig>,
+    requests: AtomicU64,
+    completions: AtomicU64,
+    failures: AtomicU64,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+}
+
+impl Simulator {
+    pub fn new(config: SimConfig) -> Arc<Self> {
+        Arc::new(Self {
+            config: RwLock::new(config),
+            ..Self::default()
+        })
+    }
+
+    pub fn config(&self) -> SimConfig {
+        self.config
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn set_config(&self, config: SimConfig) {
+        *self
+            .config
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = config;
+    }
+
+    pub fn stats(&self) -> SimStats {
+        SimStats {
+            requests: self.requests.load(Ordering::SeqCst),
+            completions: self.completions.load(Ordering::SeqCst),
+            failures: self.failures.load(Ordering::SeqCst),
+            prompt_tokens: self.prompt_tokens.load(Ordering::SeqCst),
+            completion_tokens: self.completion_tokens.load(Ordering::SeqCst),
+        }
+    }
+
+    pub fn reset(&self) {
+        for counter in [
+            &self.requests,
+            &self.completions,
+            &self.failures,
+            &self.prompt_tokens,
+            &self.completion_tokens,
+        ] {
+            counter.store(0, Ordering::SeqCst);
+        }
+    }
+}
+
+pub fn router(sim: Arc<Simulator>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route(
+            "/sim/stats",
+            get(|State(sim): State<Arc<Simulator>>| async move { Json(sim.stats()) }),
+        )
+        .route(
+            "/sim/reset",
+            post(|State(sim): State<Arc<Simulator>>| async move {
+                sim.reset();
+                Json(sim.stats())
+            }),
+        )
+        .route(
+            "/sim/config",
+            get(|State(sim): State<Arc<Simulator>>| async move { Json(sim.config()) }).put(
+                |State(sim): State<Arc<Simulator>>, Json(config): Json<SimConfig>| async move {
+                    sim.set_config(config);
+                    Json(sim.config())
+                },
+            ),
+        )
+        .with_state(sim)
+}
+
+/// A simulator served on a loopback port, for tests and benchmarks in-process.
+#[derive(Debug, Clone)]
+pub struct SimHandle {
+    pub addr: SocketAddr,
+    pub sim: Arc<Simulator>,
+}
+
+impl SimHandle {
+    /// `LLM_BASE_URL` for this simulator.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+}
+
+/// Starts a simulator on `127.0.0.1:0` in the current runtime.
+pub async fn spawn(config: SimConfig) -> std::io::Result<SimHandle> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let sim = Simulator::new(config);
+    let app = router(Arc::clone(&sim));
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "llm-sim stopped");
+        }
+    });
+    Ok(SimHandle { addr, sim })
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    model: String,
+    messages: Vec<ChatMessage>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    content: String,
+}
+
+async fn models() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]}))
+}
+
+async fn chat_completions(
+    State(sim): State<Arc<Simulator>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let serial = sim.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    let config = sim.config();
+    let (delay, fails) = {
+        let mut rng = rand::rng();
+        let jitter = if config.jitter_ms > 0 {
+            rng.random_range(0..=config.jitter_ms)
+        } else {
+            0
+        };
+        (
+            Duration::from_millis(config.latency_ms + jitter),
+            rng.random::<f64>() < config.failure_rate,
+        )
+    };
+    tokio::time::sleep(delay).await;
+
+    if !headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("Bearer "))
+    {
+        return error(StatusCode::UNAUTHORIZED, "missing bearer token", None);
+    }
+    let Ok(request) = serde_json::from_slice::<ChatRequest>(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "body is not a chat completion request",
+            None,
+        );
+    };
+    if fails {
+        sim.failures.fetch_add(1, Ordering::SeqCst);
+        let status = StatusCode::from_u16(config.failure_status)
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return error(status, "simulated failure", config.retry_after_secs);
+    }
+
+    let prompt: String = request
+        .messages
+        .iter()
+        .map(|m| m.content.as_str())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut text = narrative_for(&prompt);
+    if config.finish_reason == "length" {
+        text.truncate(text.len() / 3);
+    }
+    // Roughly what a BPE tokenizer gives for English: four characters a token.
+    let prompt_tokens = prompt.len().div_ceil(4) as u64 + 8;
+    let completion_tokens = text.len().div_ceil(4) as u64;
+    sim.prompt_tokens.fetch_add(prompt_tokens, Ordering::SeqCst);
+    sim.completion_tokens
+        .fetch_add(completion_tokens, Ordering::SeqCst);
+    sim.completions.fetch_add(1, Ordering::SeqCst);
+    Json(serde_json::json!({
+        "id": format!("chatcmpl-sim-{serial}"),
+        "object": "chat.completion",
+        "created": cache_core::now_ms() / 1000,
+        "model": request.model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": config.finish_reason,
+        }],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }))
+    .into_response()
+}
+
+fn error(status: StatusCode, message: &str, retry_after: Option<u64>) -> Response {
+    let body = serde_json::json!({"error": {"message": message, "type": "sim_error"}});
+    let mut response = (status, Json(body)).into_response();
+    if let Some(secs) = retry_after {
+        response
+            .headers_mut()
+            .insert("retry-after", HeaderValue::from(secs));
+    }
+    response
+}
+
+/// A plausible narrative that mentions what the prompt's profile lists.
+fn narrative_for(prompt: &str) -> String {
+    let line = |label: &str| {
+        prompt
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(label))
+            .map(str::trim)
+            .unwrap_or("unknown")
+            .to_owned()
+    };
+    let systems = line("- Star systems (percent):");
+    let hd_type = line("- Human Design type:");
+    let authority = line("- Authority:");
+    let profile = line("- Profile:");
+    format!(
+        "Your heritage weaves together {systems}. The strongest of these threads sets the tone of your inner life: \
+         a quiet certainty about what matters, and a pull toward the people and work that feel like home.\n\n\
+         The smaller shares in your blend are not footnotes. Each of them colours how that core theme shows up, \
+         softening it in some moments and sharpening it in others, so that you rarely meet a situation with only one tool.\n\n\
+         As a {hd_type} with {authority} authority, you do best when you let decisions come to you in your own way \
+         rather than forcing them. Your {profile} profile adds its own rhythm: a balance between learning deeply on your own \
+         and being seen by others for what you know.\n\n\
+         This week, notice one moment where you would normally rush, and let your {authority} authority have the last word."
+    )
+}
