@@ -1,0 +1,116 @@
+//! Building the application from settings, and serving it on a listener until a
+//! shutdown signal. Tests call the same [`App::build`] and [`run`] on a random port.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use analytics::InMemoryAnalytics;
+use axum::Router;
+use cache_core::{CacheKeySecret, CacheStore, KeyDeriver, MemoryStore};
+use generator_worker::generator_from;
+use tokio::net::TcpListener;
+
+use crate::http::{self, ApiError};
+use crate::metrics::Metrics;
+use crate::service::{NarrativeService, ServiceParts};
+use crate::settings::Settings;
+
+#[derive(Debug)]
+pub struct AppState {
+    pub settings: Settings,
+    pub service: Arc<NarrativeService>,
+    pub metrics: Arc<Metrics>,
+    pub analytics: Arc<InMemoryAnalytics>,
+}
+
+impl AppState {
+    /// Counts a rejected request by its error code, and passes the result on.
+    pub(crate) fn reject_counted<T>(&self, result: Result<T, ApiError>) -> Result<T, ApiError> {
+        if let Err(error) = &result {
+            self.metrics.rejected(error.code());
+        }
+        result
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct App {
+    state: Arc<AppState>,
+}
+
+impl App {
+    pub fn build(settings: Settings) -> anyhow::Result<Self> {
+        let generator = generator_from(settings.llm.clone())?;
+        let secret = settings.cache_key_secret.clone().unwrap_or_else(|| {
+            tracing::warn!("no CACHE_KEY_SECRET: using a random one, so keys change on every restart (fine for an in-memory cache)");
+            CacheKeySecret::random()
+        });
+        if settings.llm.is_none() {
+            tracing::info!("no LLM_API_KEY: narratives are written by the template engine");
+        }
+        let deriver = KeyDeriver::new(
+            &secret,
+            settings.engine_version.clone(),
+            generator.prompt_hash(),
+            settings.quantization_step,
+        );
+        let store: Arc<dyn CacheStore> =
+            Arc::new(MemoryStore::new(settings.memory_cache_max_bytes));
+        let metrics = Arc::new(Metrics::new());
+        let analytics = Arc::new(InMemoryAnalytics::new());
+        let service = Arc::new(NarrativeService::new(ServiceParts {
+            deriver,
+            store,
+            generator,
+            metrics: Arc::clone(&metrics),
+            analytics: Arc::clone(&analytics),
+            ttl: settings.cache_ttl,
+            generation_wait: settings.generation_wait,
+        }));
+        tracing::info!(
+            mode = "embedded",
+            engine_version = %settings.engine_version,
+            prompt_hash = %service.deriver().prompt_hash(),
+            model = service.generator().model(),
+            "narrative service ready"
+        );
+        Ok(Self {
+            state: Arc::new(AppState {
+                settings,
+                service,
+                metrics,
+                analytics,
+            }),
+        })
+    }
+
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    pub fn router(&self) -> Router {
+        http::router(Arc::clone(&self.state))
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then drains: in-flight
+/// requests finish, and generations still running get `SHUTDOWN_GRACE` to be stored.
+pub async fn run(
+    listener: TcpListener,
+    app: App,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    axum::serve(listener, app.router())
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    let grace = app.state.settings.shutdown_grace;
+    if !app.state.service.drain(grace).await {
+        tracing::warn!(
+            ?grace,
+            "generations still running at the end of the shutdown grace period were dropped"
+        );
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,86 @@
+//! Errors a client sees: each owns its status and a JSON body
+//! `{"error": {"code", "message", "field"}}`. Nothing here is a 5xx: failures the
+//! system can degrade around never reach the client as errors.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use cache_core::ProfileError;
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    InvalidProfile(#[from] ProfileError),
+    #[error("{message}")]
+    InvalidParameter {
+        field: &'static str,
+        message: String,
+    },
+    #[error("request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("Content-Type must be application/json")]
+    UnsupportedMediaType,
+    #[error("no narrative under this key")]
+    NotFound,
+    #[error("no such route")]
+    NoRoute,
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Detail<'a>,
+}
+
+#[derive(Serialize)]
+struct Detail<'a> {
+    code: &'static str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidProfile(_) | Self::InvalidParameter { .. } => StatusCode::BAD_REQUEST,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::NotFound | Self::NoRoute => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        }
+    }
+
+    /// A stable machine-readable code; also the `code` label of the rejection metric.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidProfile(_) => "invalid_profile",
+            Self::InvalidParameter { .. } => "invalid_parameter",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::NotFound => "not_found",
+            Self::NoRoute => "no_route",
+            Self::MethodNotAllowed => "method_not_allowed",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (message, field) = match &self {
+            Self::InvalidProfile(e) => (e.message.clone(), Some(e.field.as_str())),
+            Self::InvalidParameter { field, message } => (message.clone(), Some(*field)),
+            other => (other.to_string(), None),
+        };
+        let body = Body {
+            error: Detail {
+                code: self.code(),
+                message,
+                field,
+            },
+        };
+        (self.status(), Json(body)).into_response()
+    }
+}

@@ -1,0 +1,283 @@
+//! `/narrative` routes: answer a profile, look up a key, explain a key, report stats
+//! and analytics.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use cache_core::{CacheKey, Envelope, KeyedProfile, ProfileInput};
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use super::{ApiError, MAX_BODY_BYTES};
+use crate::app::AppState;
+use crate::service::{Answer, Lookup, Source};
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/narrative", post(post_narrative))
+        .route("/narrative/key", post(explain_key))
+        .route("/narrative/stats", get(stats))
+        .route("/narrative/analytics", get(analytics))
+        .route("/narrative/{key}", get(get_narrative))
+}
+
+/// The response body of a narrative.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NarrativeBody<'a> {
+    narrative: &'a str,
+    source: &'static str,
+    cache_key: &'a str,
+    engine_version: &'a str,
+    prompt_hash: &'a str,
+    generated_at: String,
+    model: &'a str,
+}
+
+const CACHE_NAME: &str = "narrative-cache";
+
+#[tracing::instrument(skip_all, fields(cache_key))]
+async fn post_narrative(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let keyed = state.reject_counted(parse_profile(&state, &headers, body))?;
+    tracing::Span::current().record("cache_key", keyed.key.as_str());
+    let answer = state.service.narrative(&keyed, started).await;
+    Ok(narrative_response(&keyed.key, &answer))
+}
+
+fn parse_profile(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<KeyedProfile, ApiError> {
+    let body = json_body(headers, body)?;
+    let input = ProfileInput::from_json(&body)?;
+    Ok(state.service.derive(&input)?)
+}
+
+/// The body of a JSON request: 415 unless it says it is JSON, 413 over the limit.
+fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| {
+            let mime = mime.trim();
+            mime.eq_ignore_ascii_case("application/json")
+                || mime.to_ascii_lowercase().ends_with("+json")
+        });
+    if !is_json {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge {
+            limit: MAX_BODY_BYTES,
+        },
+        _ => ApiError::InvalidParameter {
+            field: "body",
+            message: rejection.body_text(),
+        },
+    })
+}
+
+fn narrative_response(key: &CacheKey, answer: &Answer) -> Response {
+    let envelope: &Envelope = &answer.envelope;
+    let (x_cache, cache_status) = match answer.source {
+        Source::Cache => (
+            "HIT",
+            format!(
+                "{CACHE_NAME}; hit; ttl={}",
+                answer.ttl_remaining_secs.unwrap_or(0)
+            ),
+        ),
+        Source::Generated if answer.collapsed => {
+            ("MISS", format!("{CACHE_NAME}; fwd=miss; collapsed"))
+        }
+        Source::Generated => ("MISS", format!("{CACHE_NAME}; fwd=miss; stored")),
+        Source::Fallback => (
+            "FALLBACK",
+            format!("{CACHE_NAME}; fwd=miss; detail=fallback"),
+        ),
+    };
+    let body = NarrativeBody {
+        narrative: &envelope.body,
+        source: answer.source.as_str(),
+        cache_key: key.as_str(),
+        engine_version: &envelope.engine_version,
+        prompt_hash: &envelope.prompt_hash,
+        generated_at: rfc3339(envelope.created_at_ms),
+        model: &envelope.model,
+    };
+    let mut response = Json(body).into_response();
+    let headers = response.headers_mut();
+    headers.insert("x-cache", HeaderValue::from_static(x_cache));
+    if let Ok(value) = HeaderValue::from_str(&cache_status) {
+        headers.insert("cache-status", value);
+    }
+    // Narratives are personal: shared caches between us and the user must not keep them.
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
+    response
+}
+
+fn rfc3339(unix_ms: i64) -> String {
+    let nanos = i128::from(unix_ms) * 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+async fn get_narrative(
+    State(state): State<Arc<AppState>>,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    let key =
+        state.reject_counted(
+            CacheKey::parse(&raw).map_err(|e| ApiError::InvalidParameter {
+                field: "key",
+                message: e.to_string(),
+            }),
+        )?;
+    match state.service.lookup(&key).await {
+        Lookup::Found(envelope, ttl) => {
+            let answer = Answer {
+                envelope,
+                source: Source::Cache,
+                collapsed: false,
+                ttl_remaining_secs: Some(ttl),
+            };
+            Ok(narrative_response(&key, &answer))
+        }
+        Lookup::Pending => {
+            let location = format!("/narrative/{}", key.to_path_segment());
+            let body = serde_json::json!({"status": "pending", "cacheKey": key.as_str(), "location": location});
+            let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+            if let Ok(value) = HeaderValue::from_str(&location) {
+                response.headers_mut().insert(header::LOCATION, value);
+            }
+            Ok(response)
+        }
+        Lookup::Missing => Err(ApiError::NotFound),
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ExplainBody<'a> {
+    cache_key: &'a str,
+    /// Exactly the bytes the digest covers, embedded as they are.
+    canonical: &'a RawValue,
+}
+
+async fn explain_key(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let keyed = state.reject_counted(parse_profile(&state, &headers, body))?;
+    let canonical: &RawValue =
+        serde_json::from_str(&keyed.canonical_json).map_err(|e| ApiError::InvalidParameter {
+            field: "body",
+            message: e.to_string(),
+        })?;
+    Ok(Json(ExplainBody {
+        cache_key: keyed.key.as_str(),
+        canonical,
+    })
+    .into_response())
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StatsBody {
+    keys: u64,
+    memory_used: String,
+    memory_bytes: u64,
+    hit_rate: f64,
+    engine_version: String,
+    prompt_hash: String,
+    ttl_days: f64,
+    stale_after_days: f64,
+    quantization_step: String,
+    hits: u64,
+    misses: u64,
+    fallbacks: u64,
+    in_flight: usize,
+    mode: &'static str,
+    store: &'static str,
+    model: String,
+}
+
+async fn stats(State(state): State<Arc<AppState>>) -> Json<StatsBody> {
+    let service = &state.service;
+    let stats = service.stats().await;
+    let days = |d: std::time::Duration| (d.as_secs_f64() / 86_400.0 * 1000.0).round() / 1000.0;
+    Json(StatsBody {
+        keys: stats.store.entries,
+        memory_used: human_bytes(stats.store.memory_bytes),
+        memory_bytes: stats.store.memory_bytes,
+        hit_rate: analytics::ratio(stats.hits, stats.hits + stats.misses),
+        engine_version: service.deriver().engine_version().to_string(),
+        prompt_hash: service.deriver().prompt_hash().to_string(),
+        ttl_days: days(service.ttl()),
+        stale_after_days: days(state.settings.stale_after),
+        quantization_step: service.deriver().step().to_string(),
+        hits: stats.hits,
+        misses: stats.misses,
+        fallbacks: stats.fallbacks,
+        in_flight: stats.in_flight,
+        mode: "embedded",
+        store: service.store_name(),
+        model: service.generator().model().to_owned(),
+    })
+}
+
+async fn analytics(State(state): State<Arc<AppState>>) -> Json<analytics::Summary> {
+    Json(state.analytics.summary())
+}
+
+/// Bytes the way Redis's `used_memory_human` writes them: `1023B`, `2.40M`.
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [(&str, f64); 4] = [
+        ("T", 1_099_511_627_776.0),
+        ("G", 1_073_741_824.0),
+        ("M", 1_048_576.0),
+        ("K", 1024.0),
+    ];
+    let value = bytes as f64;
+    UNITS.iter().find(|(_, size)| value >= *size).map_or_else(
+        || format!("{bytes}B"),
+        |(unit, size)| format!("{:.2}{unit}", value / size),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_bytes_like_redis() {
+        assert_eq!(human_bytes(512), "512B");
+        assert_eq!(human_bytes(2_516_582), "2.40M");
+        assert_eq!(human_bytes(1536), "1.50K");
+    }
+
+    #[test]
+    fn generated_at_is_rfc3339_utc() {
+        assert_eq!(rfc3339(1_767_225_600_123), "2026-01-01T00:00:00.123Z");
+    }
+}

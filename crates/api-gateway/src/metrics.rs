@@ -1,0 +1,188 @@
+//! Every metric the gateway exports, named in one place so the dashboards can match.
+//! Label values are fixed sets: no user ids, keys or client input ever become labels.
+
+use prometheus::{
+    Counter, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, Opts, Registry, TextEncoder,
+};
+
+/// How a `POST /narrative` was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Hit,
+    Generated,
+    Fallback,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Generated => "generated",
+            Self::Fallback => "fallback",
+        }
+    }
+}
+
+/// Seconds; fine at the bottom, where cache hits live.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.05, 0.25, 1.0, 2.5, 5.0,
+    10.0, 30.0,
+];
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    requests: [IntCounter; 3],
+    latency: [Histogram; 3],
+    pub collapsed: IntCounter,
+    rejected: IntCounterVec,
+    generations: IntCounterVec,
+    pub generation_seconds: Histogram,
+    pub generations_in_flight: IntGauge,
+    pub llm_tokens_input: IntCounter,
+    pub llm_tokens_output: IntCounter,
+    pub llm_cost_usd: Counter,
+    pub cost_saved_usd: Counter,
+    pub store_errors: IntCounter,
+    pub cache_entries: Gauge,
+    pub cache_bytes: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "narrative_requests_total",
+                "POST /narrative requests that passed validation, by outcome",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "narrative_request_duration_seconds",
+                "Server time of POST /narrative, by outcome",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let by_outcome = |outcome: Outcome| outcome.as_str();
+        let outcomes = [Outcome::Hit, Outcome::Generated, Outcome::Fallback];
+        let metrics = Self {
+            requests: outcomes.map(|o| requests.with_label_values(&[by_outcome(o)])),
+            latency: outcomes.map(|o| latency.with_label_values(&[by_outcome(o)])),
+            collapsed: IntCounter::new(
+                "narrative_collapsed_total",
+                "Requests that waited on another request's generation",
+            )
+            .expect("valid metric"),
+            rejected: IntCounterVec::new(
+                Opts::new(
+                    "narrative_rejected_total",
+                    "Requests refused, by error code",
+                ),
+                &["code"],
+            )
+            .expect("valid metric"),
+            generations: IntCounterVec::new(
+                Opts::new(
+                    "narrative_generations_total",
+                    "Generator calls, by result (ok or the error kind)",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+            generation_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "narrative_generation_duration_seconds",
+                    "Time to generate a narrative, retries included",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            )
+            .expect("valid metric"),
+            generations_in_flight: IntGauge::new(
+                "narrative_generations_in_flight",
+                "Generations running now",
+            )
+            .expect("valid metric"),
+            llm_tokens_input: IntCounter::new("llm_tokens_input_total", "Prompt tokens paid for")
+                .expect("valid metric"),
+            llm_tokens_output: IntCounter::new(
+                "llm_tokens_output_total",
+                "Completion tokens paid for",
+            )
+            .expect("valid metric"),
+            llm_cost_usd: Counter::new("llm_cost_usd_total", "Dollars spent on the LLM")
+                .expect("valid metric"),
+            cost_saved_usd: Counter::new(
+                "narrative_cost_saved_usd_total",
+                "Dollars cache hits saved (each hit credits its entry's cost)",
+            )
+            .expect("valid metric"),
+            store_errors: IntCounter::new(
+                "cache_store_errors_total",
+                "Cache backend calls that failed and were degraded around",
+            )
+            .expect("valid metric"),
+            cache_entries: Gauge::new("narrative_cache_entries", "Narrative entries in the cache")
+                .expect("valid metric"),
+            cache_bytes: Gauge::new("narrative_cache_bytes", "Bytes the cache holds")
+                .expect("valid metric"),
+            registry,
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(requests),
+            Box::new(latency),
+            Box::new(metrics.collapsed.clone()),
+            Box::new(metrics.rejected.clone()),
+            Box::new(metrics.generations.clone()),
+            Box::new(metrics.generation_seconds.clone()),
+            Box::new(metrics.generations_in_flight.clone()),
+            Box::new(metrics.llm_tokens_input.clone()),
+            Box::new(metrics.llm_tokens_output.clone()),
+            Box::new(metrics.llm_cost_usd.clone()),
+            Box::new(metrics.cost_saved_usd.clone()),
+            Box::new(metrics.store_errors.clone()),
+            Box::new(metrics.cache_entries.clone()),
+            Box::new(metrics.cache_bytes.clone()),
+        ];
+        for collector in collectors {
+            metrics
+                .registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
+        metrics
+    }
+
+    pub fn observe_request(&self, outcome: Outcome, seconds: f64) {
+        let i = outcome as usize;
+        self.requests[i].inc();
+        self.latency[i].observe(seconds);
+    }
+
+    pub fn rejected(&self, code: &'static str) {
+        self.rejected.with_label_values(&[code]).inc();
+    }
+
+    pub fn generation(&self, result: &'static str) {
+        self.generations.with_label_values(&[result]).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::with_capacity(8192);
+        // Encoding into a Vec only fails on invalid metric families, which `new` rules out.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

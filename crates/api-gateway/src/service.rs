@@ -1,0 +1,360 @@
+//! What happens to a narrative request, independent of HTTP.
+//!
+//! A hit answers from the store. A miss joins the key's in-process flight: the first
+//! request leads and starts the generation in a tracked task, everyone (leader
+//! included) waits for it until the request's deadline, and whoever is still waiting
+//! then answers the template narrative while the generation finishes and is stored.
+//! A store that errors is treated as a miss: the request is answered either way.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use analytics::{GenerationEvent, InMemoryAnalytics, RequestEvent, RequestOutcome};
+use cache_core::{
+    now_ms, CacheKey, CacheStore, Envelope, Flight, KeyDeriver, KeyedProfile, ProfileError,
+    ProfileInput, SingleFlight, StoreStats,
+};
+use generator_worker::template::{self, TEMPLATE_MODEL};
+use generator_worker::{GenerateError, NarrativeGenerator};
+use tokio_util::task::TaskTracker;
+
+use crate::metrics::{Metrics, Outcome};
+
+/// How the narrative in an [`Answer`] came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Cache,
+    Generated,
+    Fallback,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cache => "cache",
+            Self::Generated => "generated",
+            Self::Fallback => "fallback",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub envelope: Arc<Envelope>,
+    pub source: Source,
+    /// This request waited on a generation another request started.
+    pub collapsed: bool,
+    /// Seconds the entry has left to live, for hits.
+    pub ttl_remaining_secs: Option<u64>,
+}
+
+/// A flight ends with the stored envelope, or with the generation's failure.
+type FlightResult = Result<Arc<Envelope>, GenerateError>;
+
+/// What `GET /narrative/{key}` finds.
+#[derive(Debug)]
+pub enum Lookup {
+    Found(Arc<Envelope>, u64),
+    Pending,
+    Missing,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServiceStats {
+    pub store: StoreStats,
+    pub hits: u64,
+    pub misses: u64,
+    pub fallbacks: u64,
+    pub in_flight: usize,
+}
+
+#[derive(Debug)]
+pub struct NarrativeService {
+    deriver: KeyDeriver,
+    store: Arc<dyn CacheStore>,
+    generator: Arc<dyn NarrativeGenerator>,
+    flights: SingleFlight<CacheKey, FlightResult>,
+    tasks: TaskTracker,
+    metrics: Arc<Metrics>,
+    analytics: Arc<InMemoryAnalytics>,
+    ttl: Duration,
+    generation_wait: Duration,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    fallbacks: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct ServiceParts {
+    pub deriver: KeyDeriver,
+    pub store: Arc<dyn CacheStore>,
+    pub generator: Arc<dyn NarrativeGenerator>,
+    pub metrics: Arc<Metrics>,
+    pub analytics: Arc<InMemoryAnalytics>,
+    pub ttl: Duration,
+    pub generation_wait: Duration,
+}
+
+impl NarrativeService {
+    pub fn new(parts: ServiceParts) -> Self {
+        let ServiceParts {
+            deriver,
+            store,
+            generator,
+            metrics,
+            analytics,
+            ttl,
+            generation_wait,
+        } = parts;
+        Self {
+            deriver,
+            store,
+            generator,
+            flights: SingleFlight::new(),
+            tasks: TaskTracker::new(),
+            metrics,
+            analytics,
+            ttl,
+            generation_wait,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            fallbacks: AtomicU64::new(0),
+        }
+    }
+
+    pub fn deriver(&self) -> &KeyDeriver {
+        &self.deriver
+    }
+
+    pub fn generator(&self) -> &dyn NarrativeGenerator {
+        self.generator.as_ref()
+    }
+
+    pub fn store_name(&self) -> &'static str {
+        self.store.name()
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    pub fn derive(&self, input: &ProfileInput) -> Result<KeyedProfile, ProfileError> {
+        self.deriver.derive(input)
+    }
+
+    /// Answers a validated profile. Never fails: the worst case is the template.
+    pub async fn narrative(self: &Arc<Self>, keyed: &KeyedProfile, started: Instant) -> Answer {
+        let answer = match self.cached(&keyed.key).await {
+            Some((envelope, ttl)) => Answer {
+                envelope,
+                source: Source::Cache,
+                collapsed: false,
+                ttl_remaining_secs: Some(ttl),
+            },
+            None => {
+                self.generate_or_fallback(keyed, started + self.generation_wait)
+                    .await
+            }
+        };
+        self.account(&answer, keyed, started);
+        answer
+    }
+
+    async fn cached(&self, key: &CacheKey) -> Option<(Arc<Envelope>, u64)> {
+        match self.store.get(key).await {
+            Ok(Some(envelope)) => {
+                let age = Duration::from_millis(envelope.age_ms(now_ms()));
+                Some((envelope, self.ttl.saturating_sub(age).as_secs()))
+            }
+            Ok(None) => None,
+            Err(error) => {
+                self.metrics.store_errors.inc();
+                tracing::warn!(%error, store = self.store.name(), "cache read failed; treating as a miss");
+                None
+            }
+        }
+    }
+
+    async fn generate_or_fallback(
+        self: &Arc<Self>,
+        keyed: &KeyedProfile,
+        deadline: Instant,
+    ) -> Answer {
+        let (follower, collapsed) = match self.flights.join(&keyed.key) {
+            Flight::Leader(leader) => {
+                let follower = leader.follower();
+                let service = Arc::clone(self);
+                let keyed = keyed.clone();
+                self.tasks.spawn(async move {
+                    let result = service.fill(&keyed).await;
+                    leader.complete(result);
+                });
+                (follower, false)
+            }
+            Flight::Follower(follower) => {
+                self.metrics.collapsed.inc();
+                (follower, true)
+            }
+        };
+        match tokio::time::timeout_at(deadline.into(), follower.wait()).await {
+            Ok(Some(Ok(envelope))) => Answer {
+                envelope,
+                source: Source::Generated,
+                collapsed,
+                ttl_remaining_secs: None,
+            },
+            Ok(Some(Err(_))) | Ok(None) | Err(_) => self.fallback(keyed, collapsed),
+        }
+    }
+
+    /// The leader's work: look once more (a flight that just ended may have stored the
+    /// value between our read and our join), generate, store, then let the flight end.
+    async fn fill(&self, keyed: &KeyedProfile) -> FlightResult {
+        if let Some((envelope, _)) = self.cached(&keyed.key).await {
+            return Ok(envelope);
+        }
+        self.metrics.generations_in_flight.inc();
+        let started = Instant::now();
+        let result = self.generator.generate(&keyed.profile).await;
+        self.metrics.generations_in_flight.dec();
+        self.metrics
+            .generation_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let generation = match result {
+            Ok(generation) => generation,
+            Err(error) => {
+                let GenerateError::Llm(llm) = &error;
+                self.metrics.generation(llm.kind());
+                let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                self.analytics.record_generation(&GenerationEvent {
+                    ok: false,
+                    duration_ms,
+                    tokens_in: 0,
+                    tokens_out: 0,
+                    cost_usd: 0.0,
+                });
+                tracing::warn!(%error, cache_key = %keyed.key, "generation failed; nothing stored");
+                return Err(error);
+            }
+        };
+        self.metrics.generation("ok");
+        self.metrics
+            .llm_tokens_input
+            .inc_by(u64::from(generation.tokens_in));
+        self.metrics
+            .llm_tokens_output
+            .inc_by(u64::from(generation.tokens_out));
+        self.metrics.llm_cost_usd.inc_by(generation.cost_usd);
+        let envelope = Arc::new(generation.into_envelope(
+            self.deriver.engine_version().as_str(),
+            self.deriver.prompt_hash(),
+        ));
+        self.analytics.record_generation(&GenerationEvent {
+            ok: true,
+            duration_ms: envelope.generation_ms,
+            tokens_in: envelope.tokens_in,
+            tokens_out: envelope.tokens_out,
+            cost_usd: envelope.cost_usd,
+        });
+        if let Err(error) = self
+            .store
+            .put(&keyed.key, Arc::clone(&envelope), self.ttl)
+            .await
+        {
+            self.metrics.store_errors.inc();
+            tracing::warn!(%error, store = self.store.name(), "cache write failed; the narrative is served but not kept");
+        }
+        Ok(envelope)
+    }
+
+    /// The template narrative, never stored.
+    fn fallback(&self, keyed: &KeyedProfile, collapsed: bool) -> Answer {
+        let envelope = Envelope {
+            body: template::render(&keyed.profile),
+            created_at_ms: now_ms(),
+            engine_version: self.deriver.engine_version().to_string(),
+            prompt_hash: self.deriver.prompt_hash().to_string(),
+            model: TEMPLATE_MODEL.to_owned(),
+            tokens_in: 0,
+            tokens_out: 0,
+            cost_usd: 0.0,
+            generation_ms: 0,
+        };
+        Answer {
+            envelope: Arc::new(envelope),
+            source: Source::Fallback,
+            collapsed,
+            ttl_remaining_secs: None,
+        }
+    }
+
+    fn account(&self, answer: &Answer, keyed: &KeyedProfile, started: Instant) {
+        let (outcome, event_outcome) = match answer.source {
+            Source::Cache => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                self.metrics.cost_saved_usd.inc_by(answer.envelope.cost_usd);
+                (Outcome::Hit, RequestOutcome::Hit)
+            }
+            Source::Generated => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                (Outcome::Generated, RequestOutcome::Generated)
+            }
+            Source::Fallback => {
+                self.misses.fetch_add(1, Ordering::Relaxed);
+                self.fallbacks.fetch_add(1, Ordering::Relaxed);
+                (Outcome::Fallback, RequestOutcome::Fallback)
+            }
+        };
+        self.metrics
+            .observe_request(outcome, started.elapsed().as_secs_f64());
+        self.analytics.record_request(&RequestEvent {
+            outcome: event_outcome,
+            primary_system: keyed.profile.primary_system(),
+            entry_cost_usd: answer.envelope.cost_usd,
+        });
+    }
+
+    pub async fn lookup(&self, key: &CacheKey) -> Lookup {
+        if let Some((envelope, ttl)) = self.cached(key).await {
+            return Lookup::Found(envelope, ttl);
+        }
+        if self.flights.in_flight(key) {
+            Lookup::Pending
+        } else {
+            Lookup::Missing
+        }
+    }
+
+    /// Waits until the generation in flight for `key`, if any, has ended.
+    pub async fn settled(&self, key: &CacheKey) {
+        if let Some(follower) = self.flights.follow(key) {
+            follower.wait().await;
+        }
+    }
+
+    pub async fn stats(&self) -> ServiceStats {
+        let store = match self.store.stats().await {
+            Ok(stats) => stats,
+            Err(error) => {
+                self.metrics.store_errors.inc();
+                tracing::warn!(%error, "cache stats unavailable");
+                StoreStats::default()
+            }
+        };
+        ServiceStats {
+            store,
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            fallbacks: self.fallbacks.load(Ordering::Relaxed),
+            in_flight: self.flights.len(),
+        }
+    }
+
+    /// Stops accepting generations and waits up to `grace` for those running to be
+    /// stored. Returns whether all finished.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        self.tasks.close();
+        tokio::time::timeout(grace, self.tasks.wait()).await.is_ok()
+    }
+}
