@@ -115,11 +115,13 @@ impl ProfileInput {
             let path = err.path().to_string();
             let inner = err.into_inner();
             let message = inner.to_string();
-            let field = if path == "." || path == "?" {
-                "body".to_owned()
-            } else {
-                path
-            };
+            // Broken JSON, or JSON that is not an object, is about the body as a whole.
+            let whole_body = inner.is_syntax()
+                || inner.is_eof()
+                || path == "."
+                || path == "?"
+                || path.starts_with('[');
+            let field = if whole_body { "body".to_owned() } else { path };
             if message.starts_with("unknown field") {
                 return ProfileError::new(
                     field,
@@ -655,6 +657,8 @@ mod tests {
                 "hdData.birthTime",
             ),
             (r#"{"classification":"primary""#, "body"),
+            (r#"{"classification": "#, "body"),
+            (r#"[1, 2]"#, "body"),
         ];
         for (json, field) in cases {
             assert_eq!(field_of(json), field, "for {json}");

@@ -1,0 +1,159 @@
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use api_gateway::{run, App, AppState, Settings};
+use cache_core::config::Vars;
+use cache_core::CacheKey;
+use llm_sim::{SimConfig, SimHandle};
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    pub sim: SimHandle,
+    pub state: Arc<AppState>,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+/// A gateway in embedded mode wired to a fresh simulator, with `vars` on top of the
+/// test defaults.
+pub async fn spawn_app(sim_config: SimConfig, vars: &[(&str, &str)]) -> TestApp {
+    let sim = llm_sim::spawn(sim_config).await.expect("simulator starts");
+    let base_url = sim.base_url();
+    let mut pairs = vec![
+        ("LLM_BASE_URL", base_url.as_str()),
+        ("LLM_API_KEY", "sk-test"),
+        ("CACHE_KEY_SECRET", "test-secret-0123456789"),
+        ("LLM_BACKOFF_BASE", "5ms"),
+        ("LLM_BACKOFF_MAX", "50ms"),
+    ];
+    pairs.extend_from_slice(vars);
+    let settings = Settings::from_vars(&Vars::from_pairs(pairs)).expect("valid settings");
+    let app = App::build(settings).expect("app builds");
+    let state = Arc::clone(app.state());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (shutdown, signal) = oneshot::channel::<()>();
+    let server = tokio::spawn(run(listener, app, async {
+        let _ = signal.await;
+    }));
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .build()
+        .expect("client");
+    TestApp {
+        addr,
+        client,
+        sim,
+        state,
+        shutdown: Some(shutdown),
+        server: Some(server),
+    }
+}
+
+/// A valid profile; `n` varies the percentages so different `n` give different keys.
+pub fn profile(n: u32) -> Value {
+    let lead = 40.0 + f64::from(n % 40);
+    serde_json::json!({
+        "classification": "primary",
+        "primary": "Pleiades",
+        "percentages": {"Pleiades": lead, "Sirius": 100.0 - lead},
+        "hdData": {"type": "Generator", "authority": "Sacral", "profile": "2/4"},
+        "userId": format!("user-{n}"),
+    })
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    pub fn source(&self) -> &str {
+        self.body["source"].as_str().unwrap_or("")
+    }
+
+    pub fn key(&self) -> CacheKey {
+        CacheKey::parse(self.body["cacheKey"].as_str().expect("cacheKey")).expect("valid key")
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> Reply {
+        let response = self
+            .client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        reply(response).await
+    }
+
+    pub async fn post_narrative(&self, body: &Value) -> Reply {
+        self.post_json("/narrative", body).await
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        reply(
+            self.client
+                .get(self.url(path))
+                .send()
+                .await
+                .expect("request"),
+        )
+        .await
+    }
+
+    pub async fn stats(&self) -> Value {
+        self.get("/narrative/stats").await.body
+    }
+
+    /// Completion requests the simulator has received.
+    pub fn llm_calls(&self) -> u64 {
+        self.sim.sim.stats().requests
+    }
+
+    /// Stops the server the way SIGTERM does and waits for it to drain.
+    pub async fn shutdown(mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task").expect("server ran");
+        }
+    }
+}
+
+pub async fn reply(response: reqwest::Response) -> Reply {
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let text = response.text().await.expect("body");
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}

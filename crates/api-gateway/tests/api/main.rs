@@ -1,0 +1,8 @@
+//! The gateway over real HTTP on a random port, with the LLM simulator on loopback.
+
+mod errors;
+mod failures;
+mod helpers;
+mod narrative;
+mod ops;
+mod stampede;

@@ -1,0 +1,212 @@
+//! Real servers for tests, started on free loopback ports once per test binary.
+//!
+//! [`redis()`] starts `redis-server` the first time a test asks and hands every later
+//! caller in the same process the same server; each test keeps to its own key prefix
+//! ([`unique_prefix`]). Servers are children of a thread that lives as long as the test
+//! process, started with a parent-death signal, so they stop when the test binary
+//! exits however it exits (pass, fail, panic, kill). Their scratch folders are removed
+//! at the next start when the process that made them is gone.
+//!
+//! RabbitMQ and Postgres join the same way, through [`ServerProcess`].
+
+#![allow(unsafe_code)] // Only for the parent-death signal in `ServerProcess::spawn`.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, OnceLock};
+use std::time::{Duration, Instant};
+
+/// A server process started for this test binary.
+#[derive(Debug)]
+pub struct ServerProcess {
+    pub pid: u32,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl ServerProcess {
+    /// Starts `command` from a thread that never exits, with `PR_SET_PDEATHSIG`, so
+    /// the kernel kills the server when the test process dies. (The signal follows the
+    /// thread that forked, which is why a short-lived test thread must not fork.)
+    fn spawn(mut command: Command, port: u16, dir: PathBuf) -> std::io::Result<Self> {
+        let (sender, receiver) = mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("test-kit-{port}"))
+            .spawn(move || {
+                use std::os::unix::process::CommandExt;
+                // SAFETY: prctl and getppid are async-signal-safe; nothing else runs
+                // between fork and exec.
+                unsafe {
+                    command.pre_exec(|| {
+                        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                let spawned = command.stdin(Stdio::null()).spawn();
+                let keep: Option<Child> = match spawned {
+                    Ok(child) => {
+                        let _ = sender.send(Ok(child.id()));
+                        Some(child)
+                    }
+                    Err(error) => {
+                        let _ = sender.send(Err(error));
+                        None
+                    }
+                };
+                // Live as long as the process; the child dies with us.
+                let _child = keep;
+                loop {
+                    std::thread::park();
+                }
+            })?;
+        let pid = receiver.recv().map_err(std::io::Error::other)??;
+        Ok(Self { pid, port, dir })
+    }
+
+    pub fn is_running(&self) -> bool {
+        Path::new(&format!("/proc/{}", self.pid)).exists() && !is_zombie(self.pid)
+    }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit(')')
+                .next()
+                .map(|rest| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+/// A port nobody listens on right now. Another process could take it before the
+/// server binds it, so callers retry the start on failure.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
+}
+
+/// A prefix no other test in this process uses, for keys, queues or schemas.
+pub fn unique_prefix(name: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "t{}-{}-{name}:",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The scratch folder for one server of this process, after clearing away those of
+/// test processes that have exited.
+fn scratch_dir(kind: &str) -> PathBuf {
+    let root = std::env::temp_dir().join("narrative-cache-test-kit");
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let owner = name
+                .split('-')
+                .next()
+                .and_then(|pid| pid.parse::<u32>().ok());
+            if owner.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let dir = root.join(format!("{}-{kind}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    dir
+}
+
+fn find_binary(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/bin", "/usr/local/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} not found: run `scripts/test.sh`, which installs it, or apt-get install it"
+            )
+        })
+}
+
+/// A `redis-server` on loopback.
+#[derive(Debug)]
+pub struct RedisServer {
+    pub process: ServerProcess,
+    pub url: String,
+}
+
+/// The redis-server of this test binary, started on first use.
+pub fn redis() -> &'static RedisServer {
+    static SERVER: OnceLock<RedisServer> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            match start_redis() {
+                Ok(server) => return server,
+                Err(error) => last_error = error,
+            }
+        }
+        panic!("redis-server would not start: {last_error}")
+    })
+}
+
+fn start_redis() -> Result<RedisServer, String> {
+    let port = free_port();
+    let dir = scratch_dir("redis");
+    let mut command = Command::new(find_binary("redis-server"));
+    command
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--protected-mode", "yes", "--loglevel", "warning"])
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--logfile")
+        .arg(dir.join("redis.log"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let process = ServerProcess::spawn(command, port, dir).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if redis_ping(port) {
+            return Ok(RedisServer {
+                process,
+                url: format!("redis://127.0.0.1:{port}"),
+            });
+        }
+        if !process.is_running() {
+            let log = std::fs::read_to_string(process.dir.join("redis.log")).unwrap_or_default();
+            return Err(format!("exited at start on port {port}: {log}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(format!("no PONG on port {port} within 10 s"))
+}
+
+fn redis_ping(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut reply = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && &reply == b"+PONG\r\n"
+}

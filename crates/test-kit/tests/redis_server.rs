@@ -1,0 +1,66 @@
+//! The kit's pattern on a real server: one redis-server per test binary, shared by
+//! every test in it, each test in its own key prefix.
+
+use std::time::Duration;
+
+use cache_core::{now_ms, Envelope};
+use redis::AsyncCommands;
+
+async fn connection() -> redis::aio::ConnectionManager {
+    let client = redis::Client::open(test_kit::redis().url.as_str()).expect("valid url");
+    redis::aio::ConnectionManager::new(client)
+        .await
+        .expect("connects to the kit's redis")
+}
+
+#[test]
+fn every_test_in_a_binary_shares_one_server() {
+    let first = test_kit::redis();
+    let again = std::thread::spawn(|| test_kit::redis().process.pid)
+        .join()
+        .expect("thread");
+    assert_eq!(first.process.pid, again);
+    assert!(first.process.is_running());
+}
+
+#[test]
+fn the_server_outlives_the_thread_that_started_it() {
+    // Start (or reuse) the server from a short-lived thread; the parent-death signal
+    // must follow the process, not that thread.
+    let pid = std::thread::spawn(|| test_kit::redis().process.pid)
+        .join()
+        .expect("thread");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        test_kit::redis().process.is_running(),
+        "server {pid} died with the thread that started it"
+    );
+}
+
+#[tokio::test]
+async fn an_envelope_round_trips_through_real_redis_with_its_ttl() {
+    let mut redis = connection().await;
+    let key = format!(
+        "{}narr:v1:0123456789ab:{{digest}}",
+        test_kit::unique_prefix("envelope")
+    );
+    let envelope = Envelope {
+        body: "Your Sirian drive…".into(),
+        created_at_ms: now_ms(),
+        engine_version: "narrative@1.0.0".into(),
+        prompt_hash: "0123456789ab".into(),
+        model: "gpt-4o-mini".into(),
+        tokens_in: 300,
+        tokens_out: 250,
+        cost_usd: 0.000_195,
+        generation_ms: 1800,
+    };
+    let _: () = redis
+        .set_ex(&key, envelope.encode(), 60)
+        .await
+        .expect("SET EX");
+    let stored: Vec<u8> = redis.get(&key).await.expect("GET");
+    assert_eq!(Envelope::decode(&stored).expect("decodes"), envelope);
+    let ttl: i64 = redis.ttl(&key).await.expect("TTL");
+    assert!((1..=60).contains(&ttl), "ttl {ttl}");
+}
