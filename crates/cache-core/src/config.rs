@@ -22,9 +22,11 @@ impl ConfigError {
     }
 }
 
+type Lookup = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 /// Where variables come from: the process environment, or a map in tests.
 pub struct Vars {
-    lookup: Box<dyn Fn(&str) -> Option<String> + Send + Sync>,
+    lookup: Lookup,
 }
 
 impl fmt::Debug for Vars {

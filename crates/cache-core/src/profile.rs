@@ -291,11 +291,15 @@ pub fn normalize_name(raw: &str) -> Result<String, String> {
     Ok(name)
 }
 
-/// Returns the quantized entries (zeros dropped) and every normalized name as sent.
+/// Quantized entries sorted by name, zeros dropped.
+type Shares = Vec<(String, Thousandths)>;
+
+/// Returns the quantized entries and every normalized name as sent (with its rounded
+/// share), which `primary` and `hybrid` must be among.
 fn canonical_percentages(
     raw: Option<&Percentages>,
     step: QuantizationStep,
-) -> Result<(Vec<(String, Thousandths)>, BTreeMap<String, Thousandths>), ProfileError> {
+) -> Result<(Shares, BTreeMap<String, Thousandths>), ProfileError> {
     let raw = raw.ok_or_else(|| ProfileError::new("percentages", "is required"))?;
     if raw.0.is_empty() || raw.0.len() > MAX_SYSTEMS {
         return Err(ProfileError::new(
@@ -433,7 +437,7 @@ pub struct CanonicalProfile {
     /// Sorted; empty for `primary` profiles.
     pub hybrid: Vec<String>,
     /// Sorted by name; entries that quantize to 0 are dropped.
-    pub percentages: Vec<(String, Thousandths)>,
+    pub percentages: Shares,
     pub hd: HdData,
     pub step: QuantizationStep,
 }

@@ -17,7 +17,7 @@ impl Thousandths {
     /// Rounds a finite, non-negative value half away from zero to 3 decimals.
     /// Returns `None` for negative, non-finite or absurdly large values.
     pub fn round_from_f64(value: f64) -> Option<Self> {
-        if !value.is_finite() || value < 0.0 || value > 1_000_000.0 {
+        if !(0.0..=1_000_000.0).contains(&value) {
             return None;
         }
         // `Display` for f64 prints the shortest decimal that round-trips, never in
