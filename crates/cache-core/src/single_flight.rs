@@ -59,7 +59,7 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
         flights.insert(key.clone(), receiver);
         Flight::Leader(Leader {
             flights: self.clone(),
-            key: Some(key.clone()),
+            key: key.clone(),
             sender,
         })
     }
@@ -92,7 +92,7 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
 #[derive(Debug)]
 pub struct Leader<K: Eq + Hash, V> {
     flights: SingleFlight<K, V>,
-    key: Option<K>,
+    key: K,
     sender: watch::Sender<Option<V>>,
 }
 
@@ -107,27 +107,19 @@ impl<K: Eq + Hash + Clone, V: Clone> Leader<K, V> {
     /// Publishes the result to every follower and ends the flight. Callers store the
     /// result where later requests look first *before* completing, so that nobody can
     /// find neither the flight nor the result.
-    pub fn complete(mut self, value: V) {
+    pub fn complete(self, value: V) {
         self.sender.send_replace(Some(value));
-        self.finish();
-    }
-
-    fn finish(&mut self) {
-        if let Some(key) = self.key.take() {
-            self.flights.lock().remove(&key);
-        }
+        // Dropping `self` ends the flight.
     }
 }
 
 impl<K: Eq + Hash, V> Drop for Leader<K, V> {
     fn drop(&mut self) {
-        if let Some(key) = self.key.take() {
-            self.flights
-                .flights
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&key);
-        }
+        self.flights
+            .flights
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.key);
     }
 }
 

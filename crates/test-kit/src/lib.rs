@@ -73,6 +73,18 @@ impl ServerProcess {
     }
 }
 
+/// A dedicated server stops when dropped; the shared ones live in statics, which are
+/// never dropped, and stop with the process.
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if let Ok(pid) = libc::pid_t::try_from(self.pid) {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
@@ -145,10 +157,15 @@ pub struct RedisServer {
     pub url: String,
 }
 
-/// The redis-server of this test binary, started on first use.
+/// The redis-server of this test binary, started on first use and shared by its tests.
 pub fn redis() -> &'static RedisServer {
     static SERVER: OnceLock<RedisServer> = OnceLock::new();
-    SERVER.get_or_init(|| {
+    SERVER.get_or_init(RedisServer::start)
+}
+
+impl RedisServer {
+    /// A server of its own, for a test that stops or breaks it; it stops when dropped.
+    pub fn start() -> Self {
         let mut last_error = String::new();
         for _ in 0..5 {
             match start_redis() {
@@ -157,7 +174,7 @@ pub fn redis() -> &'static RedisServer {
             }
         }
         panic!("redis-server would not start: {last_error}")
-    })
+    }
 }
 
 fn start_redis() -> Result<RedisServer, String> {

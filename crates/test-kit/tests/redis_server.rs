@@ -24,17 +24,27 @@ fn every_test_in_a_binary_shares_one_server() {
 }
 
 #[test]
-fn the_server_outlives_the_thread_that_started_it() {
-    // Start (or reuse) the server from a short-lived thread; the parent-death signal
-    // must follow the process, not that thread.
-    let pid = std::thread::spawn(|| test_kit::redis().process.pid)
+fn a_server_outlives_the_thread_that_started_it_and_stops_when_dropped() {
+    // The parent-death signal must follow the process, not the (short-lived) thread
+    // that started the server.
+    let server = std::thread::spawn(test_kit::RedisServer::start)
         .join()
         .expect("thread");
-    std::thread::sleep(Duration::from_millis(100));
+    std::thread::sleep(Duration::from_millis(200));
     assert!(
-        test_kit::redis().process.is_running(),
-        "server {pid} died with the thread that started it"
+        server.process.is_running(),
+        "the server died with the thread that started it"
     );
+    let dir = server.process.dir.clone();
+    let process_pid = server.process.pid;
+    drop(server);
+    let stopped = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(10));
+        !std::path::Path::new(&format!("/proc/{process_pid}/cmdline")).exists()
+            || std::fs::read(format!("/proc/{process_pid}/cmdline")).is_ok_and(|c| c.is_empty())
+    });
+    assert!(stopped, "a dropped dedicated server stops");
+    assert!(!dir.exists(), "and its scratch folder is removed");
 }
 
 #[tokio::test]
