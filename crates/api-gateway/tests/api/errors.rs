@@ -40,42 +40,17 @@ async fn bad_profiles_are_400_naming_the_field() {
 async fn body_limits_media_type_and_unknown_routes_answer_json() {
     let app = spawn_app(SimConfig::default(), &[]).await;
     let big = format!("{{\"classification\":\"{}\"}}", "x".repeat(70 * 1024));
-    let too_large = reply(
-        app.client
-            .post(app.url("/narrative"))
-            .header("content-type", "application/json")
-            .body(big)
-            .send()
-            .await
-            .expect("send"),
-    )
-    .await;
+    let too_large = app.post_raw("/narrative", "application/json", big).await;
     assert_eq!(too_large.status, 413);
     assert_eq!(too_large.body["error"]["code"], "payload_too_large");
 
-    let not_json = reply(
-        app.client
-            .post(app.url("/narrative"))
-            .header("content-type", "text/plain")
-            .body("{}")
-            .send()
-            .await
-            .expect("send"),
-    )
-    .await;
+    let not_json = app.post_raw("/narrative", "text/plain", "{}").await;
     assert_eq!(not_json.status, 415);
     assert_eq!(not_json.body["error"]["code"], "unsupported_media_type");
 
-    let malformed = reply(
-        app.client
-            .post(app.url("/narrative"))
-            .header("content-type", "application/json")
-            .body("{\"classification\": ")
-            .send()
-            .await
-            .expect("send"),
-    )
-    .await;
+    let malformed = app
+        .post_raw("/narrative", "application/json", "{\"classification\": ")
+        .await;
     assert_eq!(malformed.status, 400);
     assert_eq!(malformed.body["error"]["field"], "body");
 

@@ -111,6 +111,21 @@ impl TestApp {
         self.post_json("/narrative", body).await
     }
 
+    /// A POST with a body and content type of the test's choosing.
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> Reply {
+        let request = self
+            .client
+            .post(self.url(path))
+            .header("content-type", content_type)
+            .body(body);
+        reply(request.send().await.expect("request")).await
+    }
+
     pub async fn get(&self, path: &str) -> Reply {
         reply(
             self.client
