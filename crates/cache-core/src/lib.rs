@@ -9,11 +9,14 @@
 //! one key are coalesced by [`SingleFlight`] (`single_flight`). `config` reads
 //! settings from the environment for every binary.
 
+pub mod breaker;
+pub mod codec;
 pub mod config;
 pub mod envelope;
 pub mod key;
 pub mod profile;
 pub mod quantize;
+pub mod redis_backend;
 pub mod single_flight;
 pub mod store;
 pub mod vocabulary;
@@ -25,4 +28,6 @@ pub use key::{
 pub use profile::{CanonicalProfile, Classification, HdData, ProfileError, ProfileInput};
 pub use quantize::{QuantizationStep, Thousandths};
 pub use single_flight::{Flight, Follower, Leader, SingleFlight};
-pub use store::{CacheStore, MemoryStore, StoreError, StoreStats};
+pub use store::{
+    CacheStore, MemoryStore, RedisStore, StoreError, StoreStats, TierHits, TieredStore,
+};

@@ -168,17 +168,26 @@ impl RedisServer {
     pub fn start() -> Self {
         let mut last_error = String::new();
         for _ in 0..5 {
-            match start_redis() {
+            match start_redis(free_port()) {
                 Ok(server) => return server,
                 Err(error) => last_error = error,
             }
         }
         panic!("redis-server would not start: {last_error}")
     }
+
+    /// A server on a given port: to bring one back where clients expect it, or to
+    /// start one late, after its clients.
+    pub fn start_on(port: u16) -> Self {
+        start_redis(port).unwrap_or_else(|e| panic!("redis-server would not start on {port}: {e}"))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.process.port
+    }
 }
 
-fn start_redis() -> Result<RedisServer, String> {
-    let port = free_port();
+fn start_redis(port: u16) -> Result<RedisServer, String> {
     let dir = scratch_dir("redis");
     let mut command = Command::new(find_binary("redis-server"));
     command

@@ -3,11 +3,15 @@
 //! configured.
 
 mod memory;
+mod redis;
+mod tiered;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use self::redis::RedisStore;
 pub use memory::MemoryStore;
+pub use tiered::{TierHits, TieredStore};
 
 use crate::envelope::Envelope;
 use crate::key::CacheKey;

@@ -1,0 +1,260 @@
+//! One Redis deployment, standalone or Cluster, shared by everything that talks to it
+//! (the store, locks, counters, pub/sub).
+//!
+//! Connecting is lazy, so a process starts while Redis is down. Every call has a
+//! timeout and goes through a [`Breaker`]: while Redis is unreachable, calls fail at
+//! once instead of each waiting out a timeout, and a probe every few seconds notices
+//! when it is back. The async `ConnectionManager` (standalone) and the cluster
+//! connection both reconnect by themselves once established.
+
+use std::future::Future;
+use std::sync::{PoisonError, RwLock};
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
+
+use crate::breaker::{Breaker, BreakerState};
+use crate::store::StoreError;
+
+/// A connection to either kind of deployment; cheap to clone.
+#[derive(Clone)]
+pub enum RedisConn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl std::fmt::Debug for RedisConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Single(_) => "RedisConn::Single",
+            Self::Cluster(_) => "RedisConn::Cluster",
+        })
+    }
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Where Redis is: `REDIS_URL` is one URL for a standalone server, or several
+/// comma-separated seed nodes (or one with `REDIS_CLUSTER=true`) for a Cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    Single(String),
+    Cluster(Vec<String>),
+}
+
+impl RedisTarget {
+    pub fn parse(urls: &str, cluster: bool) -> Result<Self, String> {
+        let urls: Vec<String> = urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect();
+        for url in &urls {
+            redis::parse_redis_url(url).ok_or_else(|| format!("{url:?} is not a redis:// URL"))?;
+        }
+        match urls.as_slice() {
+            [] => Err("no URL given".to_owned()),
+            [one] if !cluster => Ok(Self::Single(one.clone())),
+            _ => Ok(Self::Cluster(urls)),
+        }
+    }
+
+    /// One node's URL, for the pub/sub connection (Cluster broadcasts PUBLISH to all).
+    pub fn first_url(&self) -> &str {
+        match self {
+            Self::Single(url) => url,
+            Self::Cluster(urls) => &urls[0],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RedisTimeouts {
+    /// Per call.
+    pub call: Duration,
+    pub connect: Duration,
+    /// How long the breaker stays open before probing.
+    pub cool_down: Duration,
+}
+
+impl Default for RedisTimeouts {
+    fn default() -> Self {
+        Self {
+            call: Duration::from_millis(250),
+            connect: Duration::from_millis(500),
+            cool_down: Duration::from_secs(3),
+        }
+    }
+}
+
+pub struct RedisBackend {
+    target: RedisTarget,
+    timeouts: RedisTimeouts,
+    conn: RwLock<Option<RedisConn>>,
+    connecting: tokio::sync::Mutex<()>,
+    breaker: Breaker,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Consecutive failed calls that open the breaker.
+const FAILURES_TO_OPEN: u32 = 3;
+
+impl RedisBackend {
+    pub fn new(target: RedisTarget, timeouts: RedisTimeouts) -> Self {
+        Self {
+            target,
+            timeouts,
+            conn: RwLock::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            breaker: Breaker::new(FAILURES_TO_OPEN, timeouts.cool_down),
+        }
+    }
+
+    pub fn target(&self) -> &RedisTarget {
+        &self.target
+    }
+
+    pub fn timeouts(&self) -> RedisTimeouts {
+        self.timeouts
+    }
+
+    pub fn state(&self) -> BreakerState {
+        self.breaker.state()
+    }
+
+    /// Runs one call: refused at once while the breaker is open, bounded by the call
+    /// timeout, and counted for the breaker. Errors the server answered with (a wrong
+    /// type, a script error) do not count as the backend being down.
+    pub async fn call<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(RedisConn) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        if !self.breaker.allow() {
+            return Err(StoreError::Unavailable("redis circuit open".to_owned()));
+        }
+        let conn = match self.connection().await {
+            Ok(conn) => conn,
+            Err(error) => {
+                self.breaker.record_failure();
+                return Err(error);
+            }
+        };
+        match tokio::time::timeout(self.timeouts.call, op(conn)).await {
+            Ok(Ok(value)) => {
+                self.breaker.record_success();
+                Ok(value)
+            }
+            Ok(Err(error)) if is_unreachable(&error) => {
+                self.breaker.record_failure();
+                Err(StoreError::Unavailable(error.to_string()))
+            }
+            Ok(Err(error)) => {
+                self.breaker.record_success();
+                Err(StoreError::Unavailable(error.to_string()))
+            }
+            Err(_) => {
+                self.breaker.record_failure();
+                Err(StoreError::Timeout)
+            }
+        }
+    }
+
+    async fn connection(&self) -> Result<RedisConn, StoreError> {
+        if let Some(conn) = self
+            .conn
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        {
+            return Ok(conn);
+        }
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(conn) = self
+            .conn
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        {
+            return Ok(conn);
+        }
+        let connect = self.connect();
+        let conn = match tokio::time::timeout(self.timeouts.connect * 2, connect).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(error)) => return Err(StoreError::Unavailable(error.to_string())),
+            Err(_) => return Err(StoreError::Timeout),
+        };
+        *self.conn.write().unwrap_or_else(PoisonError::into_inner) = Some(conn.clone());
+        tracing::info!("connected to redis");
+        Ok(conn)
+    }
+
+    async fn connect(&self) -> RedisResult<RedisConn> {
+        match &self.target {
+            RedisTarget::Single(url) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(self.timeouts.connect)
+                    .set_response_timeout(self.timeouts.call)
+                    .set_number_of_retries(1)
+                    .set_max_delay(1000);
+                let client = redis::Client::open(url.as_str())?;
+                Ok(RedisConn::Single(
+                    ConnectionManager::new_with_config(client, config).await?,
+                ))
+            }
+            RedisTarget::Cluster(urls) => {
+                let client = ClusterClient::builder(urls.clone())
+                    .connection_timeout(self.timeouts.connect)
+                    .response_timeout(self.timeouts.call)
+                    .retries(1)
+                    .build()?;
+                Ok(RedisConn::Cluster(client.get_async_connection().await?))
+            }
+        }
+    }
+}
+
+fn is_unreachable(error: &RedisError) -> bool {
+    error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_cluster_error()
+}
