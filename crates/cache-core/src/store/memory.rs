@@ -47,6 +47,11 @@ impl moka::Expiry<CacheKey, Entry> for PerEntryTtl {
 }
 
 impl MemoryStore {
+    /// Drops an entry at once (L1 invalidation from a pub/sub message).
+    pub fn forget(&self, key: &CacheKey) {
+        self.entries.invalidate(key);
+    }
+
     pub fn new(max_bytes: u64) -> Self {
         let entries = Cache::builder()
             .max_capacity(max_bytes)

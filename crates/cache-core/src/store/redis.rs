@@ -34,6 +34,11 @@ impl RedisStore {
         &self.backend
     }
 
+    /// The bytes `put` would store for this envelope under this key.
+    pub fn encode(&self, key: &CacheKey, envelope: &Envelope) -> Vec<u8> {
+        self.codec.encode(key.as_str(), envelope)
+    }
+
     /// Narrative entries only (`narr:*`), never locks, counters or indexes, by walking
     /// the keyspace with `SCAN`. In a Cluster that walk would have to visit every
     /// primary; there `DBSIZE` summed over the primaries is reported instead, an upper

@@ -53,8 +53,15 @@ impl TieredStore {
     }
 
     /// Drops the L1 copy only (another instance replaced or deleted the entry).
-    pub async fn invalidate_l1(&self, key: &CacheKey) {
-        let _ = self.l1.delete(key).await;
+    pub fn forget_l1(&self, key: &CacheKey) {
+        self.l1.forget(key);
+    }
+
+    /// Puts a copy in L1 only, for a value already written to L2 another way (the
+    /// fenced write of a lock holder).
+    pub async fn put_l1(&self, key: &CacheKey, envelope: Arc<Envelope>) {
+        let ttl = self.l1_ttl_for(&envelope);
+        let _ = self.l1.put(key, envelope, ttl).await;
     }
 
     pub fn l2(&self) -> &Arc<dyn CacheStore> {

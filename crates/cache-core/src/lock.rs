@@ -1,0 +1,158 @@
+//! The fill lock: across every instance, one generation per key at a time.
+//!
+//! `SET lock:<key> <random token> NX PX <ttl>` takes it. Only the holder of the token
+//! can extend it (while generating) or release it, each by a script that compares the
+//! token first, never a plain `DEL`. The value itself is written by a script that
+//! checks the lock is still ours (a fence): a holder paused past its lock TTL, whose
+//! lock another instance has since taken, cannot overwrite the newer value. The lock
+//! and the value share the key's hash tag, so the script runs on one Cluster slot.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::Script;
+
+use crate::key::CacheKey;
+use crate::redis_backend::RedisBackend;
+use crate::store::StoreError;
+
+/// A held lock's proof of ownership.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockToken(String);
+
+impl LockToken {
+    fn random() -> Self {
+        Self(hex::encode(rand::random::<[u8; 16]>()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+const EXTEND: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0";
+
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0";
+
+/// KEYS: lock, value. ARGV: token, value bytes, ttl ms.
+const FENCED_SET: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0";
+
+#[derive(Debug, Clone)]
+pub struct FillLock {
+    backend: Arc<RedisBackend>,
+    ttl: Duration,
+}
+
+impl FillLock {
+    pub fn new(backend: Arc<RedisBackend>, ttl: Duration) -> Self {
+        Self { backend, ttl }
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    fn ttl_ms(&self) -> u64 {
+        u64::try_from(self.ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// The lock's token if we took it, `None` if someone holds it.
+    pub async fn try_acquire(&self, key: &CacheKey) -> Result<Option<LockToken>, StoreError> {
+        let token = LockToken::random();
+        let (lock, value, ttl) = (key.lock_key(), token.0.clone(), self.ttl_ms());
+        let taken: Option<String> = self
+            .backend
+            .call(|mut conn| async move {
+                redis::cmd("SET")
+                    .arg(lock)
+                    .arg(value)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(taken.map(|_| token))
+    }
+
+    /// Pushes the expiry out by a full TTL; `false` when the lock is no longer ours.
+    pub async fn extend(&self, key: &CacheKey, token: &LockToken) -> Result<bool, StoreError> {
+        let (lock, value, ttl) = (key.lock_key(), token.0.clone(), self.ttl_ms());
+        let extended: i64 = self
+            .backend
+            .call(|mut conn| async move {
+                Script::new(EXTEND)
+                    .key(lock)
+                    .arg(value)
+                    .arg(ttl)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(extended == 1)
+    }
+
+    /// Deletes the lock if it is still ours; `false` when it was not.
+    pub async fn release(&self, key: &CacheKey, token: &LockToken) -> Result<bool, StoreError> {
+        let (lock, value) = (key.lock_key(), token.0.clone());
+        let released: i64 = self
+            .backend
+            .call(|mut conn| async move {
+                Script::new(RELEASE)
+                    .key(lock)
+                    .arg(value)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(released == 1)
+    }
+
+    /// Writes `value` under `key` only while `token` holds the lock.
+    pub async fn write_if_held(
+        &self,
+        key: &CacheKey,
+        token: &LockToken,
+        value: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let (lock, name, owner) = (key.lock_key(), key.as_str().to_owned(), token.0.clone());
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let written: i64 = self
+            .backend
+            .call(|mut conn| async move {
+                Script::new(FENCED_SET)
+                    .key(lock)
+                    .key(name)
+                    .arg(owner)
+                    .arg(value)
+                    .arg(ttl_ms)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(written == 1)
+    }
+
+    /// Whether anyone holds the lock now.
+    pub async fn is_held(&self, key: &CacheKey) -> Result<bool, StoreError> {
+        let lock = key.lock_key();
+        self.backend.call(|mut conn| async move { redis::cmd("EXISTS").arg(lock).query_async(&mut conn).await }).await
+    }
+}

@@ -1,0 +1,242 @@
+//! Cross-instance signals over Redis pub/sub, on one subscription per process.
+//!
+//! Messages on [`CHANNEL`] are `<kind> <instance> <key>`: `done` (a value was stored
+//! or replaced), `failed` (a generation gave up: waiters fall back now) and
+//! `invalidate` (an entry was deleted). One task holds the subscription and hands each
+//! message to the waiters of its key, so a thousand waiting requests cost one
+//! connection. Messages from other instances also drop this instance's L1 copy of the
+//! key. While the subscription is down, waiters keep polling the store and L1 copies
+//! age out within their short TTL: signals make things fast, never correct.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::key::CacheKey;
+use crate::redis_backend::RedisBackend;
+use crate::store::StoreError;
+
+pub const CHANNEL: &str = "narrative:signals";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Done,
+    Failed,
+    Invalidate,
+}
+
+impl Signal {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Done => "done",
+            Self::Failed => "failed",
+            Self::Invalidate => "invalidate",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "done" => Some(Self::Done),
+            "failed" => Some(Self::Failed),
+            "invalidate" => Some(Self::Invalidate),
+            _ => None,
+        }
+    }
+}
+
+type Forget = Box<dyn Fn(&CacheKey) + Send + Sync>;
+
+struct KeyWaiters {
+    sender: watch::Sender<Option<Signal>>,
+    count: usize,
+}
+
+pub struct SignalBus {
+    backend: Arc<RedisBackend>,
+    instance: String,
+    waiters: Mutex<HashMap<CacheKey, KeyWaiters>>,
+    forget_l1: Forget,
+    subscribed: AtomicBool,
+}
+
+impl std::fmt::Debug for SignalBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignalBus")
+            .field("instance", &self.instance)
+            .field("subscribed", &self.is_subscribed())
+            .finish()
+    }
+}
+
+impl SignalBus {
+    /// `forget_l1` drops this instance's in-process copy of a key another instance
+    /// changed.
+    pub fn new(
+        backend: Arc<RedisBackend>,
+        forget_l1: impl Fn(&CacheKey) + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            backend,
+            instance: hex::encode(rand::random::<[u8; 8]>()),
+            waiters: Mutex::new(HashMap::new()),
+            forget_l1: Box::new(forget_l1),
+            subscribed: AtomicBool::new(false),
+        })
+    }
+
+    pub fn is_subscribed(&self) -> bool {
+        self.subscribed.load(Ordering::Acquire)
+    }
+
+    /// Starts the subscription task; it reconnects by itself until `shutdown`.
+    pub fn spawn(self: &Arc<Self>, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let bus = Arc::clone(self);
+        tokio::spawn(async move { bus.subscribe_loop(shutdown).await })
+    }
+
+    /// Waits for signals about `key` from now on. Take the waiter *before* checking
+    /// the store, so a signal sent in between is not missed.
+    pub fn waiter(self: &Arc<Self>, key: &CacheKey) -> Waiter {
+        let mut waiters = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = waiters.entry(key.clone()).or_insert_with(|| KeyWaiters {
+            sender: watch::channel(None).0,
+            count: 0,
+        });
+        entry.count += 1;
+        Waiter {
+            receiver: entry.sender.subscribe(),
+            bus: Arc::clone(self),
+            key: key.clone(),
+        }
+    }
+
+    pub async fn publish(&self, signal: Signal, key: &CacheKey) -> Result<(), StoreError> {
+        let message = format!("{} {} {}", signal.as_str(), self.instance, key.as_str());
+        self.backend
+            .call(|mut conn| async move {
+                redis::cmd("PUBLISH")
+                    .arg(CHANNEL)
+                    .arg(message)
+                    .query_async::<i64>(&mut conn)
+                    .await
+            })
+            .await
+            .map(|_| ())
+    }
+
+    fn dispatch(&self, payload: &str) {
+        let mut parts = payload.splitn(3, ' ');
+        let (Some(kind), Some(instance), Some(key)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return;
+        };
+        let (Some(signal), Ok(key)) = (Signal::parse(kind), CacheKey::parse(key)) else {
+            return;
+        };
+        if instance != self.instance && signal != Signal::Failed {
+            (self.forget_l1)(&key);
+        }
+        if let Some(waiters) = self
+            .waiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
+            waiters.sender.send_replace(Some(signal));
+        }
+    }
+
+    async fn subscribe_loop(&self, shutdown: CancellationToken) {
+        let urls = match self.backend.target() {
+            crate::redis_backend::RedisTarget::Single(url) => vec![url.clone()],
+            crate::redis_backend::RedisTarget::Cluster(urls) => urls.clone(),
+        };
+        let connect_timeout = self.backend.timeouts().connect;
+        let mut attempt = 0usize;
+        loop {
+            // In a Cluster, PUBLISH reaches every node, so any one node will do.
+            let url = &urls[attempt % urls.len()];
+            attempt += 1;
+            let subscribed = tokio::time::timeout(connect_timeout * 2, async {
+                let mut pubsub = redis::Client::open(url.as_str())?
+                    .get_async_pubsub()
+                    .await?;
+                pubsub.subscribe(CHANNEL).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            })
+            .await;
+            match subscribed {
+                Ok(Ok(pubsub)) => {
+                    self.subscribed.store(true, Ordering::Release);
+                    tracing::info!("subscribed to redis signals");
+                    let mut messages = pubsub.into_on_message();
+                    loop {
+                        tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            message = messages.next() => match message {
+                                Some(message) => {
+                                    if let Ok(payload) = message.get_payload::<String>() {
+                                        self.dispatch(&payload);
+                                    }
+                                }
+                                None => break,
+                            },
+                        }
+                    }
+                    self.subscribed.store(false, Ordering::Release);
+                    tracing::warn!("redis signal subscription lost; reconnecting");
+                }
+                Ok(Err(error)) if attempt % 30 == 1 => {
+                    tracing::warn!(%error, "cannot subscribe to redis signals yet")
+                }
+                _ => {}
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+}
+
+/// Signals about one key; dropping it unregisters.
+pub struct Waiter {
+    receiver: watch::Receiver<Option<Signal>>,
+    bus: Arc<SignalBus>,
+    key: CacheKey,
+}
+
+impl std::fmt::Debug for Waiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Waiter").field("key", &self.key).finish()
+    }
+}
+
+impl Waiter {
+    /// The next signal for the key.
+    pub async fn next(&mut self) -> Option<Signal> {
+        self.receiver.changed().await.ok()?;
+        *self.receiver.borrow_and_update()
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let mut waiters = self
+            .bus
+            .waiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = waiters.get_mut(&self.key) {
+            entry.count -= 1;
+            if entry.count == 0 {
+                waiters.remove(&self.key);
+            }
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! The fill lock and the signal bus against a real redis-server.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cache_core::lock::FillLock;
+use cache_core::redis_backend::{RedisBackend, RedisTarget, RedisTimeouts};
+use cache_core::signals::{Signal, SignalBus};
+use cache_core::CacheKey;
+use redis::AsyncCommands;
+use tokio_util::sync::CancellationToken;
+
+fn backend() -> Arc<RedisBackend> {
+    let target = RedisTarget::parse(&test_kit::redis().url, false).expect("url");
+    Arc::new(RedisBackend::new(target, RedisTimeouts::default()))
+}
+
+fn key(n: u8) -> CacheKey {
+    let unique = test_kit::unique_prefix("lock");
+    let digest: String = format!("{unique}{n}")
+        .bytes()
+        .map(|b| format!("{:02x}", b))
+        .collect::<String>();
+    let digest = format!("{digest:0>64}");
+    CacheKey::parse(&format!(
+        "narr:narrative@1.0.0:0123456789ab:{{{}}}",
+        &digest[digest.len() - 64..]
+    ))
+    .expect("key")
+}
+
+#[tokio::test]
+async fn one_holder_at_a_time_and_only_the_holder_releases() {
+    let lock = FillLock::new(backend(), Duration::from_secs(5));
+    let key = key(1);
+    let token = lock
+        .try_acquire(&key)
+        .await
+        .expect("redis")
+        .expect("free lock is taken");
+    assert!(
+        lock.try_acquire(&key).await.expect("redis").is_none(),
+        "held lock is not taken twice"
+    );
+    assert!(lock.extend(&key, &token).await.expect("redis"));
+
+    let mut raw = redis::Client::open(test_kit::redis().url.as_str())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("conn");
+    let held_by: String = raw.get(key.lock_key()).await.expect("GET");
+    assert_eq!(held_by, token.as_str());
+
+    assert!(lock.release(&key, &token).await.expect("redis"));
+    assert!(
+        !lock.release(&key, &token).await.expect("redis"),
+        "releasing twice does nothing"
+    );
+    assert!(!lock.is_held(&key).await.expect("redis"));
+}
+
+#[tokio::test]
+async fn a_holder_whose_lock_expired_can_neither_release_nor_write_over_the_new_holder() {
+    let lock = FillLock::new(backend(), Duration::from_millis(100));
+    let key = key(2);
+    let stale = lock.try_acquire(&key).await.expect("redis").expect("taken");
+    assert!(lock
+        .write_if_held(&key, &stale, b"first".to_vec(), Duration::from_secs(60))
+        .await
+        .expect("redis"));
+
+    // The lock's TTL passes (Redis expires it; nothing to wait on but the clock).
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let fresh = lock
+        .try_acquire(&key)
+        .await
+        .expect("redis")
+        .expect("expired lock is taken over");
+    assert!(lock
+        .write_if_held(&key, &fresh, b"newer".to_vec(), Duration::from_secs(60))
+        .await
+        .expect("redis"));
+
+    assert!(!lock
+        .write_if_held(&key, &stale, b"late".to_vec(), Duration::from_secs(60))
+        .await
+        .expect("redis"));
+    assert!(
+        !lock.release(&key, &stale).await.expect("redis"),
+        "the stale token does not delete the new lock"
+    );
+    assert!(!lock.extend(&key, &stale).await.expect("redis"));
+    assert!(lock.is_held(&key).await.expect("redis"));
+    let mut raw = redis::Client::open(test_kit::redis().url.as_str())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("conn");
+    let value: Vec<u8> = raw.get(key.as_str()).await.expect("GET");
+    assert_eq!(value, b"newer");
+}
+
+#[tokio::test]
+async fn signals_reach_waiters_on_other_instances_and_drop_their_l1_copies() {
+    let shutdown = CancellationToken::new();
+    let forgotten = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&forgotten);
+    let a = SignalBus::new(backend(), move |key: &CacheKey| {
+        seen.lock().expect("lock").push(key.clone())
+    });
+    let b = SignalBus::new(backend(), |_: &CacheKey| {});
+    a.spawn(shutdown.clone());
+    b.spawn(shutdown.clone());
+    for bus in [&a, &b] {
+        for _ in 0..200 {
+            if bus.is_subscribed() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(bus.is_subscribed());
+    }
+
+    let key = key(3);
+    let mut waiter = a.waiter(&key);
+    b.publish(Signal::Done, &key).await.expect("publish");
+    let signal = tokio::time::timeout(Duration::from_secs(5), waiter.next())
+        .await
+        .expect("signal arrives");
+    assert_eq!(signal, Some(Signal::Done));
+    assert_eq!(
+        *forgotten.lock().expect("lock"),
+        vec![key.clone()],
+        "the other instance's L1 copy is dropped"
+    );
+
+    b.publish(Signal::Failed, &key).await.expect("publish");
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(5), waiter.next())
+            .await
+            .expect("signal"),
+        Some(Signal::Failed)
+    );
+    shutdown.cancel();
+}
