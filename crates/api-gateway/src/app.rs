@@ -6,14 +6,19 @@ use std::sync::Arc;
 
 use analytics::InMemoryAnalytics;
 use axum::Router;
-use cache_core::{CacheKeySecret, CacheStore, KeyDeriver, MemoryStore};
+use cache_core::codec::ValueCodec;
+use cache_core::lock::FillLock;
+use cache_core::redis_backend::RedisBackend;
+use cache_core::signals::SignalBus;
+use cache_core::{CacheKeySecret, CacheStore, KeyDeriver, MemoryStore, RedisStore, TieredStore};
 use generator_worker::generator_from;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::http::{self, ApiError};
 use crate::metrics::Metrics;
-use crate::service::{NarrativeService, ServiceParts};
-use crate::settings::Settings;
+use crate::service::{Distributed, NarrativeService, ServiceParts};
+use crate::settings::{RedisSettings, Settings};
 
 #[derive(Debug)]
 pub struct AppState {
@@ -21,6 +26,8 @@ pub struct AppState {
     pub service: Arc<NarrativeService>,
     pub metrics: Arc<Metrics>,
     pub analytics: Arc<InMemoryAnalytics>,
+    /// Cancelled when the server has stopped: ends background tasks.
+    pub background: CancellationToken,
 }
 
 impl AppState {
@@ -39,6 +46,8 @@ pub struct App {
 }
 
 impl App {
+    /// Builds the app. Call it inside a Tokio runtime: distributed mode starts its
+    /// Redis subscription task here.
     pub fn build(settings: Settings) -> anyhow::Result<Self> {
         let generator = generator_from(settings.llm.clone())?;
         let secret = settings.cache_key_secret.clone().unwrap_or_else(|| {
@@ -54,8 +63,25 @@ impl App {
             generator.prompt_hash(),
             settings.quantization_step,
         );
-        let store: Arc<dyn CacheStore> =
-            Arc::new(MemoryStore::new(settings.memory_cache_max_bytes));
+        let background = CancellationToken::new();
+        let (store, distributed): (Arc<dyn CacheStore>, _) = match &settings.redis {
+            None => (
+                Arc::new(MemoryStore::new(settings.memory_cache_max_bytes)),
+                None,
+            ),
+            Some(redis) => {
+                let shared = distributed(redis, &settings, &background);
+                (
+                    Arc::clone(&shared.tiers) as Arc<dyn CacheStore>,
+                    Some(shared),
+                )
+            }
+        };
+        let mode = if distributed.is_some() {
+            "distributed"
+        } else {
+            "embedded"
+        };
         let metrics = Arc::new(Metrics::new());
         let analytics = Arc::new(InMemoryAnalytics::new());
         let service = Arc::new(NarrativeService::new(ServiceParts {
@@ -66,9 +92,10 @@ impl App {
             analytics: Arc::clone(&analytics),
             ttl: settings.cache_ttl,
             generation_wait: settings.generation_wait,
+            distributed,
         }));
         tracing::info!(
-            mode = "embedded",
+            mode,
             engine_version = %settings.engine_version,
             prompt_hash = %service.deriver().prompt_hash(),
             model = service.generator().model(),
@@ -80,6 +107,7 @@ impl App {
                 service,
                 metrics,
                 analytics,
+                background,
             }),
         })
     }
@@ -90,6 +118,36 @@ impl App {
 
     pub fn router(&self) -> Router {
         http::router(Arc::clone(&self.state))
+    }
+}
+
+/// The Redis tiers, lock and signal bus; connections are made lazily, so this succeeds
+/// while Redis is down.
+fn distributed(
+    redis: &RedisSettings,
+    settings: &Settings,
+    background: &CancellationToken,
+) -> Distributed {
+    let backend = Arc::new(RedisBackend::new(redis.target.clone(), redis.timeouts));
+    let l2 = Arc::new(RedisStore::new(
+        Arc::clone(&backend),
+        ValueCodec::new(redis.encryption.clone()),
+    ));
+    let l1 = MemoryStore::new(settings.memory_cache_max_bytes);
+    let tiers = Arc::new(TieredStore::new(
+        l1,
+        redis.l1_ttl,
+        Arc::clone(&l2) as Arc<dyn CacheStore>,
+        settings.cache_ttl,
+    ));
+    let forget = Arc::clone(&tiers);
+    let bus = SignalBus::new(Arc::clone(&backend), move |key| forget.forget_l1(key));
+    bus.spawn(background.clone());
+    Distributed {
+        redis: l2,
+        tiers,
+        lock: FillLock::new(backend, redis.lock_ttl),
+        bus,
     }
 }
 

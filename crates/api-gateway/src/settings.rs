@@ -3,7 +3,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use cache_core::codec::EncryptionKeys;
 use cache_core::config::{ConfigError, Vars};
+use cache_core::redis_backend::{RedisTarget, RedisTimeouts};
 use cache_core::{CacheKeySecret, EngineVersion, QuantizationStep};
 use generator_worker::{llm_settings_from, LlmSettings};
 
@@ -24,19 +26,26 @@ pub struct Settings {
     pub memory_cache_max_bytes: u64,
     /// How long shutdown waits for generations in flight to finish and be stored.
     pub shutdown_grace: Duration,
+    /// `None` in embedded mode.
+    pub redis: Option<RedisSettings>,
+}
+
+/// Distributed mode's Redis: where, how patient, and how values are sealed.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub target: RedisTarget,
+    pub timeouts: RedisTimeouts,
+    pub encryption: Option<EncryptionKeys>,
+    /// The fill lock's TTL; the holder extends it every third of that while generating.
+    pub lock_ttl: Duration,
+    /// How long an instance keeps its in-process copy of an entry (L1).
+    pub l1_ttl: Duration,
 }
 
 /// Settings that belong to capabilities this version does not have yet. Starting with
 /// one of them set would silently ignore it (a shared cache that is not shared, an API
 /// that is not protected), so start-up refuses instead.
-const NOT_YET_SUPPORTED: [&str; 6] = [
-    "REDIS_URL",
-    "AMQP_URL",
-    "DATABASE_URL",
-    "API_KEYS",
-    "ADMIN_TOKEN",
-    "CACHE_ENCRYPTION_KEY",
-];
+const NOT_YET_SUPPORTED: [&str; 4] = ["AMQP_URL", "DATABASE_URL", "API_KEYS", "ADMIN_TOKEN"];
 
 pub const MIN_SECRET_BYTES: usize = 16;
 
@@ -46,8 +55,8 @@ impl Settings {
             if vars.get(var).is_some() {
                 return Err(ConfigError::new(
                     var,
-                    "is set, but this version runs in embedded mode only; unset it (distributed mode, \
-                     authentication and encryption arrive in later releases)",
+                    "is set, but this version does not support it yet; unset it (the queue, Postgres \
+                     analytics and authentication arrive in later releases)",
                 ));
             }
         }
@@ -58,6 +67,14 @@ impl Settings {
                 Ok(Some(CacheKeySecret::new(text.as_bytes().to_vec())))
             }
         })?;
+        let redis = redis_settings(vars)?;
+        if redis.is_some() && cache_key_secret.is_none() {
+            return Err(ConfigError::new(
+                "CACHE_KEY_SECRET",
+                "is required when REDIS_URL is set: every instance must derive the same keys, \
+                 and keys hashed without a secret can be reversed by enumerating profiles",
+            ));
+        }
         Ok(Self {
             bind_addr: vars.from_str_or("BIND_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
             engine_version: vars.parse_or(
@@ -76,8 +93,51 @@ impl Settings {
             llm: llm_settings_from(vars)?,
             memory_cache_max_bytes: vars.from_str_or("MEMORY_CACHE_MAX_MB", 256u64)? * 1024 * 1024,
             shutdown_grace: vars.duration_or("SHUTDOWN_GRACE", Duration::from_secs(30))?,
+            redis,
         })
     }
+}
+
+fn redis_settings(vars: &Vars) -> Result<Option<RedisSettings>, ConfigError> {
+    let cluster = vars.parse_or("REDIS_CLUSTER", false, |text| {
+        match text.to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" => Ok(true),
+            "0" | "false" | "no" => Ok(false),
+            _ => Err(format!("{text:?} must be true or false")),
+        }
+    })?;
+    let encryption = vars.parse_or("CACHE_ENCRYPTION_KEY", None, |text| {
+        EncryptionKeys::parse(text).map(Some)
+    })?;
+    let call = vars.millis_or("REDIS_TIMEOUT_MS", Duration::from_millis(250))?;
+    let cool_down = vars.duration_or("REDIS_RETRY_AFTER", Duration::from_secs(3))?;
+    let lock_ttl = positive(
+        vars.duration_or("LOCK_TTL", Duration::from_secs(15))?,
+        "LOCK_TTL",
+    )?;
+    let l1_ttl = positive(
+        vars.duration_or("L1_TTL", Duration::from_secs(30))?,
+        "L1_TTL",
+    )?;
+    let Some(url) = vars.get("REDIS_URL") else {
+        if encryption.is_some() {
+            tracing::warn!("CACHE_ENCRYPTION_KEY applies to values in Redis; embedded mode keeps them in process memory");
+        }
+        return Ok(None);
+    };
+    let target = RedisTarget::parse(&url, cluster).map_err(|m| ConfigError::new("REDIS_URL", m))?;
+    let timeouts = RedisTimeouts {
+        call,
+        connect: call.max(Duration::from_millis(500)),
+        cool_down,
+    };
+    Ok(Some(RedisSettings {
+        target,
+        timeouts,
+        encryption,
+        lock_ttl,
+        l1_ttl,
+    }))
 }
 
 fn positive(value: Duration, var: &'static str) -> Result<Duration, ConfigError> {
@@ -106,23 +166,51 @@ mod tests {
 
     #[test]
     fn a_bad_value_names_its_variable() {
-        let cases = [
-            ("BIND_ADDR", "localhost"),
-            ("ENGINE_VERSION", "a:b"),
-            ("QUANTIZATION_STEP", "0.125"),
-            ("CACHE_TTL", "30 days"),
-            ("CACHE_TTL", "0s"),
-            ("GENERATION_WAIT_MS", "4.5"),
-            ("CACHE_KEY_SECRET", "short"),
-            ("LLM_BASE_URL", "api.openai.com"),
-            ("LLM_PRICE_INPUT_PER_MTOK", "-1"),
-            ("LLM_TIMEOUT_MS", "30s"),
-            ("REDIS_URL", "redis://127.0.0.1"),
-            ("API_KEYS", "app:secret"),
+        const SECRET: (&str, &str) = ("CACHE_KEY_SECRET", "0123456789abcdef");
+        const REDIS: (&str, &str) = ("REDIS_URL", "redis://127.0.0.1:6379");
+        type Var<'a> = (&'a str, &'a str);
+        let cases: &[(&str, &str, &[Var])] = &[
+            ("BIND_ADDR", "localhost", &[]),
+            ("ENGINE_VERSION", "a:b", &[]),
+            ("QUANTIZATION_STEP", "0.125", &[]),
+            ("CACHE_TTL", "30 days", &[]),
+            ("CACHE_TTL", "0s", &[]),
+            ("GENERATION_WAIT_MS", "4.5", &[]),
+            ("CACHE_KEY_SECRET", "short", &[]),
+            ("LLM_BASE_URL", "api.openai.com", &[]),
+            ("LLM_PRICE_INPUT_PER_MTOK", "-1", &[]),
+            ("LLM_TIMEOUT_MS", "30s", &[]),
+            ("REDIS_URL", "http://127.0.0.1", &[SECRET]),
+            ("REDIS_CLUSTER", "maybe", &[SECRET, REDIS]),
+            ("CACHE_ENCRYPTION_KEY", "k1:short", &[SECRET, REDIS]),
+            ("LOCK_TTL", "0s", &[SECRET, REDIS]),
+            ("API_KEYS", "app:secret", &[]),
         ];
-        for (var, value) in cases {
-            let err = Settings::from_vars(&Vars::from_pairs([(var, value)])).expect_err(var);
-            assert_eq!(err.var, var, "{err}");
+        for (var, value, context) in cases {
+            let pairs = context.iter().copied().chain([(*var, *value)]);
+            let err = Settings::from_vars(&Vars::from_pairs(pairs)).expect_err(var);
+            assert_eq!(err.var, *var, "{err}");
         }
+    }
+
+    #[test]
+    fn redis_needs_a_key_secret() {
+        let err = Settings::from_vars(&Vars::from_pairs([("REDIS_URL", "redis://127.0.0.1:6379")]))
+            .expect_err("no secret");
+        assert_eq!(err.var, "CACHE_KEY_SECRET");
+        let ok = Settings::from_vars(&Vars::from_pairs([
+            ("REDIS_URL", "redis://127.0.0.1:6379"),
+            ("CACHE_KEY_SECRET", "0123456789abcdef"),
+        ]))
+        .expect("valid");
+        assert!(ok.redis.is_some());
+        let cluster = Settings::from_vars(&Vars::from_pairs([
+            ("REDIS_URL", "redis://127.0.0.1:7000,redis://127.0.0.1:7001"),
+            ("CACHE_KEY_SECRET", "0123456789abcdef"),
+        ]))
+        .expect("valid");
+        assert!(
+            matches!(cluster.redis.map(|r| r.target), Some(RedisTarget::Cluster(urls)) if urls.len() == 2)
+        );
     }
 }

@@ -220,6 +220,15 @@ struct StatsBody {
     mode: &'static str,
     store: &'static str,
     model: String,
+    /// Hits by tier: `l1` in process, `l2` Redis (distributed mode only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tier_hits: Option<TierHitsBody>,
+}
+
+#[derive(Serialize)]
+struct TierHitsBody {
+    l1: u64,
+    l2: u64,
 }
 
 async fn stats(State(state): State<Arc<AppState>>) -> Json<StatsBody> {
@@ -240,9 +249,20 @@ async fn stats(State(state): State<Arc<AppState>>) -> Json<StatsBody> {
         misses: stats.misses,
         fallbacks: stats.fallbacks,
         in_flight: stats.in_flight,
-        mode: "embedded",
+        mode: if service.distributed().is_some() {
+            "distributed"
+        } else {
+            "embedded"
+        },
         store: service.store_name(),
         model: service.generator().model().to_owned(),
+        tier_hits: service.distributed().map(|shared| {
+            let hits = shared.tiers.tier_hits();
+            TierHitsBody {
+                l1: hits.l1,
+                l2: hits.l2,
+            }
+        }),
     })
 }
 

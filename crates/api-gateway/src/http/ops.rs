@@ -33,19 +33,35 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     )
 }
 
-/// 200 while the process can serve, degraded or not; each backend's state in the body.
-/// In embedded mode every backend is in process, so they are up whenever we are.
+/// 200 while the process can serve, degraded or not, with each backend's state in the
+/// body: a Redis that is down degrades the service (L1 and in-process generation carry
+/// on), it does not stop it.
 async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let generator = if state.settings.llm.is_some() {
         "llm"
     } else {
         "template"
     };
+    let (mode, cache) = match state.service.distributed() {
+        None => (
+            "embedded",
+            serde_json::json!({"kind": "memory", "state": "up"}),
+        ),
+        Some(shared) => (
+            "distributed",
+            serde_json::json!({
+                "kind": "redis",
+                "state": shared.redis.backend().state().as_str(),
+                "signals": if shared.bus.is_subscribed() { "up" } else { "down" },
+                "l1": "up",
+            }),
+        ),
+    };
     Json(serde_json::json!({
         "status": "ready",
-        "mode": "embedded",
+        "mode": mode,
         "backends": {
-            "cache": {"kind": state.service.store_name(), "state": "up"},
+            "cache": cache,
             "queue": {"kind": "in-process", "state": "up"},
             "analytics": {"kind": "memory", "state": "up"},
         },

@@ -22,6 +22,12 @@ pub struct TestApp {
 /// test defaults.
 pub async fn spawn_app(sim_config: SimConfig, vars: &[(&str, &str)]) -> TestApp {
     let sim = llm_sim::spawn(sim_config).await.expect("simulator starts");
+    spawn_app_with(sim, vars).await
+}
+
+/// A gateway using an existing simulator: several instances can share one, so its
+/// counter sees every LLM call they make together.
+pub async fn spawn_app_with(sim: SimHandle, vars: &[(&str, &str)]) -> TestApp {
     let base_url = sim.base_url();
     let mut pairs = vec![
         ("LLM_BASE_URL", base_url.as_str()),
@@ -56,16 +62,23 @@ pub async fn spawn_app(sim_config: SimConfig, vars: &[(&str, &str)]) -> TestApp 
     }
 }
 
-/// A valid profile; `n` varies the percentages so different `n` give different keys.
+/// A valid profile; different `n` (below 6,400) give different keys.
 pub fn profile(n: u32) -> Value {
-    let lead = 40.0 + f64::from(n % 40);
+    let lead = 30.0 + f64::from(n % 100) * 0.5;
     serde_json::json!({
         "classification": "primary",
         "primary": "Pleiades",
         "percentages": {"Pleiades": lead, "Sirius": 100.0 - lead},
-        "hdData": {"type": "Generator", "authority": "Sacral", "profile": "2/4"},
+        "hdData": {"type": "Generator", "authority": "Sacral", "profile": "2/4", "gates": [1 + (n / 100) % 64]},
         "userId": format!("user-{n}"),
     })
+}
+
+/// An `ENGINE_VERSION` no other test uses, so tests sharing one Redis never share keys.
+pub fn unique_version(label: &str) -> String {
+    test_kit::unique_prefix(label)
+        .trim_end_matches(':')
+        .to_owned()
 }
 
 pub struct Reply {

@@ -5,6 +5,12 @@
 //! included) waits for it until the request's deadline, and whoever is still waiting
 //! then answers the template narrative while the generation finishes and is stored.
 //! A store that errors is treated as a miss: the request is answered either way.
+//!
+//! With Redis configured the flight's leader also coordinates with other instances
+//! (`distributed`): it takes the key's fill lock in Redis or waits for the holder's
+//! completion signal.
+
+mod distributed;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,6 +24,8 @@ use cache_core::{
 use generator_worker::template::{self, TEMPLATE_MODEL};
 use generator_worker::{GenerateError, NarrativeGenerator};
 use tokio_util::task::TaskTracker;
+
+pub use distributed::Distributed;
 
 use crate::metrics::{Metrics, Outcome};
 
@@ -49,8 +57,19 @@ pub struct Answer {
     pub ttl_remaining_secs: Option<u64>,
 }
 
-/// A flight ends with the stored envelope, or with the generation's failure.
-type FlightResult = Result<Arc<Envelope>, GenerateError>;
+/// Why a flight ended without a narrative; every one of them means a fallback answer.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FillError {
+    #[error(transparent)]
+    Generate(#[from] GenerateError),
+    #[error("the instance generating this key gave up")]
+    FailedElsewhere,
+    #[error("no value appeared in time")]
+    GaveUp,
+}
+
+/// A flight ends with the stored envelope, or with why there is none.
+type FlightResult = Result<Arc<Envelope>, FillError>;
 
 /// What `GET /narrative/{key}` finds.
 #[derive(Debug)]
@@ -80,6 +99,7 @@ pub struct NarrativeService {
     analytics: Arc<InMemoryAnalytics>,
     ttl: Duration,
     generation_wait: Duration,
+    distributed: Option<Distributed>,
     hits: AtomicU64,
     misses: AtomicU64,
     fallbacks: AtomicU64,
@@ -94,6 +114,8 @@ pub struct ServiceParts {
     pub analytics: Arc<InMemoryAnalytics>,
     pub ttl: Duration,
     pub generation_wait: Duration,
+    /// Set when a Redis is shared with other instances.
+    pub distributed: Option<Distributed>,
 }
 
 impl NarrativeService {
@@ -106,6 +128,7 @@ impl NarrativeService {
             analytics,
             ttl,
             generation_wait,
+            distributed,
         } = parts;
         Self {
             deriver,
@@ -117,6 +140,7 @@ impl NarrativeService {
             analytics,
             ttl,
             generation_wait,
+            distributed,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),
@@ -133,6 +157,10 @@ impl NarrativeService {
 
     pub fn store_name(&self) -> &'static str {
         self.store.name()
+    }
+
+    pub fn distributed(&self) -> Option<&Distributed> {
+        self.distributed.as_ref()
     }
 
     pub fn ttl(&self) -> Duration {
@@ -209,11 +237,33 @@ impl NarrativeService {
     }
 
     /// The leader's work: look once more (a flight that just ended may have stored the
-    /// value between our read and our join), generate, store, then let the flight end.
+    /// value between our read and our join), then generate and store, or, with Redis,
+    /// coordinate with the other instances first.
     async fn fill(&self, keyed: &KeyedProfile) -> FlightResult {
+        if let Some(distributed) = &self.distributed {
+            return self.fill_shared(distributed, keyed).await;
+        }
         if let Some((envelope, _)) = self.cached(&keyed.key).await {
             return Ok(envelope);
         }
+        let envelope = self.generate(keyed).await?;
+        self.store_locally(keyed, &envelope).await;
+        Ok(envelope)
+    }
+
+    async fn store_locally(&self, keyed: &KeyedProfile, envelope: &Arc<Envelope>) {
+        if let Err(error) = self
+            .store
+            .put(&keyed.key, Arc::clone(envelope), self.ttl)
+            .await
+        {
+            self.metrics.store_errors.inc();
+            tracing::warn!(%error, store = self.store.name(), "cache write failed; the narrative is served but not shared");
+        }
+    }
+
+    /// Calls the generator and accounts for it. Only complete outputs come back.
+    async fn generate(&self, keyed: &KeyedProfile) -> Result<Arc<Envelope>, FillError> {
         self.metrics.generations_in_flight.inc();
         let started = Instant::now();
         let result = self.generator.generate(&keyed.profile).await;
@@ -235,7 +285,7 @@ impl NarrativeService {
                     cost_usd: 0.0,
                 });
                 tracing::warn!(%error, cache_key = %keyed.key, "generation failed; nothing stored");
-                return Err(error);
+                return Err(error.into());
             }
         };
         self.metrics.generation("ok");
@@ -257,14 +307,6 @@ impl NarrativeService {
             tokens_out: envelope.tokens_out,
             cost_usd: envelope.cost_usd,
         });
-        if let Err(error) = self
-            .store
-            .put(&keyed.key, Arc::clone(&envelope), self.ttl)
-            .await
-        {
-            self.metrics.store_errors.inc();
-            tracing::warn!(%error, store = self.store.name(), "cache write failed; the narrative is served but not kept");
-        }
         Ok(envelope)
     }
 

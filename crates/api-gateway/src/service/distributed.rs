@@ -1,0 +1,152 @@
+//! Filling a key when several instances share one Redis.
+//!
+//! The in-process flight's leader takes the key's fill lock. If it gets it, it
+//! generates while extending the lock, writes the value only if the lock is still its
+//! own (a fenced write), signals `done` (or `failed`) and releases. If another instance
+//! holds the lock, it waits for that instance's signal, re-checking the store on every
+//! signal and every poll interval (in case a signal is lost); a lock that disappears
+//! without a value (its holder died) is taken over on the next round. If Redis itself
+//! fails, the instance generates on its own: one call per instance instead of one in
+//! all, and the request is still answered.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cache_core::lock::{FillLock, LockToken};
+use cache_core::signals::{Signal, SignalBus};
+use cache_core::{Envelope, KeyedProfile, RedisStore, TieredStore};
+
+use super::{FillError, FlightResult, NarrativeService};
+
+/// The shared parts of distributed mode.
+#[derive(Debug, Clone)]
+pub struct Distributed {
+    pub redis: Arc<RedisStore>,
+    pub tiers: Arc<TieredStore>,
+    pub lock: FillLock,
+    pub bus: Arc<SignalBus>,
+}
+
+/// How often a waiter re-checks the store when no signal came.
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+impl NarrativeService {
+    pub(super) async fn fill_shared(
+        &self,
+        shared: &Distributed,
+        keyed: &KeyedProfile,
+    ) -> FlightResult {
+        let key = &keyed.key;
+        // Long enough for a holder elsewhere to finish one slow generation.
+        let give_up = Instant::now() + self.generation_wait.max(shared.lock.ttl()) * 4;
+        let mut waiter = shared.bus.waiter(key);
+        loop {
+            if let Some((envelope, _)) = self.cached(key).await {
+                return Ok(envelope);
+            }
+            match shared.lock.try_acquire(key).await {
+                Ok(Some(token)) => return self.fill_as_holder(shared, keyed, token).await,
+                Ok(None) => {}
+                Err(error) => {
+                    self.metrics.store_errors.inc();
+                    tracing::warn!(%error, "fill lock unavailable; generating in this instance alone");
+                    let envelope = self.generate(keyed).await?;
+                    self.store_locally(keyed, &envelope).await;
+                    return Ok(envelope);
+                }
+            }
+            let now = Instant::now();
+            if now >= give_up {
+                return Err(FillError::GaveUp);
+            }
+            let next_look = (now + POLL_INTERVAL).min(give_up);
+            if let Ok(Some(Signal::Failed)) =
+                tokio::time::timeout_at(next_look.into(), waiter.next()).await
+            {
+                return Err(FillError::FailedElsewhere);
+            }
+        }
+    }
+
+    async fn fill_as_holder(
+        &self,
+        shared: &Distributed,
+        keyed: &KeyedProfile,
+        token: LockToken,
+    ) -> FlightResult {
+        let key = &keyed.key;
+        // Look again: the previous holder may have written just before we took the lock.
+        if let Some((envelope, _)) = self.cached(key).await {
+            let _ = shared.lock.release(key, &token).await;
+            return Ok(envelope);
+        }
+        let extender = tokio::spawn(keep_extended(
+            shared.lock.clone(),
+            keyed.clone(),
+            token.clone(),
+        ));
+        let generated = self.generate(keyed).await;
+        extender.abort();
+        let outcome = match generated {
+            Ok(envelope) => {
+                self.write_fenced(shared, keyed, &token, &envelope).await;
+                Ok(envelope)
+            }
+            Err(error) => {
+                if let Err(e) = shared.bus.publish(Signal::Failed, key).await {
+                    tracing::warn!(error = %e, "could not tell waiters the generation failed; they will time out");
+                }
+                Err(error)
+            }
+        };
+        if let Err(error) = shared.lock.release(key, &token).await {
+            tracing::warn!(%error, "fill lock not released; it expires by itself");
+        }
+        outcome
+    }
+
+    async fn write_fenced(
+        &self,
+        shared: &Distributed,
+        keyed: &KeyedProfile,
+        token: &LockToken,
+        envelope: &Arc<Envelope>,
+    ) {
+        let key = &keyed.key;
+        let value = shared.redis.encode(key, envelope);
+        match shared.lock.write_if_held(key, token, value, self.ttl).await {
+            Ok(true) => {
+                shared.tiers.put_l1(key, Arc::clone(envelope)).await;
+                if let Err(error) = shared.bus.publish(Signal::Done, key).await {
+                    tracing::warn!(%error, "could not signal completion; waiters find the value on their next poll");
+                }
+            }
+            Ok(false) => {
+                // Our lock expired and someone else holds the key now: their value
+                // stands. Our waiters still get ours, which is complete and valid.
+                tracing::warn!(cache_key = %key, "fill lock lost before the write; value not stored");
+            }
+            Err(error) => {
+                self.metrics.store_errors.inc();
+                tracing::warn!(%error, "cache write failed; keeping the narrative in this instance only");
+                shared.tiers.put_l1(key, Arc::clone(envelope)).await;
+            }
+        }
+    }
+}
+
+/// Extends the lock every third of its TTL until aborted or until it is no longer ours.
+async fn keep_extended(lock: FillLock, keyed: KeyedProfile, token: LockToken) {
+    let every = lock.ttl() / 3;
+    loop {
+        tokio::time::sleep(every).await;
+        match lock.extend(&keyed.key, &token).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(cache_key = %keyed.key, "fill lock lost while generating");
+                return;
+            }
+            Err(error) => tracing::warn!(%error, "could not extend the fill lock"),
+        }
+    }
+}
