@@ -14,6 +14,7 @@ use cache_core::{CacheKeySecret, CacheStore, KeyDeriver, MemoryStore, RedisStore
 use generator_worker::generator_from;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::http::{self, ApiError};
 use crate::metrics::Metrics;
@@ -28,6 +29,9 @@ pub struct AppState {
     pub analytics: Arc<InMemoryAnalytics>,
     /// Cancelled when the server has stopped: ends background tasks.
     pub background: CancellationToken,
+    /// The background tasks (signal subscription, counter flushing), awaited at
+    /// shutdown so their last work (the final counter flush) is done.
+    pub background_tasks: TaskTracker,
 }
 
 impl AppState {
@@ -64,13 +68,14 @@ impl App {
             settings.quantization_step,
         );
         let background = CancellationToken::new();
+        let background_tasks = TaskTracker::new();
         let (store, distributed): (Arc<dyn CacheStore>, _) = match &settings.redis {
             None => (
                 Arc::new(MemoryStore::new(settings.memory_cache_max_bytes)),
                 None,
             ),
             Some(redis) => {
-                let shared = distributed(redis, &settings, &background);
+                let shared = distributed(redis, &settings, &background, &background_tasks);
                 (
                     Arc::clone(&shared.tiers) as Arc<dyn CacheStore>,
                     Some(shared),
@@ -94,6 +99,11 @@ impl App {
             generation_wait: settings.generation_wait,
             distributed,
         }));
+        if service.distributed().is_some() {
+            let flusher = Arc::clone(&service);
+            let stop = background.clone();
+            background_tasks.spawn(async move { flusher.flush_counters(stop).await });
+        }
         tracing::info!(
             mode,
             engine_version = %settings.engine_version,
@@ -108,6 +118,7 @@ impl App {
                 metrics,
                 analytics,
                 background,
+                background_tasks,
             }),
         })
     }
@@ -127,6 +138,7 @@ fn distributed(
     redis: &RedisSettings,
     settings: &Settings,
     background: &CancellationToken,
+    tasks: &TaskTracker,
 ) -> Distributed {
     let backend = Arc::new(RedisBackend::new(redis.target.clone(), redis.timeouts));
     let l2 = Arc::new(RedisStore::new(
@@ -142,7 +154,8 @@ fn distributed(
     ));
     let forget = Arc::clone(&tiers);
     let bus = SignalBus::new(Arc::clone(&backend), move |key| forget.forget_l1(key));
-    bus.spawn(background.clone());
+    let (subscriber, stop) = (Arc::clone(&bus), background.clone());
+    tasks.spawn(async move { subscriber.run(stop).await });
     Distributed {
         redis: l2,
         tiers,
@@ -169,6 +182,9 @@ pub async fn run(
             "generations still running at the end of the shutdown grace period were dropped"
         );
     }
+    app.state.background.cancel();
+    app.state.background_tasks.close();
+    app.state.background_tasks.wait().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -96,7 +96,12 @@ impl SignalBus {
     /// Starts the subscription task; it reconnects by itself until `shutdown`.
     pub fn spawn(self: &Arc<Self>, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
         let bus = Arc::clone(self);
-        tokio::spawn(async move { bus.subscribe_loop(shutdown).await })
+        tokio::spawn(async move { bus.run(shutdown).await })
+    }
+
+    /// Holds the subscription, reconnecting by itself, until `shutdown`.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        self.subscribe_loop(shutdown).await;
     }
 
     /// Waits for signals about `key` from now on. Take the waiter *before* checking

@@ -216,6 +216,8 @@ struct StatsBody {
     hits: u64,
     misses: u64,
     fallbacks: u64,
+    /// `global` when hits, misses and fallbacks are the whole fleet's.
+    counts: &'static str,
     in_flight: usize,
     mode: &'static str,
     store: &'static str,
@@ -239,15 +241,20 @@ async fn stats(State(state): State<Arc<AppState>>) -> Json<StatsBody> {
         keys: stats.store.entries,
         memory_used: human_bytes(stats.store.memory_bytes),
         memory_bytes: stats.store.memory_bytes,
-        hit_rate: analytics::ratio(stats.hits, stats.hits + stats.misses),
+        hit_rate: analytics::ratio(stats.counts.hits, stats.counts.hits + stats.counts.misses),
         engine_version: service.deriver().engine_version().to_string(),
         prompt_hash: service.deriver().prompt_hash().to_string(),
         ttl_days: days(service.ttl()),
         stale_after_days: days(state.settings.stale_after),
         quantization_step: service.deriver().step().to_string(),
-        hits: stats.hits,
-        misses: stats.misses,
-        fallbacks: stats.fallbacks,
+        hits: stats.counts.hits,
+        misses: stats.counts.misses,
+        fallbacks: stats.counts.fallbacks,
+        counts: if stats.counts_are_global {
+            "global"
+        } else {
+            "instance"
+        },
         in_flight: stats.in_flight,
         mode: if service.distributed().is_some() {
             "distributed"

@@ -10,9 +10,9 @@
 //! (`distributed`): it takes the key's fill lock in Redis or waits for the holder's
 //! completion signal.
 
+mod counters;
 mod distributed;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,7 @@ use generator_worker::template::{self, TEMPLATE_MODEL};
 use generator_worker::{GenerateError, NarrativeGenerator};
 use tokio_util::task::TaskTracker;
 
+pub use counters::{Count, Counters, Totals};
 pub use distributed::Distributed;
 
 use crate::metrics::{Metrics, Outcome};
@@ -82,9 +83,10 @@ pub enum Lookup {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ServiceStats {
     pub store: StoreStats,
-    pub hits: u64,
-    pub misses: u64,
-    pub fallbacks: u64,
+    /// The fleet's counts in distributed mode, this instance's otherwise (or while
+    /// Redis is unreachable; then `counts_are_global` is false).
+    pub counts: Totals,
+    pub counts_are_global: bool,
     pub in_flight: usize,
 }
 
@@ -100,9 +102,7 @@ pub struct NarrativeService {
     ttl: Duration,
     generation_wait: Duration,
     distributed: Option<Distributed>,
-    hits: AtomicU64,
-    misses: AtomicU64,
-    fallbacks: AtomicU64,
+    counters: Counters,
 }
 
 #[derive(Debug)]
@@ -141,9 +141,7 @@ impl NarrativeService {
             ttl,
             generation_wait,
             distributed,
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
-            fallbacks: AtomicU64::new(0),
+            counters: Counters::default(),
         }
     }
 
@@ -334,17 +332,17 @@ impl NarrativeService {
     fn account(&self, answer: &Answer, keyed: &KeyedProfile, started: Instant) {
         let (outcome, event_outcome) = match answer.source {
             Source::Cache => {
-                self.hits.fetch_add(1, Ordering::Relaxed);
+                self.counters.add(Count::Hit);
                 self.metrics.cost_saved_usd.inc_by(answer.envelope.cost_usd);
                 (Outcome::Hit, RequestOutcome::Hit)
             }
             Source::Generated => {
-                self.misses.fetch_add(1, Ordering::Relaxed);
+                self.counters.add(Count::Miss);
                 (Outcome::Generated, RequestOutcome::Generated)
             }
             Source::Fallback => {
-                self.misses.fetch_add(1, Ordering::Relaxed);
-                self.fallbacks.fetch_add(1, Ordering::Relaxed);
+                self.counters.add(Count::Miss);
+                self.counters.add(Count::Fallback);
                 (Outcome::Fallback, RequestOutcome::Fallback)
             }
         };
@@ -384,12 +382,36 @@ impl NarrativeService {
                 StoreStats::default()
             }
         };
+        let global = match &self.distributed {
+            Some(shared) => self.counters.global(shared.redis.backend()).await.ok(),
+            None => None,
+        };
         ServiceStats {
             store,
-            hits: self.hits.load(Ordering::Relaxed),
-            misses: self.misses.load(Ordering::Relaxed),
-            fallbacks: self.fallbacks.load(Ordering::Relaxed),
+            counts: global.unwrap_or_else(|| self.counters.local()),
+            counts_are_global: global.is_some(),
             in_flight: self.flights.len(),
+        }
+    }
+
+    /// Adds this instance's counts to the shared ones, every second until `stop`, and
+    /// once more at the end.
+    pub async fn flush_counters(&self, stop: tokio_util::sync::CancellationToken) {
+        let Some(shared) = &self.distributed else {
+            return;
+        };
+        let backend = shared.redis.backend();
+        loop {
+            let stopping = tokio::select! {
+                () = stop.cancelled() => true,
+                () = tokio::time::sleep(Duration::from_secs(1)) => false,
+            };
+            if let Err(error) = self.counters.flush(backend).await {
+                tracing::debug!(%error, "hit counters not flushed; they are kept for the next try");
+            }
+            if stopping {
+                return;
+            }
         }
     }
 

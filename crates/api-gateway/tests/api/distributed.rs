@@ -222,3 +222,156 @@ async fn redis_dying_under_load_degrades_and_recovers() {
     }
     assert!(written, "entries reach Redis again once it is back");
 }
+
+/// `hitRate` is the fleet's: one instance's misses and another's hits add up.
+#[tokio::test]
+async fn hit_rate_counts_every_instance() {
+    let server = RedisServer::start(); // its own server: the counters hash is global
+    let (sim, version) = (sim(10).await, unique_version("hitrate"));
+    let (a, b) = (
+        instance(&sim, &server.url, &version, &[]).await,
+        instance(&sim, &server.url, &version, &[]).await,
+    );
+    assert_eq!(a.post_narrative(&profile(5)).await.source(), "generated");
+    for _ in 0..3 {
+        assert_eq!(b.post_narrative(&profile(5)).await.source(), "cache");
+    }
+    a.shutdown().await; // flushes its counts on the way out
+    let stats = b.stats().await;
+    assert_eq!(stats["counts"], "global");
+    assert_eq!(
+        (stats["hits"].as_u64(), stats["misses"].as_u64()),
+        (Some(3), Some(1))
+    );
+    assert_eq!(stats["hitRate"], 0.75);
+}
+
+/// A gateway started while Redis is down serves anyway, says so in /readyz, and uses
+/// Redis once it arrives.
+#[tokio::test]
+async fn a_gateway_started_before_redis_serves_and_then_uses_it() {
+    let port = test_kit::free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let (sim, version) = (sim(10).await, unique_version("late-redis"));
+    let app = instance(&sim, &url, &version, &[("REDIS_RETRY_AFTER", "200ms")]).await;
+    let reply = app.post_narrative(&profile(6)).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.source(), "generated", "generated in process");
+    let ready = app.get("/readyz").await;
+    assert_eq!(
+        (ready.status, ready.body["mode"].as_str()),
+        (200, Some("distributed"))
+    );
+    assert_ne!(ready.body["backends"]["cache"]["state"], "up");
+
+    let server = RedisServer::start_on(port);
+    let mut stored = false;
+    for n in 0..50 {
+        let key = app.post_narrative(&profile(3000 + n)).await.key();
+        let mut redis = redis::Client::open(server.url.as_str())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        if redis.exists::<_, bool>(key.as_str()).await.expect("EXISTS") {
+            stored = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(stored, "once Redis is up, entries are written to it");
+}
+
+/// With CACHE_ENCRYPTION_KEY, no narrative text is readable in Redis.
+#[tokio::test]
+async fn encrypted_entries_hold_no_plaintext_in_redis() {
+    let (sim, version) = (sim(10).await, unique_version("sealed"));
+    let url = &test_kit::redis().url;
+    let key = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let app = instance(&sim, url, &version, &[("CACHE_ENCRYPTION_KEY", key)]).await;
+    let reply = app.post_narrative(&profile(7)).await;
+    assert_eq!(reply.source(), "generated");
+    let narrative = reply.body["narrative"]
+        .as_str()
+        .expect("narrative")
+        .to_owned();
+
+    let mut redis = redis::Client::open(url.as_str())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let stored: Vec<u8> = redis.get(reply.key().as_str()).await.expect("GET");
+    assert!(!stored.is_empty());
+    let text = String::from_utf8_lossy(&stored);
+    for word in narrative
+        .split_whitespace()
+        .filter(|w| w.len() > 6)
+        .take(20)
+    {
+        assert!(!text.contains(word), "{word:?} is readable in Redis");
+    }
+    assert_eq!(
+        app.post_narrative(&profile(7)).await.body["narrative"],
+        narrative.as_str(),
+        "and it opens again"
+    );
+}
+
+/// When another instance replaces an entry, this instance's L1 copy is dropped at
+/// once (the pub/sub signal), not after L1_TTL.
+#[tokio::test]
+async fn replacing_an_entry_elsewhere_drops_l1_copies() {
+    use cache_core::codec::ValueCodec;
+    use cache_core::redis_backend::{RedisBackend, RedisTarget, RedisTimeouts};
+    use cache_core::signals::{Signal, SignalBus};
+    use cache_core::{CacheStore, RedisStore};
+    use std::sync::Arc;
+
+    let (sim, version) = (sim(10).await, unique_version("invalidate"));
+    let url = &test_kit::redis().url;
+    let app = instance(&sim, url, &version, &[("L1_TTL", "1h")]).await;
+    let first = app.post_narrative(&profile(8)).await;
+    assert_eq!(app.post_narrative(&profile(8)).await.source(), "cache");
+    for _ in 0..200 {
+        if app.get("/readyz").await.body["backends"]["cache"]["signals"] == "up" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Another instance writes a newer value and says so.
+    let backend = Arc::new(RedisBackend::new(
+        RedisTarget::parse(url, false).expect("url"),
+        RedisTimeouts::default(),
+    ));
+    let other = RedisStore::new(Arc::clone(&backend), ValueCodec::default());
+    let key = first.key();
+    let mut newer = (*other.get(&key).await.expect("get").expect("stored")).clone();
+    newer.body = "A newer narrative, written by another instance.".to_owned();
+    other
+        .put(&key, Arc::new(newer), Duration::from_secs(60))
+        .await
+        .expect("put");
+    SignalBus::new(backend, |_| {})
+        .publish(Signal::Done, &key)
+        .await
+        .expect("publish");
+
+    // Pub/sub delivery is the bound; give it up to a second.
+    let mut seen = String::new();
+    for _ in 0..100 {
+        seen = app.post_narrative(&profile(8)).await.body["narrative"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        if seen.starts_with("A newer narrative") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        seen.starts_with("A newer narrative"),
+        "L1 kept the old copy: {seen}"
+    );
+}
