@@ -226,6 +226,137 @@ fn start_redis(port: u16) -> Result<RedisServer, String> {
     Err(format!("no PONG on port {port} within 10 s"))
 }
 
+/// A three-master Redis Cluster on loopback (no replicas), created with
+/// `redis-cli --cluster create`.
+#[derive(Debug)]
+pub struct RedisCluster {
+    pub nodes: Vec<ServerProcess>,
+    /// Seed URLs, one per master, comma-joined as `REDIS_URL` expects.
+    pub url: String,
+}
+
+/// The Redis Cluster of this test binary, started on first use and shared by its tests.
+pub fn redis_cluster() -> &'static RedisCluster {
+    static CLUSTER: OnceLock<RedisCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            match start_cluster() {
+                Ok(cluster) => return cluster,
+                Err(error) => last_error = error,
+            }
+        }
+        panic!("redis cluster would not start: {last_error}")
+    })
+}
+
+/// A port whose cluster bus port (port + 10000) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn start_cluster() -> Result<RedisCluster, String> {
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let port = free_cluster_port();
+        let dir = scratch_dir("redis-cluster");
+        let mut command = Command::new(find_binary("redis-server"));
+        command
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-node-timeout",
+                "2000",
+                "--loglevel",
+                "warning",
+            ])
+            .arg("--cluster-config-file")
+            .arg(dir.join("nodes.conf"))
+            .arg("--dir")
+            .arg(&dir)
+            .arg("--logfile")
+            .arg(dir.join("redis.log"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        nodes.push(ServerProcess::spawn(command, port, dir).map_err(|e| e.to_string())?);
+    }
+    for node in &nodes {
+        wait_for(|| redis_ping(node.port), "PONG")?;
+    }
+    let addresses: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let created = Command::new(find_binary("redis-cli"))
+        .args(["--cluster", "create"])
+        .args(&addresses)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !created.status.success() {
+        return Err(format!(
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&created.stdout)
+        ));
+    }
+    for node in &nodes {
+        wait_for(
+            || redis_command(node.port, "CLUSTER INFO").contains("cluster_state:ok"),
+            "cluster_state:ok",
+        )?;
+    }
+    let url = nodes
+        .iter()
+        .map(|n| format!("redis://127.0.0.1:{}", n.port))
+        .collect::<Vec<_>>()
+        .join(",");
+    Ok(RedisCluster { nodes, url })
+}
+
+fn wait_for(mut ready: impl FnMut() -> bool, what: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if ready() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(format!("no {what} within 15 s"))
+}
+
+/// Sends one inline command and returns what arrives within a short while.
+fn redis_command(port: u16, command: &str) -> String {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(300)));
+    if stream
+        .write_all(format!("{command}\r\n").as_bytes())
+        .is_err()
+    {
+        return String::new();
+    }
+    let mut reply = vec![0u8; 4096];
+    let n = stream.read(&mut reply).unwrap_or(0);
+    String::from_utf8_lossy(&reply[..n]).into_owned()
+}
+
 fn redis_ping(port: u16) -> bool {
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;

@@ -74,3 +74,31 @@ async fn an_envelope_round_trips_through_real_redis_with_its_ttl() {
     let ttl: i64 = redis.ttl(&key).await.expect("TTL");
     assert!((1..=60).contains(&ttl), "ttl {ttl}");
 }
+
+#[tokio::test]
+async fn the_cluster_has_three_masters_that_share_the_slots() {
+    let cluster = test_kit::redis_cluster();
+    assert_eq!(cluster.nodes.len(), 3);
+    let urls: Vec<&str> = cluster.url.split(',').collect();
+    let client = redis::cluster::ClusterClient::new(urls).expect("cluster client");
+    let mut conn = client
+        .get_async_connection()
+        .await
+        .expect("cluster connection");
+    // Keys with different hash tags land on different masters; all are reachable.
+    for n in 0..20 {
+        let key = format!("{}{{tag{n}}}", test_kit::unique_prefix("cluster"));
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(n)
+            .query_async(&mut conn)
+            .await
+            .expect("SET");
+        let back: i64 = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("GET");
+        assert_eq!(back, n);
+    }
+}
