@@ -33,6 +33,8 @@ pub struct SimConfig {
     /// Seconds to put in `Retry-After` on failures.
     pub retry_after_secs: Option<u64>,
     pub finish_reason: String,
+    /// Ends each completion with `(completion N)`, so tests can tell generations apart.
+    pub sign_completions: bool,
 }
 
 impl Default for SimConfig {
@@ -44,6 +46,7 @@ impl Default for SimConfig {
             failure_status: 500,
             retry_after_secs: None,
             finish_reason: "stop".to_owned(),
+            sign_completions: false,
         }
     }
 }
@@ -235,6 +238,9 @@ async fn chat_completions(
         .collect::<Vec<_>>()
         .join("\n");
     let mut text = narrative_for(&prompt);
+    if config.sign_completions {
+        text.push_str(&format!("\n\n(completion {serial})"));
+    }
     if config.finish_reason == "length" {
         text.truncate(text.len() / 3);
     }

@@ -1,7 +1,8 @@
 //! `llm-sim`: serves the simulator. Settings from the environment:
 //! `LLM_SIM_BIND` (127.0.0.1:8090), `LLM_SIM_LATENCY_MS` (800), `LLM_SIM_JITTER_MS` (0),
 //! `LLM_SIM_FAILURE_RATE` (0.0), `LLM_SIM_FAILURE_STATUS` (500),
-//! `LLM_SIM_RETRY_AFTER_SECS` (unset), `LLM_SIM_FINISH_REASON` (stop).
+//! `LLM_SIM_RETRY_AFTER_SECS` (unset), `LLM_SIM_FINISH_REASON` (stop),
+//! `LLM_SIM_SIGN_COMPLETIONS` (false: end each text with its serial number).
 
 use std::net::SocketAddr;
 
@@ -31,6 +32,7 @@ async fn main() -> anyhow::Result<()> {
         finish_reason: vars
             .get("LLM_SIM_FINISH_REASON")
             .unwrap_or(defaults.finish_reason),
+        sign_completions: vars.from_str_or("LLM_SIM_SIGN_COMPLETIONS", false)?,
     };
     let listener = tokio::net::TcpListener::bind(bind)
         .await

@@ -6,4 +6,5 @@ mod failures;
 mod helpers;
 mod narrative;
 mod ops;
+mod paused_holder;
 mod stampede;

@@ -1,0 +1,191 @@
+//! A lock holder frozen past its lock TTL (SIGSTOP), thawed (SIGCONT) after another
+//! instance took the lock over: its release must not delete the new holder's lock, and
+//! its late write must not land. Instance A is a real `api-gateway` process, so it can
+//! be frozen; instance B runs in this test.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use cache_core::codec::ValueCodec;
+use cache_core::redis_backend::{RedisBackend, RedisTarget, RedisTimeouts};
+use cache_core::{CacheStore, RedisStore};
+use llm_sim::SimConfig;
+use redis::AsyncCommands;
+
+use crate::helpers::{profile, reply, spawn_app_with, unique_version};
+
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{name} {pid}");
+}
+
+/// Polls `check` every 20 ms for up to 10 s; these are states of other processes and
+/// of Redis that nothing announces.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..500 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thawed_holder_neither_releases_the_new_lock_nor_overwrites_the_value() {
+    let sim = llm_sim::spawn(SimConfig {
+        latency_ms: 1500,
+        sign_completions: true,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let redis_url = test_kit::redis().url.clone();
+    let version = unique_version("paused");
+    let port = test_kit::free_port();
+    let a = Process(
+        Command::new(env!("CARGO_BIN_EXE_api-gateway"))
+            .env_clear()
+            .env("BIND_ADDR", format!("127.0.0.1:{port}"))
+            .env("REDIS_URL", &redis_url)
+            .env("ENGINE_VERSION", &version)
+            .env("CACHE_KEY_SECRET", "test-secret-0123456789")
+            .env("LLM_BASE_URL", sim.base_url())
+            .env("LLM_API_KEY", "sk-test")
+            .env("LOCK_TTL", "600ms")
+            .env("GENERATION_WAIT_MS", "100")
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("api-gateway starts"),
+    );
+    let a_pid = a.0.id();
+    let client = reqwest::Client::new();
+    let a_url = format!("http://127.0.0.1:{port}");
+    eventually("instance A to listen", || async {
+        client.get(format!("{a_url}/healthz")).send().await.is_ok()
+    })
+    .await;
+
+    // A takes the lock and calls the LLM (1.5 s); its request answers the template at 100 ms.
+    let first = reply(
+        client
+            .post(format!("{a_url}/narrative"))
+            .json(&profile(1))
+            .send()
+            .await
+            .expect("A answers"),
+    )
+    .await;
+    assert_eq!(first.source(), "fallback");
+    let key = first.key();
+    let mut redis = redis::Client::open(redis_url.as_str())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let a_token: String = redis.get(key.lock_key()).await.expect("A holds the lock");
+
+    // Freeze A: it can no longer extend its lock, which expires.
+    signal(a_pid, "STOP");
+    sim.sim.set_config(SimConfig {
+        latency_ms: 4000,
+        sign_completions: true,
+        ..SimConfig::default()
+    });
+    let b = spawn_app_with(
+        sim.clone(),
+        &[
+            ("REDIS_URL", &redis_url),
+            ("ENGINE_VERSION", &version),
+            ("GENERATION_WAIT_MS", "8000"),
+        ],
+    )
+    .await;
+    let body = profile(1);
+    let b_request = tokio::spawn(async move {
+        let reply = b.post_narrative(&body).await;
+        (reply, b)
+    });
+    eventually("B to take the lock over", || {
+        let (mut redis, lock, a_token) = (redis.clone(), key.lock_key(), a_token.clone());
+        async move {
+            redis
+                .get::<_, Option<String>>(lock)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|t| t != a_token)
+        }
+    })
+    .await;
+    let b_token: String = redis.get(key.lock_key()).await.expect("B holds the lock");
+
+    // Thaw A while B is still generating: A's LLM reply is waiting for it.
+    signal(a_pid, "CONT");
+    eventually("A to finish its generation", || async {
+        let metrics = client.get(format!("{a_url}/metrics")).send().await;
+        match metrics {
+            Ok(response) => response
+                .text()
+                .await
+                .unwrap_or_default()
+                .contains("narrative_generations_total{result=\"ok\"} 1"),
+            Err(_) => false,
+        }
+    })
+    .await;
+    let lock_now: Option<String> = redis.get(key.lock_key()).await.expect("GET lock");
+    assert_eq!(
+        lock_now.as_deref(),
+        Some(b_token.as_str()),
+        "A's release left B's lock alone"
+    );
+    assert!(
+        !redis.exists::<_, bool>(key.as_str()).await.expect("EXISTS"),
+        "A's late write did not land"
+    );
+
+    let (b_reply, _b) = b_request.await.expect("B's request");
+    assert_eq!(b_reply.source(), "generated");
+    assert!(b_reply.body["narrative"]
+        .as_str()
+        .is_some_and(|n| n.ends_with("(completion 2)")));
+    let backend = std::sync::Arc::new(RedisBackend::new(
+        RedisTarget::parse(&redis_url, false).expect("url"),
+        RedisTimeouts::default(),
+    ));
+    let stored = RedisStore::new(backend, ValueCodec::default())
+        .get(&key)
+        .await
+        .expect("get")
+        .expect("B's value stored");
+    assert!(
+        stored.body.ends_with("(completion 2)"),
+        "the stored value is B's: {}",
+        stored.body
+    );
+    assert_eq!(
+        sim.sim.stats().requests,
+        2,
+        "a frozen holder costs at most one more call"
+    );
+}
