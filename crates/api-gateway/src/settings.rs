@@ -115,10 +115,8 @@ fn redis_settings(vars: &Vars) -> Result<Option<RedisSettings>, ConfigError> {
         vars.duration_or("LOCK_TTL", Duration::from_secs(15))?,
         "LOCK_TTL",
     )?;
-    let l1_ttl = positive(
-        vars.duration_or("L1_TTL", Duration::from_secs(30))?,
-        "L1_TTL",
-    )?;
+    // Zero turns L1 off (every read goes to Redis).
+    let l1_ttl = vars.duration_or("L1_TTL", Duration::from_secs(30))?;
     let Some(url) = vars.get("REDIS_URL") else {
         if encryption.is_some() {
             tracing::warn!("CACHE_ENCRYPTION_KEY applies to values in Redis; embedded mode keeps them in process memory");

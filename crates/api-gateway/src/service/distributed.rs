@@ -113,7 +113,7 @@ impl NarrativeService {
         envelope: &Arc<Envelope>,
     ) {
         let key = &keyed.key;
-        let value = shared.redis.encode(key, envelope);
+        let value = shared.redis.encode(key, envelope).await;
         match shared.lock.write_if_held(key, token, value, self.ttl).await {
             Ok(true) => {
                 shared.tiers.put_l1(key, Arc::clone(envelope)).await;

@@ -8,7 +8,7 @@ use crate::key::CacheKey;
 
 /// L1 in process (bounded, short TTL) in front of a shared L2. An L2 hit fills L1;
 /// writes go to both, and L1 keeps a value even when L2 refuses it, so an instance
-/// keeps serving what it generated while L2 is down.
+/// keeps serving what it generated while L2 is down. An L1 TTL of zero turns L1 off.
 #[derive(Debug)]
 pub struct TieredStore {
     l1: MemoryStore,
@@ -60,35 +60,43 @@ impl TieredStore {
     /// Puts a copy in L1 only, for a value already written to L2 another way (the
     /// fenced write of a lock holder).
     pub async fn put_l1(&self, key: &CacheKey, envelope: Arc<Envelope>) {
-        let ttl = self.l1_ttl_for(&envelope);
-        let _ = self.l1.put(key, envelope, ttl).await;
+        if let Some(ttl) = self.l1_ttl_for(&envelope) {
+            let _ = self.l1.put(key, envelope, ttl).await;
+        }
     }
 
     pub fn l2(&self) -> &Arc<dyn CacheStore> {
         &self.l2
     }
 
-    fn l1_ttl_for(&self, envelope: &Envelope) -> Duration {
+    /// How long L1 may keep this entry: its own TTL, never past the entry's end of
+    /// life; `None` when L1 is off.
+    fn l1_ttl_for(&self, envelope: &Envelope) -> Option<Duration> {
+        if self.l1_ttl.is_zero() {
+            return None;
+        }
         let age = Duration::from_millis(envelope.age_ms(now_ms()));
-        self.l1_ttl
-            .min(self.l2_ttl.saturating_sub(age))
-            .max(Duration::from_millis(1))
+        Some(
+            self.l1_ttl
+                .min(self.l2_ttl.saturating_sub(age))
+                .max(Duration::from_millis(1)),
+        )
     }
 }
 
 #[async_trait::async_trait]
 impl CacheStore for TieredStore {
     async fn get(&self, key: &CacheKey) -> Result<Option<Arc<Envelope>>, StoreError> {
-        if let Some(envelope) = self.l1.get(key).await? {
-            self.l1_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(Some(envelope));
+        if !self.l1_ttl.is_zero() {
+            if let Some(envelope) = self.l1.get(key).await? {
+                self.l1_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(Some(envelope));
+            }
         }
         let found = self.l2.get(key).await?;
         if let Some(envelope) = &found {
             self.l2_hits.fetch_add(1, Ordering::Relaxed);
-            self.l1
-                .put(key, Arc::clone(envelope), self.l1_ttl_for(envelope))
-                .await?;
+            self.put_l1(key, Arc::clone(envelope)).await;
         }
         Ok(found)
     }
@@ -99,9 +107,11 @@ impl CacheStore for TieredStore {
         envelope: Arc<Envelope>,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        self.l1
-            .put(key, Arc::clone(&envelope), self.l1_ttl.min(ttl))
-            .await?;
+        if !self.l1_ttl.is_zero() {
+            self.l1
+                .put(key, Arc::clone(&envelope), self.l1_ttl.min(ttl))
+                .await?;
+        }
         self.l2.put(key, envelope, ttl).await
     }
 
