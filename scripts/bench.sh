@@ -1,31 +1,46 @@
 #!/usr/bin/env bash
-# Benchmarks of the embedded gateway on this machine, printed as figures.
+# Benchmarks on this machine, printed as figures.
 #
 #   scripts/bench.sh [seconds-per-round] [rounds]
 #
-# 1. Cached-hit path: release gateway + llm-sim on loopback, one profile cached, then
-#    `loadgen` at concurrency 32. Each round measures the bare HTTP floor (GET /healthz)
-#    and the cached hit (POST /narrative) back to back, so the ratio between them holds
-#    on a shared, noisy machine even when absolute figures move.
+# 1. Cached-hit paths at concurrency 32, with `loadgen` (closed loop, keep-alive):
+#    the bare HTTP floor (GET /healthz), an embedded gateway's hit, a distributed
+#    gateway's hit served from L1, and one with L1 off (every hit read from Redis).
+#    Each round measures all four back to back, so ratios between them hold on a
+#    shared, noisy machine even when absolute figures move.
 # 2. Key derivation: criterion, parse + validate + canonicalize + HMAC.
+# 3. Redis memory per entry over 100,000 entries against the raw narrative size.
+# Needs redis-server (scripts/test.sh installs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-5}
 rounds=${2:-3}
 
+command -v redis-server >/dev/null || { echo "redis-server is missing: run scripts/test.sh first" >&2; exit 1; }
 cargo build --release -q -p api-gateway -p llm-sim -p loadgen
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-sim_port=$(free_port); gw_port=$(free_port)
 work=$(mktemp -d)
-cleanup() { kill "${gw_pid:-}" "${sim_pid:-}" 2>/dev/null || true; rm -rf "$work"; }
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
+sim_port=$(free_port)
 LLM_SIM_BIND=127.0.0.1:$sim_port LLM_SIM_LATENCY_MS=50 RUST_LOG=warn target/release/llm-sim &
-sim_pid=$!
-BIND_ADDR=127.0.0.1:$gw_port LLM_BASE_URL=http://127.0.0.1:$sim_port/v1 LLM_API_KEY=sk-sim \
-  CACHE_KEY_SECRET=bench-secret-0123456789 RUST_LOG=warn target/release/api-gateway &
-gw_pid=$!
-for _ in $(seq 100); do curl -fs "http://127.0.0.1:$gw_port/healthz" >/dev/null && break; sleep 0.1; done
+pids+=($!)
+redis_port=$(free_port)
+redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" --logfile "$work/redis.log" &
+pids+=($!)
+
+gateway() { # name, extra env...
+  local port; port=$(free_port)
+  env BIND_ADDR=127.0.0.1:$port LLM_BASE_URL=http://127.0.0.1:$sim_port/v1 LLM_API_KEY=sk-sim \
+    CACHE_KEY_SECRET=bench-secret-0123456789 RUST_LOG=warn "${@:2}" target/release/api-gateway &
+  pids+=($!)
+  eval "$1=$port"
+}
+gateway embedded
+gateway with_l1 REDIS_URL=redis://127.0.0.1:$redis_port
+gateway l2_only REDIS_URL=redis://127.0.0.1:$redis_port L1_TTL=0s
 
 cat > "$work/profile.json" <<'JSON'
 {"classification":"hybrid","hybrid":["Pleiades","Sirius"],
@@ -34,18 +49,37 @@ cat > "$work/profile.json" <<'JSON'
    "centers":["Sacral","Throat","Root"],"channels":["34-20"],"gates":[34,20,5,15]},
  "userId":"bench-user"}
 JSON
-curl -fs -H 'content-type: application/json' --data-binary @"$work/profile.json" "http://127.0.0.1:$gw_port/narrative" >/dev/null
+for port in "$embedded" "$with_l1" "$l2_only"; do
+  for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+  curl -fs -H 'content-type: application/json' --data-binary @"$work/profile.json" "http://127.0.0.1:$port/narrative" >/dev/null
+done
+
+load() { # label, port, loadgen args...
+  target/release/loadgen --addr "127.0.0.1:$2" --concurrency 32 --seconds "$seconds" --warmup 1 --label "$1" "${@:3}"
+}
+hit=(--path /narrative --body-file "$work/profile.json" --expect-header "x-cache: hit")
 
 echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -m), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-echo "== cached-hit path vs bare HTTP, concurrency 32, ${seconds}s x ${rounds} rounds"
+echo "== cached-hit paths vs bare HTTP, concurrency 32, ${seconds}s x ${rounds} rounds"
 for round in $(seq "$rounds"); do
-  target/release/loadgen --addr "127.0.0.1:$gw_port" --path /healthz --concurrency 32 \
-    --seconds "$seconds" --warmup 1 --label "round$round baseline /healthz"
-  target/release/loadgen --addr "127.0.0.1:$gw_port" --path /narrative --body-file "$work/profile.json" \
-    --concurrency 32 --seconds "$seconds" --warmup 1 --expect-header "x-cache: hit" --label "round$round cached-hit"
+  load "round$round baseline /healthz" "$embedded" --path /healthz
+  load "round$round embedded hit" "$embedded" "${hit[@]}"
+  load "round$round distributed hit (L1)" "$with_l1" "${hit[@]}"
+  load "round$round distributed hit (L2 only)" "$l2_only" "${hit[@]}"
 done
-echo "== server-side latency of POST /narrative hits (gateway histogram, seconds)"
-curl -fs "http://127.0.0.1:$gw_port/metrics" | grep -E '^narrative_request_duration_seconds_(bucket|count)\{outcome="hit"' | grep -E 'le="0.0001"|le="0.00025"|le="0.0005"|le="0.001"|count'
+echo "== server time of hits (gateway histograms): share under 100 us / 250 us / 1 ms"
+for name in embedded with_l1 l2_only; do
+  port=${!name}
+  curl -fs "http://127.0.0.1:$port/metrics" | awk -v name="$name" '
+    /^narrative_request_duration_seconds_bucket\{outcome="hit",le="0.0001"\}/ { a=$2 }
+    /^narrative_request_duration_seconds_bucket\{outcome="hit",le="0.00025"\}/ { b=$2 }
+    /^narrative_request_duration_seconds_bucket\{outcome="hit",le="0.001"\}/ { c=$2 }
+    /^narrative_request_duration_seconds_count\{outcome="hit"\}/ { n=$2 }
+    END { printf "%s: hits=%d  <100us %.2f%%  <250us %.2f%%  <1ms %.3f%%\n", name, n, 100*a/n, 100*b/n, 100*c/n }'
+done
 
 echo "== key derivation (criterion)"
 cargo bench -q -p cache-core --bench key_derivation -- --warm-up-time 1 --measurement-time 3 2>/dev/null | grep -E 'derive|time:'
+
+echo "== redis memory per entry (100,000 entries)"
+cargo bench -q -p api-gateway --bench redis_memory 2>/dev/null | grep -E 'compressed'
