@@ -4,7 +4,7 @@ mod distributed;
 mod errors;
 mod failures;
 mod helpers;
+mod lost_holders;
 mod narrative;
 mod ops;
-mod paused_holder;
 mod stampede;

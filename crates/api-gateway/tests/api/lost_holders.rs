@@ -1,7 +1,6 @@
-//! A lock holder frozen past its lock TTL (SIGSTOP), thawed (SIGCONT) after another
-//! instance took the lock over: its release must not delete the new holder's lock, and
-//! its late write must not land. Instance A is a real `api-gateway` process, so it can
-//! be frozen; instance B runs in this test.
+//! Lock holders that die or freeze. The holder is a real `api-gateway` process, so it
+//! can be killed (SIGKILL) or frozen (SIGSTOP) and thawed (SIGCONT); the instance that
+//! takes over runs in this test.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -48,24 +47,19 @@ where
     panic!("timed out waiting for {what}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thawed_holder_neither_releases_the_new_lock_nor_overwrites_the_value() {
-    let sim = llm_sim::spawn(SimConfig {
-        latency_ms: 1500,
-        sign_completions: true,
-        ..SimConfig::default()
-    })
-    .await
-    .expect("sim");
-    let redis_url = test_kit::redis().url.clone();
-    let version = unique_version("paused");
+/// A real `api-gateway` process sharing `redis_url`, with a short lock TTL and wait.
+async fn gateway_process(
+    sim: &llm_sim::SimHandle,
+    redis_url: &str,
+    version: &str,
+) -> (Process, String) {
     let port = test_kit::free_port();
-    let a = Process(
+    let process = Process(
         Command::new(env!("CARGO_BIN_EXE_api-gateway"))
             .env_clear()
             .env("BIND_ADDR", format!("127.0.0.1:{port}"))
-            .env("REDIS_URL", &redis_url)
-            .env("ENGINE_VERSION", &version)
+            .env("REDIS_URL", redis_url)
+            .env("ENGINE_VERSION", version)
             .env("CACHE_KEY_SECRET", "test-secret-0123456789")
             .env("LLM_BASE_URL", sim.base_url())
             .env("LLM_API_KEY", "sk-test")
@@ -77,13 +71,107 @@ async fn a_thawed_holder_neither_releases_the_new_lock_nor_overwrites_the_value(
             .spawn()
             .expect("api-gateway starts"),
     );
-    let a_pid = a.0.id();
+    let url = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    let a_url = format!("http://127.0.0.1:{port}");
-    eventually("instance A to listen", || async {
-        client.get(format!("{a_url}/healthz")).send().await.is_ok()
+    eventually("the gateway process to listen", || async {
+        client.get(format!("{url}/healthz")).send().await.is_ok()
     })
     .await;
+    (process, url)
+}
+
+/// A leader killed (SIGKILL) while holding the lock: its lock expires, the next
+/// request takes over and generates, and nobody waits past GENERATION_WAIT_MS plus a
+/// margin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leaders_lock_expires_and_the_next_request_generates() {
+    let sim = llm_sim::spawn(SimConfig {
+        latency_ms: 3000,
+        sign_completions: true,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let redis_url = test_kit::redis().url.clone();
+    let version = unique_version("killed");
+    let (mut leader, leader_url) = gateway_process(&sim, &redis_url, &version).await;
+    let client = reqwest::Client::new();
+    let first = reply(
+        client
+            .post(format!("{leader_url}/narrative"))
+            .json(&profile(2))
+            .send()
+            .await
+            .expect("answers"),
+    )
+    .await;
+    assert_eq!(first.source(), "fallback", "the leader is still generating");
+    let key = first.key();
+    let mut redis = redis::Client::open(redis_url.as_str())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    assert!(
+        redis
+            .exists::<_, bool>(key.lock_key())
+            .await
+            .expect("EXISTS"),
+        "the leader holds the lock"
+    );
+    leader.0.kill().expect("SIGKILL");
+    let _ = leader.0.wait();
+
+    sim.sim.set_config(SimConfig {
+        latency_ms: 50,
+        sign_completions: true,
+        ..SimConfig::default()
+    });
+    let next = spawn_app_with(
+        sim.clone(),
+        &[
+            ("REDIS_URL", &redis_url),
+            ("ENGINE_VERSION", &version),
+            ("GENERATION_WAIT_MS", "2000"),
+        ],
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let answer = next.post_narrative(&profile(2)).await;
+    let took = started.elapsed();
+    assert_eq!(
+        answer.source(),
+        "generated",
+        "taken over after the dead leader's lock expired"
+    );
+    assert!(answer.body["narrative"]
+        .as_str()
+        .is_some_and(|n| n.ends_with("(completion 2)")));
+    assert!(
+        took < Duration::from_millis(2000 + 1000),
+        "no request hangs past the wait plus a margin ({took:?})"
+    );
+    assert_eq!(
+        sim.sim.stats().requests,
+        2,
+        "the killed leader's call and the new one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thawed_holder_neither_releases_the_new_lock_nor_overwrites_the_value() {
+    let sim = llm_sim::spawn(SimConfig {
+        latency_ms: 1500,
+        sign_completions: true,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let redis_url = test_kit::redis().url.clone();
+    let version = unique_version("paused");
+    let (a, a_url) = gateway_process(&sim, &redis_url, &version).await;
+    let a_pid = a.0.id();
+    let client = reqwest::Client::new();
 
     // A takes the lock and calls the LLM (1.5 s); its request answers the template at 100 ms.
     let first = reply(
