@@ -1,9 +1,13 @@
 //! A circuit breaker: after `threshold` consecutive failures, calls are refused for
-//! `cool_down`, then a single probe is let through; its success closes the circuit,
-//! its failure opens it again. This keeps a down backend from costing every request a
+//! `cool_down`, then one probe at a time is let through; a success closes the circuit,
+//! a failure opens it again. This keeps a down backend from costing every request a
 //! timeout.
+//!
+//! A probe whose caller is dropped before it reports (a client hung up, a task was
+//! aborted) must not leave the breaker waiting forever, so each probe has a deadline of
+//! one cool-down, after which the next caller may probe.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -32,7 +36,8 @@ pub struct Breaker {
     consecutive_failures: AtomicU32,
     /// Nanoseconds since [`epoch`] until which calls are refused; 0 when closed.
     open_until: AtomicU64,
-    probing: AtomicBool,
+    /// While half-open: until when the probe in flight has the floor; 0 when none.
+    probe_until: AtomicU64,
 }
 
 fn epoch() -> Instant {
@@ -53,8 +58,12 @@ impl Breaker {
             cool_down,
             consecutive_failures: AtomicU32::new(0),
             open_until: AtomicU64::new(0),
-            probing: AtomicBool::new(false),
+            probe_until: AtomicU64::new(0),
         }
+    }
+
+    fn cool_down_nanos(&self) -> u64 {
+        u64::try_from(self.cool_down.as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Whether a call may go ahead now.
@@ -63,26 +72,36 @@ impl Breaker {
         if until == 0 {
             return true;
         }
-        if now_nanos() < until {
+        let now = now_nanos();
+        if now < until {
             return false;
         }
-        // Cool-down over: exactly one caller gets to probe.
-        !self.probing.swap(true, Ordering::AcqRel)
+        // Half-open: one probe at a time, each with a deadline.
+        let probe = self.probe_until.load(Ordering::Acquire);
+        if probe != 0 && now < probe {
+            return false;
+        }
+        let deadline = now.saturating_add(self.cool_down_nanos());
+        self.probe_until
+            .compare_exchange(probe, deadline, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     }
 
     pub fn record_success(&self) {
         self.consecutive_failures.store(0, Ordering::Release);
         self.open_until.store(0, Ordering::Release);
-        self.probing.store(false, Ordering::Release);
+        self.probe_until.store(0, Ordering::Release);
     }
 
     pub fn record_failure(&self) {
         let failures = self.consecutive_failures.fetch_add(1, Ordering::AcqRel) + 1;
-        if failures >= self.threshold || self.probing.load(Ordering::Acquire) {
-            let until = now_nanos()
-                .saturating_add(u64::try_from(self.cool_down.as_nanos()).unwrap_or(u64::MAX));
-            self.open_until.store(until, Ordering::Release);
-            self.probing.store(false, Ordering::Release);
+        let half_open = self.open_until.load(Ordering::Acquire) != 0;
+        if failures >= self.threshold || half_open {
+            self.open_until.store(
+                now_nanos().saturating_add(self.cool_down_nanos()),
+                Ordering::Release,
+            );
+            self.probe_until.store(0, Ordering::Release);
         }
     }
 
@@ -99,9 +118,20 @@ impl Breaker {
 mod tests {
     use super::*;
 
+    const COOL_DOWN: Duration = Duration::from_millis(40);
+    const PAST_COOL_DOWN: Duration = Duration::from_millis(60);
+
+    fn opened() -> Breaker {
+        let breaker = Breaker::new(3, COOL_DOWN);
+        for _ in 0..3 {
+            breaker.record_failure();
+        }
+        breaker
+    }
+
     #[test]
     fn opens_after_consecutive_failures_then_probes_once() {
-        let breaker = Breaker::new(3, Duration::from_millis(40));
+        let breaker = Breaker::new(3, COOL_DOWN);
         breaker.record_failure();
         breaker.record_failure();
         assert!(breaker.allow(), "two failures: still closed");
@@ -113,7 +143,8 @@ mod tests {
         assert_eq!(breaker.state(), BreakerState::Open);
         assert!(!breaker.allow());
 
-        std::thread::sleep(Duration::from_millis(60));
+        // The breaker's timing is the thing under test: wait out the cool-down.
+        std::thread::sleep(PAST_COOL_DOWN);
         assert_eq!(breaker.state(), BreakerState::HalfOpen);
         assert!(breaker.allow(), "one probe after the cool-down");
         assert!(!breaker.allow(), "only one");
@@ -124,10 +155,28 @@ mod tests {
             "a failed probe opens it again"
         );
 
-        std::thread::sleep(Duration::from_millis(60));
+        std::thread::sleep(PAST_COOL_DOWN);
         assert!(breaker.allow());
         breaker.record_success();
         assert_eq!(breaker.state(), BreakerState::Closed);
         assert!(breaker.allow() && breaker.allow());
+    }
+
+    #[test]
+    fn a_probe_that_never_reports_does_not_wedge_the_breaker() {
+        let breaker = opened();
+        std::thread::sleep(PAST_COOL_DOWN);
+        assert!(
+            breaker.allow(),
+            "a probe goes out, and its caller is dropped"
+        );
+        assert!(!breaker.allow());
+        std::thread::sleep(PAST_COOL_DOWN);
+        assert!(
+            breaker.allow(),
+            "after the probe's deadline the next caller probes"
+        );
+        breaker.record_success();
+        assert_eq!(breaker.state(), BreakerState::Closed);
     }
 }

@@ -145,8 +145,9 @@ impl ValueCodec {
 
     pub fn decode(&self, redis_key: &str, value: &[u8]) -> Result<Envelope, CodecError> {
         let (&format, rest) = value.split_first().ok_or(CodecError::Format)?;
-        let compressed = match (format, &self.keys) {
-            (COMPRESSED, None) => rest.to_vec(),
+        let opened: Vec<u8>;
+        let compressed: &[u8] = match (format, &self.keys) {
+            (COMPRESSED, None) => rest,
             (COMPRESSED, Some(_)) => return Err(CodecError::NotSealed),
             (SEALED, keys) => {
                 let (&id_len, rest) = rest.split_first().ok_or(CodecError::Format)?;
@@ -162,7 +163,7 @@ impl ValueCodec {
                     .and_then(|k| k.keys.iter().find(|(known, _)| *known == id))
                     .map(|(_, cipher)| cipher)
                     .ok_or(CodecError::UnknownKeyId(id))?;
-                cipher
+                opened = cipher
                     .decrypt(
                         Nonce::from_slice(nonce),
                         Payload {
@@ -170,11 +171,12 @@ impl ValueCodec {
                             aad: redis_key.as_bytes(),
                         },
                     )
-                    .map_err(|_| CodecError::Unauthentic)?
+                    .map_err(|_| CodecError::Unauthentic)?;
+                &opened
             }
             _ => return Err(CodecError::Format),
         };
-        let plain = decompress(&compressed)?;
+        let plain = decompress(compressed)?;
         Ok(Envelope::decode(&plain)?)
     }
 }

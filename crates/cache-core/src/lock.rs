@@ -42,13 +42,35 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0";
 
-/// KEYS: lock, value. ARGV: token, value bytes, ttl ms.
+/// KEYS: lock, value. ARGV: token, value bytes, ttl ms, `absent` or `replace`.
 const FENCED_SET: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
-  return 1
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
 end
-return 0";
+if ARGV[4] == 'absent' and redis.call('EXISTS', KEYS[2]) == 1 then
+  return 2
+end
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return 1";
+
+/// Whether a fenced write may replace a value that is already stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMode {
+    /// Filling a miss: a value stored meanwhile (or one a failed read missed) stands.
+    IfAbsent,
+    /// Refreshing: the new value replaces the old.
+    Replace,
+}
+
+/// What a fenced write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FencedWrite {
+    Written,
+    /// The lock is no longer ours: whoever holds it now writes.
+    LockLost,
+    /// `IfAbsent`, and a value was already there: it stands.
+    AlreadyStored,
+}
 
 #[derive(Debug, Clone)]
 pub struct FillLock {
@@ -131,9 +153,14 @@ impl FillLock {
         token: &LockToken,
         value: Vec<u8>,
         ttl: Duration,
-    ) -> Result<bool, StoreError> {
+        mode: WriteMode,
+    ) -> Result<FencedWrite, StoreError> {
         let (lock, name, owner) = (key.lock_key(), key.as_str().to_owned(), token.0.clone());
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mode = match mode {
+            WriteMode::IfAbsent => "absent",
+            WriteMode::Replace => "replace",
+        };
         let written: i64 = self
             .backend
             .call(|mut conn| async move {
@@ -143,11 +170,16 @@ impl FillLock {
                     .arg(owner)
                     .arg(value)
                     .arg(ttl_ms)
+                    .arg(mode)
                     .invoke_async(&mut conn)
                     .await
             })
             .await?;
-        Ok(written == 1)
+        Ok(match written {
+            1 => FencedWrite::Written,
+            2 => FencedWrite::AlreadyStored,
+            _ => FencedWrite::LockLost,
+        })
     }
 
     /// Whether anyone holds the lock now.

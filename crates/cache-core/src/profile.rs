@@ -110,6 +110,10 @@ impl ProfileInput {
     /// Parses a JSON body. Syntax errors, wrong types and unknown fields are reported
     /// with the path of the offending field.
     pub fn from_json(body: &[u8]) -> Result<Self, ProfileError> {
+        // Tracking the path costs on every parse; only a rejected body needs it.
+        if let Ok(input) = serde_json::from_slice(body) {
+            return Ok(input);
+        }
         let de = &mut serde_json::Deserializer::from_slice(body);
         let input: Self = serde_path_to_error::deserialize(de).map_err(|err| {
             let path = err.path().to_string();
@@ -310,17 +314,18 @@ fn canonical_percentages(
     let mut by_name = BTreeMap::new();
     let mut sum = 0.0;
     for (raw_name, value) in &raw.0 {
-        let field = format!("percentages.{raw_name}");
-        let name = normalize_name(raw_name).map_err(|m| ProfileError::new(field.clone(), m))?;
+        let field = || format!("percentages.{raw_name}");
+        let name = normalize_name(raw_name).map_err(|m| ProfileError::new(field(), m))?;
         let rounded = Thousandths::round_from_f64(*value)
             .filter(|t| *t <= Thousandths(100_000))
-            .ok_or_else(|| ProfileError::new(field.clone(), "must be a number from 0 to 100"))?;
-        if by_name.insert(name.clone(), rounded).is_some() {
+            .ok_or_else(|| ProfileError::new(field(), "must be a number from 0 to 100"))?;
+        if by_name.contains_key(&name) {
             return Err(ProfileError::new(
-                field,
+                field(),
                 format!("names the same star system as another entry ({name:?})"),
             ));
         }
+        by_name.insert(name, rounded);
         sum += value;
     }
     if (sum - 100.0).abs() > SUM_TOLERANCE + 1e-9 {

@@ -65,10 +65,38 @@ impl ConnectionLike for RedisConn {
 
 /// Where Redis is: `REDIS_URL` is one URL for a standalone server, or several
 /// comma-separated seed nodes (or one with `REDIS_CLUSTER=true`) for a Cluster.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Its `Debug` shows hosts only: URLs may carry passwords.
+#[derive(Clone, PartialEq, Eq)]
 pub enum RedisTarget {
     Single(String),
     Cluster(Vec<String>),
+}
+
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hosts = |urls: &[String]| -> Vec<String> {
+            urls.iter()
+                .map(|u| {
+                    redis::parse_redis_url(u)
+                        .map(|p| {
+                            format!(
+                                "{}:{}",
+                                p.host_str().unwrap_or("?"),
+                                p.port().unwrap_or(6379)
+                            )
+                        })
+                        .unwrap_or_else(|| "?".to_owned())
+                })
+                .collect()
+        };
+        match self {
+            Self::Single(url) => f
+                .debug_tuple("Single")
+                .field(&hosts(std::slice::from_ref(url)))
+                .finish(),
+            Self::Cluster(urls) => f.debug_tuple("Cluster").field(&hosts(urls)).finish(),
+        }
+    }
 }
 
 impl RedisTarget {
@@ -79,8 +107,10 @@ impl RedisTarget {
             .filter(|u| !u.is_empty())
             .map(str::to_owned)
             .collect();
-        for url in &urls {
-            redis::parse_redis_url(url).ok_or_else(|| format!("{url:?} is not a redis:// URL"))?;
+        for (i, url) in urls.iter().enumerate() {
+            // Never echo the URL: it may carry a password.
+            redis::parse_redis_url(url)
+                .ok_or_else(|| format!("entry {} is not a redis:// URL", i + 1))?;
         }
         match urls.as_slice() {
             [] => Err("no URL given".to_owned()),
@@ -122,6 +152,9 @@ pub struct RedisBackend {
     timeouts: RedisTimeouts,
     conn: RwLock<Option<RedisConn>>,
     connecting: tokio::sync::Mutex<()>,
+    /// When the last connect attempt failed: callers that queued behind it fail at
+    /// once instead of each trying (and timing out) in turn.
+    last_connect_failure: std::sync::Mutex<Option<std::time::Instant>>,
     breaker: Breaker,
 }
 
@@ -143,6 +176,7 @@ impl RedisBackend {
             timeouts,
             conn: RwLock::new(None),
             connecting: tokio::sync::Mutex::new(()),
+            last_connect_failure: std::sync::Mutex::new(None),
             breaker: Breaker::new(FAILURES_TO_OPEN, timeouts.cool_down),
         }
     }
@@ -206,7 +240,10 @@ impl RedisBackend {
         {
             return Ok(conn);
         }
-        let _one_at_a_time = self.connecting.lock().await;
+        // Wait for whoever is connecting, but no longer than a call may take.
+        let _one_at_a_time = tokio::time::timeout(self.timeouts.call, self.connecting.lock())
+            .await
+            .map_err(|_| StoreError::Timeout)?;
         if let Some(conn) = self
             .conn
             .read()
@@ -215,11 +252,29 @@ impl RedisBackend {
         {
             return Ok(conn);
         }
+        let failed_recently = self
+            .last_connect_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|at| at.elapsed() < self.timeouts.cool_down);
+        if failed_recently {
+            return Err(StoreError::Unavailable("redis unreachable".to_owned()));
+        }
         let connect = self.connect();
-        let conn = match tokio::time::timeout(self.timeouts.connect * 2, connect).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(error)) => return Err(StoreError::Unavailable(error.to_string())),
-            Err(_) => return Err(StoreError::Timeout),
+        let outcome = match tokio::time::timeout(self.timeouts.connect * 2, connect).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(error)) => Err(StoreError::Unavailable(error.to_string())),
+            Err(_) => Err(StoreError::Timeout),
+        };
+        let conn = match outcome {
+            Ok(conn) => conn,
+            Err(error) => {
+                *self
+                    .last_connect_failure
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(std::time::Instant::now());
+                return Err(error);
+            }
         };
         *self.conn.write().unwrap_or_else(PoisonError::into_inner) = Some(conn.clone());
         tracing::info!("connected to redis");

@@ -23,6 +23,9 @@ use crate::store::StoreError;
 
 pub const CHANNEL: &str = "narrative:signals";
 
+/// How often the subscription is pinged, and how long a pong may take.
+const KEEPALIVE: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {
     Done,
@@ -179,10 +182,20 @@ impl SignalBus {
                 Ok(Ok(pubsub)) => {
                     self.subscribed.store(true, Ordering::Release);
                     tracing::info!("subscribed to redis signals");
-                    let mut messages = pubsub.into_on_message();
+                    // A connection can die without closing (a silent network drop);
+                    // a ping every few seconds notices, and the loop reconnects.
+                    let (mut sink, mut messages) = pubsub.split();
+                    let mut keepalive = tokio::time::interval(KEEPALIVE);
+                    keepalive.tick().await;
                     loop {
                         tokio::select! {
                             () = shutdown.cancelled() => return,
+                            _ = keepalive.tick() => {
+                                let pong = tokio::time::timeout(KEEPALIVE, sink.ping::<redis::Value>()).await;
+                                if !matches!(pong, Ok(Ok(_))) {
+                                    break;
+                                }
+                            }
                             message = messages.next() => match message {
                                 Some(message) => {
                                     if let Ok(payload) = message.get_payload::<String>() {

@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cache_core::lock::FillLock;
+use cache_core::lock::{FencedWrite, FillLock, WriteMode};
 use cache_core::redis_backend::{RedisBackend, RedisTarget, RedisTimeouts};
 use cache_core::signals::{Signal, SignalBus};
 use cache_core::CacheKey;
@@ -64,11 +64,12 @@ async fn one_holder_at_a_time_and_only_the_holder_releases() {
 async fn a_holder_whose_lock_expired_can_neither_release_nor_write_over_the_new_holder() {
     let lock = FillLock::new(backend(), Duration::from_millis(100));
     let key = key(2);
+    let ttl = Duration::from_secs(60);
     let stale = lock.try_acquire(&key).await.expect("redis").expect("taken");
-    assert!(lock
-        .write_if_held(&key, &stale, b"first".to_vec(), Duration::from_secs(60))
-        .await
-        .expect("redis"));
+    let first = lock
+        .write_if_held(&key, &stale, b"first".to_vec(), ttl, WriteMode::IfAbsent)
+        .await;
+    assert_eq!(first.expect("redis"), FencedWrite::Written);
 
     // The lock's TTL passes (Redis expires it; nothing to wait on but the clock).
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -77,15 +78,15 @@ async fn a_holder_whose_lock_expired_can_neither_release_nor_write_over_the_new_
         .await
         .expect("redis")
         .expect("expired lock is taken over");
-    assert!(lock
-        .write_if_held(&key, &fresh, b"newer".to_vec(), Duration::from_secs(60))
-        .await
-        .expect("redis"));
+    let newer = lock
+        .write_if_held(&key, &fresh, b"newer".to_vec(), ttl, WriteMode::Replace)
+        .await;
+    assert_eq!(newer.expect("redis"), FencedWrite::Written);
 
-    assert!(!lock
-        .write_if_held(&key, &stale, b"late".to_vec(), Duration::from_secs(60))
-        .await
-        .expect("redis"));
+    let late = lock
+        .write_if_held(&key, &stale, b"late".to_vec(), ttl, WriteMode::Replace)
+        .await;
+    assert_eq!(late.expect("redis"), FencedWrite::LockLost);
     assert!(
         !lock.release(&key, &stale).await.expect("redis"),
         "the stale token does not delete the new lock"
@@ -99,6 +100,34 @@ async fn a_holder_whose_lock_expired_can_neither_release_nor_write_over_the_new_
         .expect("conn");
     let value: Vec<u8> = raw.get(key.as_str()).await.expect("GET");
     assert_eq!(value, b"newer");
+}
+
+#[tokio::test]
+async fn a_fill_never_replaces_a_value_that_is_already_stored() {
+    let lock = FillLock::new(backend(), Duration::from_secs(5));
+    let key = key(4);
+    let mut raw = redis::Client::open(test_kit::redis().url.as_str())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("conn");
+    let _: () = raw
+        .set_ex(key.as_str(), "stored earlier", 60)
+        .await
+        .expect("SET");
+    let token = lock.try_acquire(&key).await.expect("redis").expect("taken");
+    let fill = lock
+        .write_if_held(
+            &key,
+            &token,
+            b"regenerated".to_vec(),
+            Duration::from_secs(60),
+            WriteMode::IfAbsent,
+        )
+        .await;
+    assert_eq!(fill.expect("redis"), FencedWrite::AlreadyStored);
+    let value: String = raw.get(key.as_str()).await.expect("GET");
+    assert_eq!(value, "stored earlier");
 }
 
 #[tokio::test]

@@ -263,3 +263,31 @@ where
     }
     false
 }
+
+/// Concurrent callers against an unreachable Redis do not queue behind each other's
+/// connect attempts: all of them are answered within about one attempt's time. (The
+/// bound is loose on purpose; the failure it guards against took a second per caller.)
+#[tokio::test]
+async fn callers_do_not_queue_behind_failing_connects() {
+    // A "server" that accepts connections (the kernel does, into the backlog) and never
+    // answers: every connect attempt hangs until its timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let store = Arc::new(RedisStore::new(
+        backend(&format!("redis://127.0.0.1:{port}")),
+        ValueCodec::default(),
+    ));
+    let started = std::time::Instant::now();
+    let calls = (0..50).map(|n| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move { store.get(&key(&format!("queue{n}"))).await })
+    });
+    for call in calls {
+        assert!(call.await.expect("task").is_err());
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "50 callers took {:?}",
+        started.elapsed()
+    );
+}

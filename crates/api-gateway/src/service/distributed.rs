@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cache_core::lock::{FillLock, LockToken};
+use cache_core::lock::{FencedWrite, FillLock, LockToken, WriteMode};
 use cache_core::signals::{Signal, SignalBus};
 use cache_core::{Envelope, KeyedProfile, RedisStore, TieredStore};
 
@@ -48,10 +48,12 @@ impl NarrativeService {
                 Ok(Some(token)) => return self.fill_as_holder(shared, keyed, token).await,
                 Ok(None) => {}
                 Err(error) => {
+                    // Without the lock we cannot know who else generates, so the result
+                    // stays in this instance's L1: it never overwrites a fenced value.
                     self.metrics.store_errors.inc();
                     tracing::warn!(%error, "fill lock unavailable; generating in this instance alone");
                     let envelope = self.generate(keyed).await?;
-                    self.store_locally(keyed, &envelope).await;
+                    shared.tiers.put_l1(key, Arc::clone(&envelope)).await;
                     return Ok(envelope);
                 }
             }
@@ -80,13 +82,15 @@ impl NarrativeService {
             let _ = shared.lock.release(key, &token).await;
             return Ok(envelope);
         }
-        let extender = tokio::spawn(keep_extended(
+        // Aborted when dropped, so a panic in the generator cannot leave it renewing the
+        // lock forever.
+        let extender = AbortOnDrop(tokio::spawn(keep_extended(
             shared.lock.clone(),
             keyed.clone(),
             token.clone(),
-        ));
+        )));
         let generated = self.generate(keyed).await;
-        extender.abort();
+        drop(extender);
         let outcome = match generated {
             Ok(envelope) => {
                 self.write_fenced(shared, keyed, &token, &envelope).await;
@@ -114,17 +118,25 @@ impl NarrativeService {
     ) {
         let key = &keyed.key;
         let value = shared.redis.encode(key, envelope).await;
-        match shared.lock.write_if_held(key, token, value, self.ttl).await {
-            Ok(true) => {
+        match shared
+            .lock
+            .write_if_held(key, token, value, self.ttl, WriteMode::IfAbsent)
+            .await
+        {
+            Ok(FencedWrite::Written) => {
                 shared.tiers.put_l1(key, Arc::clone(envelope)).await;
                 if let Err(error) = shared.bus.publish(Signal::Done, key).await {
                     tracing::warn!(%error, "could not signal completion; waiters find the value on their next poll");
                 }
             }
-            Ok(false) => {
+            Ok(FencedWrite::LockLost) => {
                 // Our lock expired and someone else holds the key now: their value
                 // stands. Our waiters still get ours, which is complete and valid.
                 tracing::warn!(cache_key = %key, "fill lock lost before the write; value not stored");
+            }
+            Ok(FencedWrite::AlreadyStored) => {
+                // A value appeared (or a failed read missed it): it stands, as above.
+                tracing::debug!(cache_key = %key, "a value was already stored; keeping it");
             }
             Err(error) => {
                 self.metrics.store_errors.inc();
@@ -132,6 +144,14 @@ impl NarrativeService {
                 shared.tiers.put_l1(key, Arc::clone(envelope)).await;
             }
         }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -16,6 +16,7 @@ pub struct RedisStore {
     codec: ValueCodec,
     /// Counting entries walks the keyspace, so the count is reused for a while.
     counted: Mutex<Option<(Instant, u64)>>,
+    walking: tokio::sync::Mutex<()>,
 }
 
 /// How long an entry count is reused by `stats`.
@@ -27,6 +28,7 @@ impl RedisStore {
             backend,
             codec,
             counted: Mutex::new(None),
+            walking: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -52,42 +54,54 @@ impl RedisStore {
     }
 
     /// Narrative entries only (`narr:*`), never locks, counters or indexes, by walking
-    /// the keyspace with `SCAN`. In a Cluster that walk would have to visit every
+    /// the keyspace with `SCAN`, one page (1,000 keys) per call so that each call is
+    /// short and bounded. One walk runs at a time; callers meanwhile get the last count,
+    /// which is reused for `COUNT_REUSE`. In a Cluster the walk would have to visit every
     /// primary; there `DBSIZE` summed over the primaries is reported instead, an upper
     /// bound that also counts system keys.
     async fn count_entries(&self) -> Result<u64, StoreError> {
-        if let Some((at, count)) = *self.counted.lock().unwrap_or_else(PoisonError::into_inner) {
+        let last = *self.counted.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, count)) = last {
             if at.elapsed() < COUNT_REUSE {
                 return Ok(count);
             }
         }
-        let count = self
+        let Ok(_walking) = self.walking.try_lock() else {
+            return last.map(|(_, count)| count).ok_or(StoreError::Unavailable(
+                "entry count in progress".to_owned(),
+            ));
+        };
+        let cluster = self
             .backend
-            .call(|mut conn| async move {
-                match conn {
-                    RedisConn::Single(_) => {
-                        let mut cursor: u64 = 0;
-                        let mut total = 0u64;
-                        loop {
-                            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                                .arg(cursor)
-                                .arg("MATCH")
-                                .arg("narr:*")
-                                .arg("COUNT")
-                                .arg(1000)
-                                .query_async(&mut conn)
-                                .await?;
-                            total += keys.len() as u64;
-                            if next == 0 {
-                                return Ok(total);
-                            }
-                            cursor = next;
-                        }
-                    }
-                    RedisConn::Cluster(_) => redis::cmd("DBSIZE").query_async(&mut conn).await,
-                }
-            })
+            .call(|conn| async move { Ok(matches!(conn, RedisConn::Cluster(_))) })
             .await?;
+        let count = if cluster {
+            self.backend
+                .call(|mut conn| async move { redis::cmd("DBSIZE").query_async(&mut conn).await })
+                .await?
+        } else {
+            let (mut cursor, mut total) = (0u64, 0u64);
+            loop {
+                let (next, keys): (u64, Vec<Vec<u8>>) = self
+                    .backend
+                    .call(|mut conn| async move {
+                        redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg("narr:*")
+                            .arg("COUNT")
+                            .arg(1000)
+                            .query_async(&mut conn)
+                            .await
+                    })
+                    .await?;
+                total += keys.len() as u64;
+                if next == 0 {
+                    break total;
+                }
+                cursor = next;
+            }
+        };
         *self.counted.lock().unwrap_or_else(PoisonError::into_inner) =
             Some((Instant::now(), count));
         Ok(count)
