@@ -231,25 +231,22 @@ impl RedisBackend {
         }
     }
 
-    async fn connection(&self) -> Result<RedisConn, StoreError> {
-        if let Some(conn) = self
-            .conn
+    fn current(&self) -> Option<RedisConn> {
+        self.conn
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
-        {
+    }
+
+    async fn connection(&self) -> Result<RedisConn, StoreError> {
+        if let Some(conn) = self.current() {
             return Ok(conn);
         }
         // Wait for whoever is connecting, but no longer than a call may take.
         let _one_at_a_time = tokio::time::timeout(self.timeouts.call, self.connecting.lock())
             .await
             .map_err(|_| StoreError::Timeout)?;
-        if let Some(conn) = self
-            .conn
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-        {
+        if let Some(conn) = self.current() {
             return Ok(conn);
         }
         let failed_recently = self

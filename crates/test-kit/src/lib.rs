@@ -187,8 +187,8 @@ impl RedisServer {
     }
 }
 
-fn start_redis(port: u16) -> Result<RedisServer, String> {
-    let dir = scratch_dir("redis");
+/// `redis-server` on loopback with nothing persisted, logging to its scratch folder.
+fn redis_server_command(port: u16, dir: &Path) -> Command {
     let mut command = Command::new(find_binary("redis-server"));
     command
         .args([
@@ -203,11 +203,17 @@ fn start_redis(port: u16) -> Result<RedisServer, String> {
         ])
         .args(["--protected-mode", "yes", "--loglevel", "warning"])
         .arg("--dir")
-        .arg(&dir)
+        .arg(dir)
         .arg("--logfile")
         .arg(dir.join("redis.log"))
         .stdout(Stdio::null())
         .stderr(Stdio::null());
+    command
+}
+
+fn start_redis(port: u16) -> Result<RedisServer, String> {
+    let dir = scratch_dir("redis");
+    let command = redis_server_command(port, &dir);
     let process = ServerProcess::spawn(command, port, dir).map_err(|e| e.to_string())?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
@@ -265,34 +271,11 @@ fn start_cluster() -> Result<RedisCluster, String> {
     for _ in 0..3 {
         let port = free_cluster_port();
         let dir = scratch_dir("redis-cluster");
-        let mut command = Command::new(find_binary("redis-server"));
+        let mut command = redis_server_command(port, &dir);
         command
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .args([
-                "--cluster-enabled",
-                "yes",
-                "--cluster-node-timeout",
-                "2000",
-                "--loglevel",
-                "warning",
-            ])
+            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
             .arg("--cluster-config-file")
-            .arg(dir.join("nodes.conf"))
-            .arg("--dir")
-            .arg(&dir)
-            .arg("--logfile")
-            .arg(dir.join("redis.log"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .arg(dir.join("nodes.conf"));
         nodes.push(ServerProcess::spawn(command, port, dir).map_err(|e| e.to_string())?);
     }
     for node in &nodes {
