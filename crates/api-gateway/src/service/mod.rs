@@ -360,6 +360,14 @@ impl NarrativeService {
             return Lookup::Found(envelope, ttl);
         }
         if self.flights.in_flight(key) {
+            return Lookup::Pending;
+        }
+        // Another instance may be generating it: its fill lock says so.
+        let held_elsewhere = match &self.distributed {
+            Some(shared) => shared.lock.is_held(key).await.unwrap_or(false),
+            None => false,
+        };
+        if held_elsewhere {
             Lookup::Pending
         } else {
             Lookup::Missing

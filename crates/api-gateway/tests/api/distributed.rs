@@ -415,3 +415,20 @@ async fn the_stampede_holds_on_a_redis_cluster() {
     assert_eq!(ready.body["backends"]["cache"]["state"], "up");
     assert_eq!(ready.body["backends"]["cache"]["signals"], "up");
 }
+
+/// `GET /narrative/{key}` answers 202 on every instance while any of them generates
+/// the key, and 200 on every instance once it is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_by_key_is_pending_on_every_instance_while_one_generates() {
+    let (sim, version) = (sim(800).await, unique_version("pending"));
+    let url = &test_kit::redis().url;
+    let a = instance(&sim, url, &version, &[("GENERATION_WAIT_MS", "50")]).await;
+    let b = instance(&sim, url, &version, &[]).await;
+    let started = a.post_narrative(&profile(9)).await;
+    assert_eq!(started.source(), "fallback", "A is still generating");
+    let path = format!("/narrative/{}", started.key().to_path_segment());
+    assert_eq!(b.get(&path).await.status, 202, "B knows A is generating it");
+    a.state.service.settled(&started.key()).await;
+    assert_eq!(b.get(&path).await.status, 200);
+    assert_eq!(a.get(&path).await.status, 200);
+}
