@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine: installs the servers the tests start
-# (they run their own on loopback ports; nothing is mocked), then runs every test.
+# (redis-server with redis-cli, rabbitmq-server; the tests run their own on loopback
+# ports, nothing is mocked), then runs every test.
 #
 #   scripts/test.sh [extra cargo test args]
 set -euo pipefail
@@ -8,6 +9,7 @@ cd "$(dirname "$0")/.."
 
 need=()
 command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || need+=(redis-server)
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need+=(rabbitmq-server)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   sudo=""

@@ -340,6 +340,135 @@ fn redis_command(port: u16, command: &str) -> String {
     String::from_utf8_lossy(&reply[..n]).into_owned()
 }
 
+/// A private `rabbitmq-server` node: its own node name, ports and data folder, no
+/// plugins. Each test takes its own vhost ([`RabbitServer::vhost`]).
+#[derive(Debug)]
+pub struct RabbitServer {
+    pub process: ServerProcess,
+    /// `amqp://guest:guest@127.0.0.1:<port>` (guest may log in over loopback).
+    pub url: String,
+}
+
+/// The RabbitMQ node of this test binary, started on first use and shared by its tests.
+pub fn rabbitmq() -> &'static RabbitServer {
+    static SERVER: OnceLock<RabbitServer> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            match start_rabbitmq() {
+                Ok(server) => return server,
+                Err(error) => last_error = error,
+            }
+        }
+        panic!("rabbitmq-server would not start: {last_error}")
+    })
+}
+
+impl RabbitServer {
+    /// A fresh vhost for one test, and the AMQP URL that uses it.
+    pub fn vhost(&self, label: &str) -> String {
+        let name = unique_prefix(label).trim_end_matches(':').to_owned();
+        let ctl = self.ctl(&["add_vhost", &name]);
+        assert!(
+            ctl.status.success(),
+            "add_vhost: {}",
+            String::from_utf8_lossy(&ctl.stderr)
+        );
+        let ctl = self.ctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        assert!(
+            ctl.status.success(),
+            "set_permissions: {}",
+            String::from_utf8_lossy(&ctl.stderr)
+        );
+        format!("{}/{name}", self.url)
+    }
+
+    fn ctl(&self, args: &[&str]) -> std::process::Output {
+        let mut command = Command::new("/usr/lib/rabbitmq/bin/rabbitmqctl");
+        rabbit_env(&mut command, self.process.port, &self.process.dir);
+        command
+            .args(["-n", &node_name(self.process.port)])
+            .args(args);
+        command
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("rabbitmqctl: {e}"))
+    }
+}
+
+const RABBITMQ_SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+
+fn node_name(port: u16) -> String {
+    format!("nctest{port}@localhost")
+}
+
+/// Everything the node writes goes under `dir`. Run as the current user through the
+/// script in /usr/lib: Debian's /usr/sbin wrapper switches to the `rabbitmq` user, who
+/// cannot write our scratch folder.
+fn rabbit_env(command: &mut Command, port: u16, dir: &Path) {
+    command
+        .env("HOME", dir)
+        .env("RABBITMQ_NODENAME", node_name(port))
+        .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+        .env("RABBITMQ_NODE_PORT", port.to_string())
+        .env("RABBITMQ_DIST_PORT", (port + 1).to_string())
+        .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+        .env("RABBITMQ_LOG_BASE", dir.join("log"))
+        .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+        .env("RABBITMQ_FEATURE_FLAGS_FILE", dir.join("feature_flags"))
+        .env("RABBITMQ_PLUGINS_EXPAND_DIR", dir.join("plugins-expand"))
+        .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
+        .env("RABBITMQ_PID_FILE", dir.join("pid"))
+        // Makes the start script `exec` the Erlang VM instead of running it as its own
+        // child, so the VM itself gets the kit's parent-death signal and dies with the
+        // test process. (Nothing systemd-specific happens without NOTIFY_SOCKET.)
+        .env("RUNNING_UNDER_SYSTEMD", "true");
+}
+
+/// A port whose neighbour (the Erlang distribution port) is free too.
+fn free_port_pair() -> u16 {
+    loop {
+        let port = free_port();
+        if port < 65_000 && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
+
+fn start_rabbitmq() -> Result<RabbitServer, String> {
+    let port = free_port_pair();
+    let dir = scratch_dir("rabbitmq");
+    std::fs::write(dir.join("enabled_plugins"), "[].").map_err(|e| e.to_string())?;
+    let script = Path::new(RABBITMQ_SERVER);
+    if !script.is_file() {
+        panic!(
+            "{RABBITMQ_SERVER} not found: run `scripts/test.sh`, which installs rabbitmq-server"
+        );
+    }
+    let mut command = Command::new(script);
+    rabbit_env(&mut command, port, &dir);
+    let log = std::fs::File::create(dir.join("stdout.log")).map_err(|e| e.to_string())?;
+    command
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log);
+    let process = ServerProcess::spawn(command, port, dir).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(RabbitServer {
+                process,
+                url: format!("amqp://guest:guest@127.0.0.1:{port}"),
+            });
+        }
+        if !process.is_running() {
+            let log = std::fs::read_to_string(process.dir.join("stdout.log")).unwrap_or_default();
+            return Err(format!("exited at start on port {port}: {log}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!("no AMQP listener on port {port} within 60 s"))
+}
+
 fn redis_ping(port: u16) -> bool {
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;

@@ -102,3 +102,50 @@ async fn the_cluster_has_three_masters_that_share_the_slots() {
         assert_eq!(back, n);
     }
 }
+
+#[tokio::test]
+async fn rabbitmq_round_trips_a_message_in_a_vhost_of_its_own() {
+    use futures::StreamExt as _;
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions,
+    };
+    use lapin::types::FieldTable;
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+    let url = test_kit::rabbitmq().vhost("roundtrip");
+    let properties = ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio);
+    let connection = Connection::connect(&url, properties)
+        .await
+        .expect("AMQP connection");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .queue_declare("q", QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .expect("declare");
+    channel
+        .basic_publish(
+            "",
+            "q",
+            BasicPublishOptions::default(),
+            b"hello",
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    let mut consumer = channel
+        .basic_consume(
+            "q",
+            "t",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let delivery = consumer.next().await.expect("a message").expect("delivery");
+    assert_eq!(delivery.data, b"hello");
+    delivery.ack(BasicAckOptions::default()).await.expect("ack");
+}
