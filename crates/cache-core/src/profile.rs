@@ -477,6 +477,30 @@ impl CanonicalProfile {
             .map_or("", String::as_str)
     }
 
+    /// Reads back what [`Self::to_json`] wrote (a job's profile, say). Canonicalizing is
+    /// idempotent, so this validates the profile again and then insists it writes the
+    /// very same bytes: anything else was not canonical, and would not match its key.
+    pub fn from_json(text: &str) -> Result<Self, ProfileError> {
+        let invalid = |message: String| ProfileError::new("canonical", message);
+        let mut value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let step = value
+            .as_object_mut()
+            .and_then(|object| object.remove("quantizationStep"))
+            .ok_or_else(|| invalid("quantizationStep is missing".to_owned()))?;
+        let step: QuantizationStep = step
+            .to_string()
+            .parse()
+            .map_err(|e: crate::quantize::InvalidStep| invalid(e.to_string()))?;
+        let input: ProfileInput =
+            serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
+        let profile = input.canonicalize(step)?;
+        if profile.to_json() != text {
+            return Err(invalid("not in canonical form".to_owned()));
+        }
+        Ok(profile)
+    }
+
     /// The canonical JSON: compact, keys sorted, no optional field written as null.
     /// These are the bytes the digest covers; golden vectors pin them.
     pub fn to_json(&self) -> String {

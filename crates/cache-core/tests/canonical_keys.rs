@@ -218,3 +218,21 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn canonical_json_reads_back_into_the_same_profile() {
+    let golden: Golden =
+        serde_json::from_str(include_str!("golden_keys.json")).expect("fixture parses");
+    for vector in &golden.vectors {
+        let profile = cache_core::CanonicalProfile::from_json(&vector.canonical)
+            .unwrap_or_else(|e| panic!("{}: {e}", vector.name));
+        assert_eq!(profile.to_json(), vector.canonical);
+    }
+    let reordered = r#"{"hdData":{"authority":"Sacral","profile":"2/4","type":"Generator"},"classification":"primary","percentages":{"Sirius":100},"primary":"Sirius","quantizationStep":0.5}"#;
+    assert!(
+        cache_core::CanonicalProfile::from_json(reordered).is_err(),
+        "same meaning, but not the canonical bytes"
+    );
+    let unquantized = r#"{"classification":"primary","hdData":{"authority":"Sacral","profile":"2/4","type":"Generator"},"percentages":{"Sirius":100.2},"primary":"Sirius","quantizationStep":0.5}"#;
+    assert!(cache_core::CanonicalProfile::from_json(unquantized).is_err());
+}

@@ -4,11 +4,12 @@
 //! and computes `promptHash`; `llm` is the OpenAI-compatible client with timeouts and
 //! jittered retries; `template` writes a narrative without an LLM; `generator` puts
 //! them behind the [`NarrativeGenerator`] trait and reads the `LLM_*` settings.
-//! The RabbitMQ consumer joins this crate when generation moves out of the gateway.
+//! `queue` holds the RabbitMQ side: job messages, topology and confirmed publishing.
 
 pub mod generator;
 pub mod llm;
 pub mod prompt;
+pub mod queue;
 pub mod template;
 
 pub use generator::{

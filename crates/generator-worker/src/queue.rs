@@ -1,0 +1,239 @@
+//! Generation jobs on RabbitMQ.
+//!
+//! Topology, declared idempotently by every process that uses it:
+//!
+//! ```text
+//! exchange narrative.jobs (direct, durable) --generate--> queue narrative.generate
+//!     (durable; dead letters to narrative.dlx; quorum with a delivery limit when
+//!      configured, classic otherwise)
+//! exchange narrative.dlx (fanout, durable) -----------> queue narrative.generate.dead
+//! ```
+//!
+//! Jobs are persistent and count as enqueued only once the broker confirms them
+//! (publisher confirms). A job is versioned JSON carrying the key, the canonical profile
+//! (never a user id), the fill lock's token, what triggered it, the request id for
+//! tracing, and when it was enqueued.
+
+use std::time::Duration;
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use serde::{Deserialize, Serialize};
+
+pub const EXCHANGE: &str = "narrative.jobs";
+pub const QUEUE: &str = "narrative.generate";
+pub const ROUTING_KEY: &str = "generate";
+pub const DEAD_EXCHANGE: &str = "narrative.dlx";
+pub const DEAD_QUEUE: &str = "narrative.generate.dead";
+
+/// The job format this build writes; readers refuse versions they do not know.
+pub const JOB_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trigger {
+    Miss,
+    Refresh,
+    Prewarm,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Job {
+    pub version: u32,
+    pub key: String,
+    /// The canonical profile's exact JSON (what the key's digest covers).
+    pub canonical: String,
+    pub lock_token: String,
+    pub trigger: Trigger,
+    pub request_id: String,
+    pub enqueued_at_ms: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("broker unreachable: {0}")]
+    Unreachable(String),
+    #[error("broker did not confirm the job in time")]
+    ConfirmTimeout,
+    #[error("broker refused the job")]
+    Nacked,
+    #[error("not a job this worker can read: {0}")]
+    Malformed(String),
+}
+
+impl Job {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // A struct of strings and numbers always serializes.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, QueueError> {
+        let job: Self =
+            serde_json::from_slice(bytes).map_err(|e| QueueError::Malformed(e.to_string()))?;
+        if job.version != JOB_VERSION {
+            return Err(QueueError::Malformed(format!(
+                "job version {} (this build reads {JOB_VERSION})",
+                job.version
+            )));
+        }
+        Ok(job)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueSettings {
+    pub url: String,
+    /// Quorum queues (replicated) instead of classic durable ones.
+    pub quorum: bool,
+    /// How many times a quorum queue redelivers a job before dead-lettering it.
+    /// RabbitMQ 3.10 has no default: without one a poison job would loop forever.
+    pub delivery_limit: u32,
+    pub confirm_timeout: Duration,
+}
+
+/// Connects with lapin on the current Tokio runtime.
+pub async fn connect(url: &str, timeout: Duration) -> Result<Connection, QueueError> {
+    let properties = ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio);
+    match tokio::time::timeout(timeout, Connection::connect(url, properties)).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(error)) => Err(QueueError::Unreachable(error.to_string())),
+        Err(_) => Err(QueueError::Unreachable("connect timed out".to_owned())),
+    }
+}
+
+/// Declares the exchanges and queues (idempotent: every process does it at start-up).
+pub async fn declare_topology(
+    channel: &Channel,
+    settings: &QueueSettings,
+) -> Result<(), lapin::Error> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            EXCHANGE,
+            ExchangeKind::Direct,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            DEAD_EXCHANGE,
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+
+    let durable_queue = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let mut dead_args = FieldTable::default();
+    let mut args = FieldTable::default();
+    args.insert(
+        ShortString::from("x-dead-letter-exchange"),
+        AMQPValue::LongString(LongString::from(DEAD_EXCHANGE)),
+    );
+    if settings.quorum {
+        for table in [&mut args, &mut dead_args] {
+            table.insert(
+                ShortString::from("x-queue-type"),
+                AMQPValue::LongString(LongString::from("quorum")),
+            );
+        }
+        args.insert(
+            ShortString::from("x-delivery-limit"),
+            AMQPValue::LongInt(settings.delivery_limit.try_into().unwrap_or(i32::MAX)),
+        );
+    }
+    channel
+        .queue_declare(DEAD_QUEUE, durable_queue, dead_args)
+        .await?;
+    channel
+        .queue_bind(
+            DEAD_QUEUE,
+            DEAD_EXCHANGE,
+            "",
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel.queue_declare(QUEUE, durable_queue, args).await?;
+    channel
+        .queue_bind(
+            QUEUE,
+            EXCHANGE,
+            ROUTING_KEY,
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
+
+/// A channel in confirm mode on which jobs are published.
+pub async fn publishing_channel(
+    connection: &Connection,
+    settings: &QueueSettings,
+) -> Result<Channel, QueueError> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|e| QueueError::Unreachable(e.to_string()))?;
+    declare_topology(&channel, settings)
+        .await
+        .map_err(|e| QueueError::Unreachable(e.to_string()))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| QueueError::Unreachable(e.to_string()))?;
+    Ok(channel)
+}
+
+/// Publishes a persistent job and waits for the broker's confirm.
+pub async fn publish(
+    channel: &Channel,
+    job: &Job,
+    confirm_timeout: Duration,
+) -> Result<(), QueueError> {
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(ShortString::from("application/json"))
+        .with_correlation_id(ShortString::from(job.request_id.as_str()));
+    let publish = async {
+        let confirm = channel
+            .basic_publish(
+                EXCHANGE,
+                ROUTING_KEY,
+                BasicPublishOptions::default(),
+                &job.to_bytes(),
+                properties,
+            )
+            .await
+            .map_err(|e| QueueError::Unreachable(e.to_string()))?;
+        match confirm
+            .await
+            .map_err(|e| QueueError::Unreachable(e.to_string()))?
+        {
+            Confirmation::Ack(_) => Ok(()),
+            Confirmation::Nack(_) => Err(QueueError::Nacked),
+            Confirmation::NotRequested => Err(QueueError::Unreachable(
+                "channel is not in confirm mode".to_owned(),
+            )),
+        }
+    };
+    tokio::time::timeout(confirm_timeout, publish)
+        .await
+        .map_err(|_| QueueError::ConfirmTimeout)?
+}
