@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::http::{self, ApiError};
 use crate::metrics::Metrics;
-use crate::service::{Distributed, NarrativeService, ServiceParts};
+use crate::service::{Distributed, JobPublisher, NarrativeService, ServiceParts};
 use crate::settings::{RedisSettings, Settings};
 
 #[derive(Debug)]
@@ -140,10 +140,13 @@ fn distributed(
     background: &CancellationToken,
     tasks: &TaskTracker,
 ) -> Distributed {
-    let backend = Arc::new(RedisBackend::new(redis.target.clone(), redis.timeouts));
+    let backend = Arc::new(RedisBackend::new(
+        redis.shared.target.clone(),
+        redis.shared.timeouts,
+    ));
     let l2 = Arc::new(RedisStore::new(
         Arc::clone(&backend),
-        ValueCodec::new(redis.encryption.clone()),
+        ValueCodec::new(redis.shared.encryption.clone()),
     ));
     let l1 = MemoryStore::new(settings.memory_cache_max_bytes);
     let tiers = Arc::new(TieredStore::new(
@@ -159,8 +162,12 @@ fn distributed(
     Distributed {
         redis: l2,
         tiers,
-        lock: FillLock::new(backend, redis.lock_ttl),
+        lock: FillLock::new(backend, redis.shared.lock_ttl),
         bus,
+        jobs: settings
+            .queue
+            .clone()
+            .map(|queue| Arc::new(JobPublisher::new(queue))),
     }
 }
 

@@ -3,10 +3,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use cache_core::codec::EncryptionKeys;
 use cache_core::config::{ConfigError, Vars};
-use cache_core::redis_backend::{RedisTarget, RedisTimeouts};
+use cache_core::redis_backend::RedisConfig;
 use cache_core::{CacheKeySecret, EngineVersion, QuantizationStep};
+use generator_worker::queue::QueueSettings;
+use generator_worker::settings::queue_settings_from;
 use generator_worker::{llm_settings_from, LlmSettings};
 
 #[derive(Debug, Clone)]
@@ -28,16 +29,15 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// `None` in embedded mode.
     pub redis: Option<RedisSettings>,
+    /// Set with `AMQP_URL`: misses become jobs for `generator-worker`s.
+    pub queue: Option<QueueSettings>,
 }
 
 /// Distributed mode's Redis: where, how patient, and how values are sealed.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
-    pub target: RedisTarget,
-    pub timeouts: RedisTimeouts,
-    pub encryption: Option<EncryptionKeys>,
-    /// The fill lock's TTL; the holder extends it every third of that while generating.
-    pub lock_ttl: Duration,
+    /// What every process sharing the cache reads (target, timeouts, sealing, lock TTL).
+    pub shared: RedisConfig,
     /// How long an instance keeps its in-process copy of an entry (L1).
     pub l1_ttl: Duration,
 }
@@ -45,7 +45,7 @@ pub struct RedisSettings {
 /// Settings that belong to capabilities this version does not have yet. Starting with
 /// one of them set would silently ignore it (a shared cache that is not shared, an API
 /// that is not protected), so start-up refuses instead.
-const NOT_YET_SUPPORTED: [&str; 4] = ["AMQP_URL", "DATABASE_URL", "API_KEYS", "ADMIN_TOKEN"];
+const NOT_YET_SUPPORTED: [&str; 3] = ["DATABASE_URL", "API_KEYS", "ADMIN_TOKEN"];
 
 pub const MIN_SECRET_BYTES: usize = 16;
 
@@ -68,6 +68,13 @@ impl Settings {
             }
         })?;
         let redis = redis_settings(vars)?;
+        let queue = queue_settings_from(vars)?;
+        if queue.is_some() && redis.is_none() {
+            return Err(ConfigError::new(
+                "AMQP_URL",
+                "needs REDIS_URL too: workers store narratives in Redis and signal completion through it",
+            ));
+        }
         if redis.is_some() && cache_key_secret.is_none() {
             return Err(ConfigError::new(
                 "CACHE_KEY_SECRET",
@@ -94,48 +101,15 @@ impl Settings {
             memory_cache_max_bytes: vars.from_str_or("MEMORY_CACHE_MAX_MB", 256u64)? * 1024 * 1024,
             shutdown_grace: vars.duration_or("SHUTDOWN_GRACE", Duration::from_secs(30))?,
             redis,
+            queue,
         })
     }
 }
 
 fn redis_settings(vars: &Vars) -> Result<Option<RedisSettings>, ConfigError> {
-    let cluster = vars.parse_or("REDIS_CLUSTER", false, |text| {
-        match text.to_ascii_lowercase().as_str() {
-            "1" | "true" | "yes" => Ok(true),
-            "0" | "false" | "no" => Ok(false),
-            _ => Err(format!("{text:?} must be true or false")),
-        }
-    })?;
-    let encryption = vars.parse_or("CACHE_ENCRYPTION_KEY", None, |text| {
-        EncryptionKeys::parse(text).map(Some)
-    })?;
-    let call = vars.millis_or("REDIS_TIMEOUT_MS", Duration::from_millis(250))?;
-    let cool_down = vars.duration_or("REDIS_RETRY_AFTER", Duration::from_secs(3))?;
-    let lock_ttl = positive(
-        vars.duration_or("LOCK_TTL", Duration::from_secs(15))?,
-        "LOCK_TTL",
-    )?;
     // Zero turns L1 off (every read goes to Redis).
     let l1_ttl = vars.duration_or("L1_TTL", Duration::from_secs(30))?;
-    let Some(url) = vars.get("REDIS_URL") else {
-        if encryption.is_some() {
-            tracing::warn!("CACHE_ENCRYPTION_KEY applies to values in Redis; embedded mode keeps them in process memory");
-        }
-        return Ok(None);
-    };
-    let target = RedisTarget::parse(&url, cluster).map_err(|m| ConfigError::new("REDIS_URL", m))?;
-    let timeouts = RedisTimeouts {
-        call,
-        connect: call.max(Duration::from_millis(500)),
-        cool_down,
-    };
-    Ok(Some(RedisSettings {
-        target,
-        timeouts,
-        encryption,
-        lock_ttl,
-        l1_ttl,
-    }))
+    Ok(RedisConfig::from_vars(vars)?.map(|shared| RedisSettings { shared, l1_ttl }))
 }
 
 fn positive(value: Duration, var: &'static str) -> Result<Duration, ConfigError> {
@@ -208,7 +182,7 @@ mod tests {
         ]))
         .expect("valid");
         assert!(
-            matches!(cluster.redis.map(|r| r.target), Some(RedisTarget::Cluster(urls)) if urls.len() == 2)
+            matches!(cluster.redis.map(|r| r.shared.target), Some(cache_core::redis_backend::RedisTarget::Cluster(urls)) if urls.len() == 2)
         );
     }
 }

@@ -148,6 +148,16 @@ impl CacheKey {
         format!("lock:{}", self.0)
     }
 
+    /// The `ENGINE_VERSION` segment.
+    pub fn engine_version(&self) -> &str {
+        self.0.split(':').nth(1).unwrap_or("")
+    }
+
+    /// The `promptHash` segment.
+    pub fn prompt_hash(&self) -> &str {
+        self.0.split(':').nth(2).unwrap_or("")
+    }
+
     /// The hex HMAC digest inside the braces.
     pub fn digest(&self) -> &str {
         let start = self.0.rfind('{').map_or(0, |i| i + 1);

@@ -25,6 +25,11 @@ impl LockToken {
         Self(hex::encode(rand::random::<[u8; 16]>()))
     }
 
+    /// A token handed over in a job: the worker holds the lock its publisher took.
+    pub fn from_job(token: String) -> Self {
+        Self(token)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -33,6 +38,19 @@ impl LockToken {
 const EXTEND: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0";
+
+/// KEYS: lock. ARGV: token, ttl ms. 1 when the lock is (now) ours, 0 when another's.
+const ADOPT: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
 end
 return 0";
 
@@ -130,6 +148,42 @@ impl FillLock {
         Ok(extended == 1)
     }
 
+    /// Takes the lock for a token handed over in a job: `true` when it is ours (still,
+    /// or again because it had expired), `false` when another holder has it.
+    pub async fn adopt(&self, key: &CacheKey, token: &LockToken) -> Result<bool, StoreError> {
+        let (lock, value, ttl) = (key.lock_key(), token.0.clone(), self.ttl_ms());
+        let adopted: i64 = self
+            .backend
+            .call(|mut conn| async move {
+                Script::new(ADOPT)
+                    .key(lock)
+                    .arg(value)
+                    .arg(ttl)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(adopted == 1)
+    }
+
+    /// Runs `work` while extending the lock every third of its TTL. The extender stops
+    /// when `work` ends, panics or is dropped, or when the lock is no longer ours.
+    pub async fn hold_while<F: std::future::Future>(
+        &self,
+        key: &CacheKey,
+        token: &LockToken,
+        work: F,
+    ) -> F::Output {
+        let extender = AbortOnDrop(tokio::spawn(keep_extended(
+            self.clone(),
+            key.clone(),
+            token.clone(),
+        )));
+        let output = work.await;
+        drop(extender);
+        output
+    }
+
     /// Deletes the lock if it is still ours; `false` when it was not.
     pub async fn release(&self, key: &CacheKey, token: &LockToken) -> Result<bool, StoreError> {
         let (lock, value) = (key.lock_key(), token.0.clone());
@@ -186,5 +240,28 @@ impl FillLock {
     pub async fn is_held(&self, key: &CacheKey) -> Result<bool, StoreError> {
         let lock = key.lock_key();
         self.backend.call(|mut conn| async move { redis::cmd("EXISTS").arg(lock).query_async(&mut conn).await }).await
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn keep_extended(lock: FillLock, key: CacheKey, token: LockToken) {
+    let every = lock.ttl() / 3;
+    loop {
+        tokio::time::sleep(every).await;
+        match lock.extend(&key, &token).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(cache_key = %key, "fill lock lost while generating");
+                return;
+            }
+            Err(error) => tracing::warn!(%error, "could not extend the fill lock"),
+        }
     }
 }

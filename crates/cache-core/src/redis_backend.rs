@@ -310,3 +310,59 @@ fn is_unreachable(error: &RedisError) -> bool {
         || error.is_connection_refusal()
         || error.is_cluster_error()
 }
+
+/// The Redis settings every process that shares the cache reads, from the environment:
+/// `REDIS_URL`, `REDIS_CLUSTER`, `REDIS_TIMEOUT_MS`, `REDIS_RETRY_AFTER`,
+/// `CACHE_ENCRYPTION_KEY` and `LOCK_TTL`.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub target: RedisTarget,
+    pub timeouts: RedisTimeouts,
+    pub encryption: Option<crate::codec::EncryptionKeys>,
+    /// The fill lock's TTL; its holder extends it every third of that while generating.
+    pub lock_ttl: Duration,
+}
+
+impl RedisConfig {
+    /// `None` without `REDIS_URL`.
+    pub fn from_vars(
+        vars: &crate::config::Vars,
+    ) -> Result<Option<Self>, crate::config::ConfigError> {
+        use crate::config::ConfigError;
+        let cluster = vars.parse_or("REDIS_CLUSTER", false, |text| {
+            match text.to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" => Ok(true),
+                "0" | "false" | "no" => Ok(false),
+                _ => Err(format!("{text:?} must be true or false")),
+            }
+        })?;
+        let encryption = vars.parse_or("CACHE_ENCRYPTION_KEY", None, |text| {
+            crate::codec::EncryptionKeys::parse(text).map(Some)
+        })?;
+        let call = vars.millis_or("REDIS_TIMEOUT_MS", Duration::from_millis(250))?;
+        let cool_down = vars.duration_or("REDIS_RETRY_AFTER", Duration::from_secs(3))?;
+        let lock_ttl = vars.duration_or("LOCK_TTL", Duration::from_secs(15))?;
+        if lock_ttl.is_zero() {
+            return Err(ConfigError::new("LOCK_TTL", "must be longer than zero"));
+        }
+        let Some(url) = vars.get("REDIS_URL") else {
+            if encryption.is_some() {
+                tracing::warn!("CACHE_ENCRYPTION_KEY applies to values in Redis; without REDIS_URL it is not used");
+            }
+            return Ok(None);
+        };
+        let target =
+            RedisTarget::parse(&url, cluster).map_err(|m| ConfigError::new("REDIS_URL", m))?;
+        let timeouts = RedisTimeouts {
+            call,
+            connect: call.max(Duration::from_millis(500)),
+            cool_down,
+        };
+        Ok(Some(Self {
+            target,
+            timeouts,
+            encryption,
+            lock_ttl,
+        }))
+    }
+}

@@ -52,8 +52,47 @@ async fn post_narrative(
     let started = Instant::now();
     let keyed = state.reject_counted(parse_profile(&state, &headers, body))?;
     tracing::Span::current().record("cache_key", keyed.key.as_str());
+    if prefers_async(&headers) {
+        return Ok(
+            match state.service.narrative_or_start(&keyed, started).await {
+                Some(answer) => narrative_response(&keyed.key, &answer),
+                None => pending_response(&keyed.key),
+            },
+        );
+    }
     let answer = state.service.narrative(&keyed, started).await;
     Ok(narrative_response(&keyed.key, &answer))
+}
+
+/// `Prefer: respond-async` (RFC 7240), among other preferences or alone.
+fn prefers_async(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',').any(|preference| {
+                preference
+                    .split(';')
+                    .next()
+                    .is_some_and(|p| p.trim().eq_ignore_ascii_case("respond-async"))
+            })
+        })
+}
+
+/// 202 with where to fetch the narrative once it is ready.
+fn pending_response(key: &CacheKey) -> Response {
+    let location = format!("/narrative/{}", key.to_path_segment());
+    let body =
+        serde_json::json!({"status": "pending", "cacheKey": key.as_str(), "location": location});
+    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+    if let Ok(value) = HeaderValue::from_str(&location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
+    response
 }
 
 fn parse_profile(
@@ -162,15 +201,7 @@ async fn get_narrative(
             };
             Ok(narrative_response(&key, &answer))
         }
-        Lookup::Pending => {
-            let location = format!("/narrative/{}", key.to_path_segment());
-            let body = serde_json::json!({"status": "pending", "cacheKey": key.as_str(), "location": location});
-            let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
-            if let Ok(value) = HeaderValue::from_str(&location) {
-                response.headers_mut().insert(header::LOCATION, value);
-            }
-            Ok(response)
-        }
+        Lookup::Pending => Ok(pending_response(&key)),
         Lookup::Missing => Err(ApiError::NotFound),
     }
 }

@@ -57,12 +57,22 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             }),
         ),
     };
+    let queue = match state
+        .service
+        .distributed()
+        .and_then(|shared| shared.jobs.as_ref())
+    {
+        None => serde_json::json!({"kind": "in-process", "state": "up"}),
+        Some(jobs) => {
+            serde_json::json!({"kind": "rabbitmq", "state": if jobs.is_connected().await { "up" } else { "down" }})
+        }
+    };
     Json(serde_json::json!({
         "status": "ready",
         "mode": mode,
         "backends": {
             "cache": cache,
-            "queue": {"kind": "in-process", "state": "up"},
+            "queue": queue,
             "analytics": {"kind": "memory", "state": "up"},
         },
         "generator": {"kind": generator, "model": state.service.generator().model()},

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use cache_core::lock::{FencedWrite, FillLock, LockToken, WriteMode};
 use cache_core::signals::{Signal, SignalBus};
-use cache_core::{Envelope, KeyedProfile, RedisStore, TieredStore};
+use cache_core::{now_ms, Envelope, KeyedProfile, RedisStore, TieredStore};
+use generator_worker::queue::{Job, Trigger, JOB_VERSION};
 
 use super::{FillError, FlightResult, NarrativeService};
 
@@ -25,6 +26,8 @@ pub struct Distributed {
     pub tiers: Arc<TieredStore>,
     pub lock: FillLock,
     pub bus: Arc<SignalBus>,
+    /// Set when workers generate (`AMQP_URL`): the lock holder enqueues a job.
+    pub jobs: Option<Arc<super::JobPublisher>>,
 }
 
 /// How often a waiter re-checks the store when no signal came.
@@ -45,7 +48,27 @@ impl NarrativeService {
                 return Ok(envelope);
             }
             match shared.lock.try_acquire(key).await {
-                Ok(Some(token)) => return self.fill_as_holder(shared, keyed, token).await,
+                Ok(Some(token)) => match &shared.jobs {
+                    None => return self.fill_as_holder(shared, keyed, token).await,
+                    Some(jobs) => {
+                        let job = Job {
+                            version: JOB_VERSION,
+                            key: key.to_string(),
+                            canonical: keyed.canonical_json.clone(),
+                            lock_token: token.as_str().to_owned(),
+                            trigger: Trigger::Miss,
+                            request_id: hex_id(),
+                            enqueued_at_ms: now_ms(),
+                        };
+                        // Once the broker confirms, a worker holds the key for us: we
+                        // wait for its signal like any other waiter.
+                        if let Err(error) = jobs.publish(&job).await {
+                            self.metrics.store_errors.inc();
+                            tracing::warn!(%error, "job not enqueued; generating in process");
+                            return self.fill_as_holder(shared, keyed, token).await;
+                        }
+                    }
+                },
                 Ok(None) => {}
                 Err(error) => {
                     // Without the lock we cannot know who else generates, so the result
@@ -82,15 +105,10 @@ impl NarrativeService {
             let _ = shared.lock.release(key, &token).await;
             return Ok(envelope);
         }
-        // Aborted when dropped, so a panic in the generator cannot leave it renewing the
-        // lock forever.
-        let extender = AbortOnDrop(tokio::spawn(keep_extended(
-            shared.lock.clone(),
-            keyed.clone(),
-            token.clone(),
-        )));
-        let generated = self.generate(keyed).await;
-        drop(extender);
+        let generated = shared
+            .lock
+            .hold_while(key, &token, self.generate(keyed))
+            .await;
         let outcome = match generated {
             Ok(envelope) => {
                 self.write_fenced(shared, keyed, &token, &envelope).await;
@@ -147,26 +165,6 @@ impl NarrativeService {
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Extends the lock every third of its TTL until aborted or until it is no longer ours.
-async fn keep_extended(lock: FillLock, keyed: KeyedProfile, token: LockToken) {
-    let every = lock.ttl() / 3;
-    loop {
-        tokio::time::sleep(every).await;
-        match lock.extend(&keyed.key, &token).await {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!(cache_key = %keyed.key, "fill lock lost while generating");
-                return;
-            }
-            Err(error) => tracing::warn!(%error, "could not extend the fill lock"),
-        }
-    }
+fn hex_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
 }

@@ -12,14 +12,15 @@
 
 mod counters;
 mod distributed;
+mod jobs;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use analytics::{GenerationEvent, InMemoryAnalytics, RequestEvent, RequestOutcome};
 use cache_core::{
-    now_ms, CacheKey, CacheStore, Envelope, Flight, KeyDeriver, KeyedProfile, ProfileError,
-    ProfileInput, SingleFlight, StoreStats,
+    now_ms, CacheKey, CacheStore, Envelope, Flight, Follower, KeyDeriver, KeyedProfile,
+    ProfileError, ProfileInput, SingleFlight, StoreStats,
 };
 use generator_worker::template::{self, TEMPLATE_MODEL};
 use generator_worker::{GenerateError, NarrativeGenerator};
@@ -27,6 +28,7 @@ use tokio_util::task::TaskTracker;
 
 pub use counters::{Count, Counters, Totals};
 pub use distributed::Distributed;
+pub use jobs::JobPublisher;
 
 use crate::metrics::{Metrics, Outcome};
 
@@ -207,7 +209,23 @@ impl NarrativeService {
         keyed: &KeyedProfile,
         deadline: Instant,
     ) -> Answer {
-        let (follower, collapsed) = match self.flights.join(&keyed.key) {
+        let (follower, collapsed) = self.join_flight(keyed);
+        match tokio::time::timeout_at(deadline.into(), follower.wait()).await {
+            Ok(Some(Ok(envelope))) => Answer {
+                envelope,
+                source: Source::Generated,
+                collapsed,
+                ttl_remaining_secs: None,
+            },
+            Ok(Some(Err(_))) | Ok(None) | Err(_) => self.fallback(keyed, collapsed),
+        }
+    }
+
+    /// Joins the key's flight, starting it (in a tracked task that outlives the
+    /// request) when there is none. Returns a follower and whether another request
+    /// started the flight.
+    fn join_flight(self: &Arc<Self>, keyed: &KeyedProfile) -> (Follower<FlightResult>, bool) {
+        match self.flights.join(&keyed.key) {
             Flight::Leader(leader) => {
                 let follower = leader.follower();
                 let service = Arc::clone(self);
@@ -222,16 +240,29 @@ impl NarrativeService {
                 self.metrics.collapsed.inc();
                 (follower, true)
             }
-        };
-        match tokio::time::timeout_at(deadline.into(), follower.wait()).await {
-            Ok(Some(Ok(envelope))) => Answer {
-                envelope,
-                source: Source::Generated,
-                collapsed,
-                ttl_remaining_secs: None,
-            },
-            Ok(Some(Err(_))) | Ok(None) | Err(_) => self.fallback(keyed, collapsed),
         }
+    }
+
+    /// `Prefer: respond-async`: a hit is answered as usual; a miss starts (or joins)
+    /// the generation and returns `None` at once, for a 202.
+    pub async fn narrative_or_start(
+        self: &Arc<Self>,
+        keyed: &KeyedProfile,
+        started: Instant,
+    ) -> Option<Answer> {
+        if let Some((envelope, ttl)) = self.cached(&keyed.key).await {
+            let answer = Answer {
+                envelope,
+                source: Source::Cache,
+                collapsed: false,
+                ttl_remaining_secs: Some(ttl),
+            };
+            self.account(&answer, keyed, started);
+            return Some(answer);
+        }
+        self.counters.add(Count::Miss);
+        let _ = self.join_flight(keyed);
+        None
     }
 
     /// The leader's work: look once more (a flight that just ended may have stored the

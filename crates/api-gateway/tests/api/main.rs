@@ -8,3 +8,4 @@ mod lost_holders;
 mod narrative;
 mod ops;
 mod stampede;
+mod workers;

@@ -1,0 +1,118 @@
+//! The `generator-worker` process: the worker, its consume loop, and an HTTP listener
+//! for `/metrics`, `/healthz` and `/readyz`. Tests build it the same way.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::{Json, Router};
+use cache_core::codec::ValueCodec;
+use cache_core::lock::FillLock;
+use cache_core::redis_backend::RedisBackend;
+use cache_core::signals::SignalBus;
+use cache_core::RedisStore;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::consumer::{self, ConsumerSettings, Consuming};
+use crate::generator::generator_from;
+use crate::settings::WorkerSettings;
+use crate::worker::{Worker, WorkerMetrics};
+
+#[derive(Debug, Clone)]
+pub struct WorkerApp {
+    pub worker: Arc<Worker>,
+    pub consuming: Arc<Consuming>,
+    settings: WorkerSettings,
+}
+
+impl WorkerApp {
+    pub fn build(settings: WorkerSettings) -> anyhow::Result<Self> {
+        let generator = generator_from(settings.llm.clone())?;
+        if settings.llm.is_none() {
+            tracing::info!("no LLM_API_KEY: narratives are written by the template engine");
+        }
+        let backend = Arc::new(RedisBackend::new(
+            settings.redis.target.clone(),
+            settings.redis.timeouts,
+        ));
+        let store = Arc::new(RedisStore::new(
+            Arc::clone(&backend),
+            ValueCodec::new(settings.redis.encryption.clone()),
+        ));
+        // The worker only publishes signals; it keeps no L1 to invalidate.
+        let bus = SignalBus::new(Arc::clone(&backend), |_| {});
+        let worker = Arc::new(Worker {
+            store,
+            lock: FillLock::new(backend, settings.redis.lock_ttl),
+            bus,
+            generator,
+            ttl: settings.cache_ttl,
+            metrics: WorkerMetrics::new(),
+        });
+        Ok(Self {
+            worker,
+            consuming: Arc::new(Consuming::default()),
+            settings,
+        })
+    }
+}
+
+/// Consumes jobs and serves the ops routes until `shutdown`; then stops consuming,
+/// finishes the jobs in flight and returns.
+pub async fn run(
+    listener: TcpListener,
+    app: WorkerApp,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let stop = CancellationToken::new();
+    let consumer_settings = ConsumerSettings {
+        queue: app.settings.queue.clone(),
+        prefetch: app.settings.prefetch,
+    };
+    let consumer = tokio::spawn(consumer::run(
+        Arc::clone(&app.worker),
+        consumer_settings,
+        Arc::clone(&app.consuming),
+        stop.clone(),
+    ));
+    let router = Router::new()
+        .route(
+            "/metrics",
+            get(|State(app): State<WorkerApp>| async move { app.worker.metrics.render() }),
+        )
+        .route(
+            "/healthz",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .route("/readyz", get(readyz))
+        .with_state(app);
+    tracing::info!(addr = %listener.local_addr()?, "worker listening");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    stop.cancel();
+    let _ = consumer.await;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// Ready while attached to the queue; the Redis state is reported alongside.
+async fn readyz(State(app): State<WorkerApp>) -> (StatusCode, Json<serde_json::Value>) {
+    let consuming = app.consuming.get();
+    let status = if consuming {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "status": if consuming { "ready" } else { "not consuming" },
+        "backends": {
+            "queue": {"kind": "rabbitmq", "state": if consuming { "up" } else { "down" }},
+            "cache": {"kind": "redis", "state": app.worker.store.backend().state().as_str()},
+        },
+    });
+    (status, Json(body))
+}

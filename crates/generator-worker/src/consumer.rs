@@ -1,0 +1,148 @@
+//! The consume loop around [`Worker::process_one`]: manual acks only after the job's
+//! outcome is settled (stored and signalled), at most `prefetch` jobs in flight,
+//! reconnecting by itself when the broker goes away (delivery tags of a lost channel
+//! are void; the broker redelivers those jobs), and on shutdown: stop consuming,
+//! finish the jobs in flight, then close.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions,
+};
+use lapin::types::FieldTable;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::queue::{self, Job, QueueError, QueueSettings, QUEUE};
+use crate::worker::{Disposition, Outcome, Worker};
+
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    pub queue: QueueSettings,
+    /// Jobs in flight at once (the channel's prefetch).
+    pub prefetch: u16,
+}
+
+/// Whether the consumer is attached to the queue now (for `/readyz`).
+#[derive(Debug, Default)]
+pub struct Consuming(AtomicBool);
+
+impl Consuming {
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Consumes until `shutdown`, reconnecting after any loss.
+pub async fn run(
+    worker: Arc<Worker>,
+    settings: ConsumerSettings,
+    consuming: Arc<Consuming>,
+    shutdown: CancellationToken,
+) {
+    let mut failures = 0u32;
+    loop {
+        match consume(&worker, &settings, &consuming, &shutdown).await {
+            Ok(()) => return,
+            Err(error) => {
+                consuming.0.store(false, Ordering::Release);
+                if failures.is_multiple_of(10) {
+                    tracing::warn!(%error, "not consuming jobs; reconnecting");
+                }
+                failures += 1;
+            }
+        }
+        let backoff = Duration::from_millis(250 * u64::from(failures.min(8)));
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+    }
+}
+
+async fn consume(
+    worker: &Arc<Worker>,
+    settings: &ConsumerSettings,
+    consuming: &Consuming,
+    shutdown: &CancellationToken,
+) -> Result<(), QueueError> {
+    let broken = |e: lapin::Error| QueueError::Unreachable(e.to_string());
+    let connection = queue::connect(&settings.queue.url, Duration::from_secs(5)).await?;
+    let channel = connection.create_channel().await.map_err(broken)?;
+    queue::declare_topology(&channel, &settings.queue)
+        .await
+        .map_err(broken)?;
+    channel
+        .basic_qos(settings.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(broken)?;
+    let tag = format!("generator-worker-{}", std::process::id());
+    let mut deliveries = channel
+        .basic_consume(
+            QUEUE,
+            &tag,
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(broken)?;
+    consuming.0.store(true, Ordering::Release);
+    tracing::info!(prefetch = settings.prefetch, "consuming generation jobs");
+    let in_flight = TaskTracker::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                let _ = channel.basic_cancel(&tag, BasicCancelOptions::default()).await;
+                consuming.0.store(false, Ordering::Release);
+                in_flight.close();
+                in_flight.wait().await;
+                let _ = connection.close(200, "worker shutting down").await;
+                return Ok(());
+            }
+            delivery = deliveries.next() => match delivery {
+                Some(Ok(delivery)) => {
+                    let worker = Arc::clone(worker);
+                    in_flight.spawn(async move { handle(&worker, delivery).await });
+                }
+                Some(Err(error)) => return Err(broken(error)),
+                None => return Err(QueueError::Unreachable("consumer closed".to_owned())),
+            },
+        }
+    }
+}
+
+async fn handle(worker: &Worker, delivery: lapin::message::Delivery) {
+    let outcome = match Job::from_bytes(&delivery.data) {
+        Ok(job) => worker.process_one(&job).await,
+        Err(error) => {
+            let outcome = Outcome::Rejected(error.to_string());
+            worker
+                .metrics
+                .jobs
+                .with_label_values(&[outcome.label()])
+                .inc();
+            tracing::warn!(%error, "malformed job dead-lettered");
+            outcome
+        }
+    };
+    let settled = match outcome.disposition() {
+        Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
+        Disposition::Requeue => {
+            delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+        }
+        Disposition::DeadLetter => delivery.reject(BasicRejectOptions { requeue: false }).await,
+    };
+    if let Err(error) = settled {
+        // The channel is gone: the broker redelivers the job to whoever consumes next.
+        tracing::warn!(%error, "could not settle a job; it will be redelivered");
+    }
+}

@@ -1,0 +1,234 @@
+//! The worker's one step: a job in, an [`Outcome`] out. The consume loop
+//! (`consumer`) only turns outcomes into acks.
+//!
+//! A job is generated at most once per lock: the worker first looks in the cache (a
+//! redelivered or duplicate job finds the value and never pays twice), then adopts the
+//! fill lock with the job's token (or finds another holder and leaves the key to it),
+//! generates while extending the lock, writes only if the lock is still its own, and
+//! signals `done` or `failed` so waiting gateways answer at once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cache_core::lock::{FencedWrite, FillLock, LockToken, WriteMode};
+use cache_core::signals::{Signal, SignalBus};
+use cache_core::{CacheKey, CacheStore, CanonicalProfile, RedisStore};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
+
+use crate::generator::NarrativeGenerator;
+use crate::queue::Job;
+
+/// What became of a job, and so what the consumer does with its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Generated and stored.
+    Stored,
+    /// The value was already there (a redelivery or a duplicate): nothing paid.
+    AlreadyCached,
+    /// Another holder has the key's lock and will store it.
+    HeldElsewhere,
+    /// Generated, but the lock was lost before the write: the new holder's value stands.
+    LockLost,
+    /// The LLM failed for good (after its retries): dead-lettered, waiters told.
+    Failed(String),
+    /// Redis failed: handed back to the queue to try again.
+    Retry(String),
+    /// Not a job this worker can carry out: dead-lettered.
+    Rejected(String),
+}
+
+/// What the consumer does with the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    Ack,
+    Requeue,
+    DeadLetter,
+}
+
+impl Outcome {
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            Self::Stored | Self::AlreadyCached | Self::HeldElsewhere | Self::LockLost => {
+                Disposition::Ack
+            }
+            Self::Retry(_) => Disposition::Requeue,
+            Self::Failed(_) | Self::Rejected(_) => Disposition::DeadLetter,
+        }
+    }
+
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Stored => "stored",
+            Self::AlreadyCached => "already_cached",
+            Self::HeldElsewhere => "held_elsewhere",
+            Self::LockLost => "lock_lost",
+            Self::Failed(_) => "failed",
+            Self::Retry(_) => "retry",
+            Self::Rejected(_) => "rejected",
+        }
+    }
+}
+
+/// The worker's metrics, named in one place.
+#[derive(Debug, Clone)]
+pub struct WorkerMetrics {
+    pub registry: Registry,
+    pub jobs: IntCounterVec,
+    pub generation_seconds: Histogram,
+    pub cost_usd: prometheus::Counter,
+}
+
+impl WorkerMetrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let jobs = IntCounterVec::new(
+            Opts::new("worker_jobs_total", "Jobs handled, by outcome"),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let generation_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "worker_generation_duration_seconds",
+                "LLM generation time, retries included",
+            )
+            .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+        )
+        .expect("valid metric");
+        let cost_usd = prometheus::Counter::new("llm_cost_usd_total", "Dollars spent on the LLM")
+            .expect("valid metric");
+        for collector in [
+            Box::new(jobs.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(generation_seconds.clone()),
+            Box::new(cost_usd.clone()),
+        ] {
+            registry.register(collector).expect("unique metric names");
+        }
+        Self {
+            registry,
+            jobs,
+            generation_seconds,
+            cost_usd,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let _ = prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &self.registry.gather(),
+            &mut out,
+        );
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Debug)]
+pub struct Worker {
+    pub store: Arc<RedisStore>,
+    pub lock: FillLock,
+    pub bus: Arc<SignalBus>,
+    pub generator: Arc<dyn NarrativeGenerator>,
+    pub ttl: Duration,
+    pub metrics: WorkerMetrics,
+}
+
+impl Worker {
+    #[tracing::instrument(skip_all, fields(cache_key = %job.key, request_id = %job.request_id))]
+    pub async fn process_one(&self, job: &Job) -> Outcome {
+        let outcome = self.process(job).await;
+        self.metrics
+            .jobs
+            .with_label_values(&[outcome.label()])
+            .inc();
+        match &outcome {
+            Outcome::Failed(reason) | Outcome::Retry(reason) | Outcome::Rejected(reason) => {
+                tracing::warn!(outcome = outcome.label(), %reason, "job not stored");
+            }
+            _ => tracing::debug!(outcome = outcome.label(), "job done"),
+        }
+        outcome
+    }
+
+    async fn process(&self, job: &Job) -> Outcome {
+        let Ok(key) = CacheKey::parse(&job.key) else {
+            return Outcome::Rejected("not a narrative key".to_owned());
+        };
+        let profile = match CanonicalProfile::from_json(&job.canonical) {
+            Ok(profile) => profile,
+            Err(error) => return Outcome::Rejected(format!("canonical profile: {error}")),
+        };
+        // Text written with another prompt or model must not land under this key.
+        let prompt_hash = self.generator.prompt_hash();
+        if key.prompt_hash() != prompt_hash.as_str() {
+            return Outcome::Rejected(format!(
+                "key is for prompt {}, this worker writes {prompt_hash}: check LLM_MODEL and the prompt on both sides",
+                key.prompt_hash()
+            ));
+        }
+        let token = LockToken::from_job(job.lock_token.clone());
+        match self.store.get(&key).await {
+            Ok(Some(_)) => {
+                self.signal(Signal::Done, &key).await;
+                let _ = self.lock.release(&key, &token).await;
+                return Outcome::AlreadyCached;
+            }
+            Ok(None) => {}
+            Err(error) => return Outcome::Retry(error.to_string()),
+        }
+        match self.lock.adopt(&key, &token).await {
+            Ok(true) => {}
+            Ok(false) => return Outcome::HeldElsewhere,
+            Err(error) => return Outcome::Retry(error.to_string()),
+        }
+        let started = Instant::now();
+        let generated = self
+            .lock
+            .hold_while(&key, &token, self.generator.generate(&profile))
+            .await;
+        self.metrics
+            .generation_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = match generated {
+            Err(error) => {
+                self.signal(Signal::Failed, &key).await;
+                Outcome::Failed(error.to_string())
+            }
+            Ok(generation) => {
+                self.metrics.cost_usd.inc_by(generation.cost_usd);
+                let envelope =
+                    Arc::new(generation.into_envelope(key.engine_version(), &prompt_hash));
+                let value = self.store.encode(&key, &envelope).await;
+                match self
+                    .lock
+                    .write_if_held(&key, &token, value, self.ttl, WriteMode::IfAbsent)
+                    .await
+                {
+                    Ok(FencedWrite::Written) => {
+                        self.signal(Signal::Done, &key).await;
+                        Outcome::Stored
+                    }
+                    Ok(FencedWrite::AlreadyStored) => {
+                        self.signal(Signal::Done, &key).await;
+                        Outcome::AlreadyCached
+                    }
+                    Ok(FencedWrite::LockLost) => Outcome::LockLost,
+                    Err(error) => Outcome::Retry(error.to_string()),
+                }
+            }
+        };
+        let _ = self.lock.release(&key, &token).await;
+        outcome
+    }
+
+    async fn signal(&self, signal: Signal, key: &CacheKey) {
+        if let Err(error) = self.bus.publish(signal, key).await {
+            tracing::warn!(%error, "could not signal the gateways; they will find the value on their next poll");
+        }
+    }
+}
