@@ -36,6 +36,7 @@ fn start_worker(amqp: &str, sim: &llm_sim::SimHandle) -> Worker {
             .env("LLM_BASE_URL", sim.base_url())
             .env("LLM_API_KEY", "sk-test")
             .env("LOCK_TTL", "1s")
+            .env("WORKER_PREFETCH", "20")
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -45,15 +46,16 @@ fn start_worker(amqp: &str, sim: &llm_sim::SimHandle) -> Worker {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_survives_its_worker_being_killed() {
+async fn twenty_jobs_survive_their_worker_being_killed() {
     let sim = llm_sim::spawn(SimConfig {
-        latency_ms: 1500,
+        latency_ms: 3000,
+        sign_completions: true,
         ..SimConfig::default()
     })
     .await
     .expect("sim");
     let amqp = test_kit::rabbitmq().vhost("crash");
-    // Key the profile the way a gateway with the same model and prompt would.
+    // Key profiles the way a gateway with the same model and prompt would.
     let version = test_kit::unique_prefix("crash")
         .trim_end_matches(':')
         .to_owned();
@@ -63,23 +65,11 @@ async fn a_job_survives_its_worker_being_killed() {
         GenerationParams::new("gpt-4o-mini").prompt_hash(prompt::TEMPLATE),
         QuantizationStep::DEFAULT,
     );
-    let input = ProfileInput::from_json(
-        br#"{"classification":"primary","primary":"Vega","percentages":{"Vega":70,"Lyra":30},
-            "hdData":{"type":"Manifestor","authority":"Splenic","profile":"4/1"}}"#,
-    )
-    .expect("parses");
-    let keyed = deriver.derive(&input).expect("valid");
-
-    // What a gateway does: take the fill lock, then enqueue the job with its token.
     let backend = Arc::new(RedisBackend::new(
         RedisTarget::parse(&test_kit::redis().url, false).expect("url"),
         RedisTimeouts::default(),
     ));
-    let token = FillLock::new(Arc::clone(&backend), Duration::from_secs(1))
-        .try_acquire(&keyed.key)
-        .await
-        .expect("redis")
-        .expect("lock");
+    let lock = FillLock::new(Arc::clone(&backend), Duration::from_secs(1));
     let settings = QueueSettings {
         url: amqp.clone(),
         quorum: false,
@@ -92,36 +82,68 @@ async fn a_job_survives_its_worker_being_killed() {
     let channel = queue::publishing_channel(&connection, &settings)
         .await
         .expect("channel");
-    let job = Job {
-        version: queue::JOB_VERSION,
-        key: keyed.key.to_string(),
-        canonical: keyed.canonical_json.clone(),
-        lock_token: token.as_str().to_owned(),
-        trigger: Trigger::Miss,
-        request_id: "crash-test".to_owned(),
-        enqueued_at_ms: cache_core::now_ms(),
-    };
-    queue::publish(&channel, &job, Duration::from_secs(5))
-        .await
-        .expect("confirmed");
+
+    // What gateways do on 20 misses: take each key's fill lock, enqueue a job with its token.
+    let mut keys = Vec::new();
+    for n in 0..20u32 {
+        let json = format!(
+            r#"{{"classification":"primary","primary":"Vega","percentages":{{"Vega":{},"Lyra":{}}},"hdData":{{"type":"Manifestor","authority":"Splenic","profile":"4/1"}}}}"#,
+            50 + n,
+            50 - n
+        );
+        let keyed = deriver
+            .derive(&ProfileInput::from_json(json.as_bytes()).expect("parses"))
+            .expect("valid");
+        let token = lock
+            .try_acquire(&keyed.key)
+            .await
+            .expect("redis")
+            .expect("lock");
+        let job = Job {
+            version: queue::JOB_VERSION,
+            key: keyed.key.to_string(),
+            canonical: keyed.canonical_json.clone(),
+            lock_token: token.as_str().to_owned(),
+            trigger: Trigger::Miss,
+            request_id: format!("crash-{n}"),
+            enqueued_at_ms: cache_core::now_ms(),
+        };
+        queue::publish(&channel, &job, Duration::from_secs(5))
+            .await
+            .expect("confirmed");
+        keys.push(keyed.key);
+    }
 
     let doomed = start_worker(&amqp, &sim);
-    eventually("the first worker to call the LLM", || async {
-        sim.sim.stats().requests == 1
+    eventually("all 20 jobs in flight on the first worker", || async {
+        sim.sim.stats().requests == 20
     })
     .await;
-    drop(doomed); // SIGKILL, mid-generation
+    drop(doomed); // SIGKILL, with 20 unacked jobs mid-generation
 
     let _survivor = start_worker(&amqp, &sim);
     let store = RedisStore::new(backend, ValueCodec::default());
-    eventually("the redelivered job to be stored", || async {
-        matches!(store.get(&keyed.key).await, Ok(Some(_)))
-    })
-    .await;
+    for key in &keys {
+        eventually("every job to be stored by the survivor", || async {
+            matches!(store.get(key).await, Ok(Some(_)))
+        })
+        .await;
+        let stored = store.get(key).await.expect("redis").expect("stored");
+        let serial: u64 = stored
+            .body
+            .rsplit("(completion ")
+            .next()
+            .and_then(|s| s.trim_end_matches(')').parse().ok())
+            .expect("signed");
+        assert!(
+            serial > 20,
+            "stored by the survivor, once: completion {serial}"
+        );
+    }
     assert_eq!(
         sim.sim.stats().requests,
-        2,
-        "at most one more call per crashed worker"
+        40,
+        "lost jobs 0: each was generated once more, no more"
     );
 }
 

@@ -124,7 +124,7 @@ async fn workers_generate_misses_and_gateways_never_call_the_llm() {
     let (b, b_sim) = gateway(&amqp, &version, &[]).await;
 
     let body = profile(1);
-    let replies = join_all((0..300).map(|i| {
+    let replies = join_all((0..1000).map(|i| {
         if i % 2 == 0 {
             a.post_narrative(&body)
         } else {
@@ -150,6 +150,26 @@ async fn workers_generate_misses_and_gateways_never_call_the_llm() {
     );
     assert_eq!(w1.jobs("stored") + w2.jobs("stored"), 1);
     assert_eq!(a.post_narrative(&body).await.source(), "cache");
+
+    // 100 distinct profiles, 5 concurrent requests each, across both gateways.
+    let bodies: Vec<_> = (100..200).map(profile).collect();
+    let requests = bodies
+        .iter()
+        .flat_map(|body| (0..5).map(move |i| (i, body)));
+    let replies = join_all(requests.map(|(i, body)| {
+        if i % 2 == 0 {
+            a.post_narrative(body)
+        } else {
+            b.post_narrative(body)
+        }
+    }))
+    .await;
+    assert!(replies.iter().all(|r| r.status == 200), "all 200");
+    assert_eq!(
+        worker_sim.sim.stats().requests,
+        1 + 100,
+        "one call per distinct profile"
+    );
     let ready = a.get("/readyz").await;
     assert_eq!(ready.body["backends"]["queue"]["kind"], "rabbitmq");
     w1.stop().await;
@@ -256,13 +276,26 @@ async fn failing_and_malformed_jobs_are_dead_lettered_and_waiters_fall_back_at_o
         worker.jobs("rejected") == 1
     })
     .await;
+    // The worker keeps consuming after the poison message.
+    assert_eq!(app.post_narrative(&profile(33)).await.source(), "fallback");
+    until("the next job to be handled", || worker.jobs("failed") == 2).await;
+    assert!(worker.app.consuming.get());
+    for n in [3, 33] {
+        let key = app.post_json("/narrative/key", &profile(n)).await.key();
+        let path = format!("/narrative/{}", key.to_path_segment());
+        assert_eq!(
+            app.get(&path).await.status,
+            404,
+            "nothing stored for a failed job"
+        );
+    }
 
     let mut dead = channel
         .basic_consume(DEAD_QUEUE, "dead", Default::default(), Default::default())
         .await
         .expect("consume dead letters");
     let mut bodies = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let delivery = tokio::time::timeout(Duration::from_secs(5), dead.next())
             .await
             .expect("dead letter")
