@@ -355,7 +355,7 @@ pub fn rabbitmq() -> &'static RabbitServer {
     SERVER.get_or_init(|| {
         let mut last_error = String::new();
         for _ in 0..3 {
-            match start_rabbitmq() {
+            match start_rabbitmq(free_port_pair()) {
                 Ok(server) => return server,
                 Err(error) => last_error = error,
             }
@@ -365,6 +365,28 @@ pub fn rabbitmq() -> &'static RabbitServer {
 }
 
 impl RabbitServer {
+    /// A node of its own, for a test that stops it; it stops when dropped. Tests use its
+    /// default vhost (`url` ends in `/%2f`).
+    pub fn start() -> Self {
+        start_rabbitmq(free_port_pair())
+            .unwrap_or_else(|e| panic!("rabbitmq-server would not start: {e}"))
+    }
+
+    /// A node on a given port: to bring a broker back where clients expect it.
+    pub fn start_on(port: u16) -> Self {
+        start_rabbitmq(port)
+            .unwrap_or_else(|e| panic!("rabbitmq-server would not start on {port}: {e}"))
+    }
+
+    /// The default vhost's URL.
+    pub fn default_vhost_url(&self) -> String {
+        format!("{}/%2f", self.url)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.process.port
+    }
+
     /// A fresh vhost for one test, and the AMQP URL that uses it.
     pub fn vhost(&self, label: &str) -> String {
         let name = unique_prefix(label).trim_end_matches(':').to_owned();
@@ -435,8 +457,7 @@ fn free_port_pair() -> u16 {
     }
 }
 
-fn start_rabbitmq() -> Result<RabbitServer, String> {
-    let port = free_port_pair();
+fn start_rabbitmq(port: u16) -> Result<RabbitServer, String> {
     let dir = scratch_dir("rabbitmq");
     std::fs::write(dir.join("enabled_plugins"), "[].").map_err(|e| e.to_string())?;
     let script = Path::new(RABBITMQ_SERVER);

@@ -120,6 +120,10 @@ impl TestApp {
         reply(response).await
     }
 
+    pub async fn post_narrative_owned(&self, body: Value) -> Reply {
+        self.post_narrative(&body).await
+    }
+
     pub async fn post_narrative(&self, body: &Value) -> Reply {
         self.post_json("/narrative", body).await
     }

@@ -371,3 +371,56 @@ async fn respond_async_answers_202_with_a_location_that_becomes_200() {
     assert_eq!(response.status().as_u16(), 200);
     worker.stop().await;
 }
+
+/// RabbitMQ stopped: new profiles still get 200, generated in process, no 5xx.
+/// RabbitMQ back: jobs flow through workers again, nothing restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_degrades_to_in_process_generation_and_recovers() {
+    let broker = test_kit::RabbitServer::start();
+    let (port, amqp) = (broker.port(), broker.default_vhost_url());
+    let version = unique_version("outage");
+    let worker_sim = sim(SimConfig {
+        latency_ms: 20,
+        ..SimConfig::default()
+    })
+    .await;
+    let worker = TestWorker::start(&amqp, &worker_sim, &[]).await;
+    let (app, own_sim) = gateway(&amqp, &version, &[]).await;
+    assert_eq!(app.post_narrative(&profile(7)).await.source(), "generated");
+    assert_eq!(
+        (
+            worker_sim.sim.stats().requests,
+            own_sim.sim.stats().requests
+        ),
+        (1, 0),
+        "the worker generated it"
+    );
+
+    drop(broker);
+    let during = join_all((0..20).map(|n| app.post_narrative_owned(profile(700 + n)))).await;
+    assert!(
+        during
+            .iter()
+            .all(|r| r.status == 200 && r.source() == "generated"),
+        "no 5xx; generated in process"
+    );
+    assert_eq!(own_sim.sim.stats().requests, 20);
+    assert_eq!(worker_sim.sim.stats().requests, 1);
+
+    let _broker = test_kit::RabbitServer::start_on(port);
+    until("the worker to consume again", || worker.app.consuming.get()).await;
+    let mut through_workers = false;
+    for n in 0..60 {
+        app.post_narrative(&profile(800 + n)).await;
+        if worker_sim.sim.stats().requests > 1 {
+            through_workers = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        through_workers,
+        "jobs flow through workers again once the broker is back"
+    );
+    worker.stop().await;
+}
