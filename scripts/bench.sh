@@ -10,7 +10,8 @@
 #    shared, noisy machine even when absolute figures move.
 # 2. Key derivation: criterion, parse + validate + canonicalize + HMAC.
 # 3. Redis memory per entry over 100,000 entries against the raw narrative size.
-# Needs redis-server (scripts/test.sh installs it).
+# 4. Misses through RabbitMQ workers: overhead over the LLM latency; worker jobs/s.
+# Needs redis-server and rabbitmq-server (scripts/test.sh installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-5}
@@ -83,3 +84,6 @@ cargo bench -q -p cache-core --bench key_derivation -- --warm-up-time 1 --measur
 
 echo "== redis memory per entry (100,000 entries)"
 cargo bench -q -p api-gateway --bench redis_memory 2>/dev/null | grep -E 'compressed'
+
+echo "== misses through RabbitMQ workers, and worker throughput (simulator 500 ms)"
+cargo bench -q -p api-gateway --bench queue_miss 2>/dev/null | grep -E 'round|prefetch'
