@@ -17,6 +17,8 @@ use crate::helpers::{profile, spawn_app_with, unique_version, TestApp};
 
 struct TestWorker {
     app: WorkerApp,
+    /// Where its `/metrics`, `/healthz` and `/readyz` are served.
+    ops: String,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -41,6 +43,7 @@ impl TestWorker {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
+        let ops = format!("http://{}", listener.local_addr().expect("addr"));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(run_worker(listener, app.clone(), async {
             let _ = stopped.await;
@@ -54,6 +57,7 @@ impl TestWorker {
         assert!(app.consuming.get(), "the worker attaches to the queue");
         Self {
             app,
+            ops,
             stop: Some(stop),
             task,
         }
@@ -423,4 +427,53 @@ async fn a_broker_outage_degrades_to_in_process_generation_and_recovers() {
         "jobs flow through workers again once the broker is back"
     );
     worker.stop().await;
+}
+
+/// The worker serves its own health and metrics, and on shutdown finishes the job it
+/// is working on (stored, signalled, acked) before it exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_reports_its_health_and_drains_on_shutdown() {
+    let amqp = test_kit::rabbitmq().vhost("drain");
+    let version = unique_version("drain");
+    let worker_sim = sim(SimConfig {
+        latency_ms: 800,
+        ..SimConfig::default()
+    })
+    .await;
+    let worker = TestWorker::start(&amqp, &worker_sim, &[]).await;
+    let client = reqwest::Client::new();
+    let ready = client
+        .get(format!("{}/readyz", worker.ops))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status().as_u16(), 200);
+
+    let (app, _) = gateway(&amqp, &version, &[("GENERATION_WAIT_MS", "50")]).await;
+    let reply = app.post_narrative(&profile(9)).await;
+    assert_eq!(reply.source(), "fallback", "still generating");
+    until("the job to reach the LLM", || {
+        worker_sim.sim.stats().requests == 1
+    })
+    .await;
+    let metrics = client
+        .get(format!("{}/metrics", worker.ops))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("worker_generation_duration_seconds"),
+        "{metrics}"
+    );
+
+    worker.stop().await; // SIGTERM's path: stop consuming, finish the job in flight
+    let path = format!("/narrative/{}", reply.key().to_path_segment());
+    assert_eq!(
+        app.get(&path).await.status,
+        200,
+        "the job in flight was finished and stored before the worker exited"
+    );
 }
