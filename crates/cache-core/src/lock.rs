@@ -133,37 +133,38 @@ impl FillLock {
 
     /// Pushes the expiry out by a full TTL; `false` when the lock is no longer ours.
     pub async fn extend(&self, key: &CacheKey, token: &LockToken) -> Result<bool, StoreError> {
-        let (lock, value, ttl) = (key.lock_key(), token.0.clone(), self.ttl_ms());
-        let extended: i64 = self
-            .backend
-            .call(|mut conn| async move {
-                Script::new(EXTEND)
-                    .key(lock)
-                    .arg(value)
-                    .arg(ttl)
-                    .invoke_async(&mut conn)
-                    .await
-            })
-            .await?;
-        Ok(extended == 1)
+        self.token_script(EXTEND, key, token, true).await
     }
 
     /// Takes the lock for a token handed over in a job: `true` when it is ours (still,
     /// or again because it had expired), `false` when another holder has it.
     pub async fn adopt(&self, key: &CacheKey, token: &LockToken) -> Result<bool, StoreError> {
+        self.token_script(ADOPT, key, token, true).await
+    }
+
+    /// Runs one of the lock scripts (KEYS: the lock; ARGV: the token, and the TTL in
+    /// milliseconds when `with_ttl`); `true` when it answered 1.
+    async fn token_script(
+        &self,
+        script: &'static str,
+        key: &CacheKey,
+        token: &LockToken,
+        with_ttl: bool,
+    ) -> Result<bool, StoreError> {
         let (lock, value, ttl) = (key.lock_key(), token.0.clone(), self.ttl_ms());
-        let adopted: i64 = self
+        let answer: i64 = self
             .backend
             .call(|mut conn| async move {
-                Script::new(ADOPT)
-                    .key(lock)
-                    .arg(value)
-                    .arg(ttl)
-                    .invoke_async(&mut conn)
-                    .await
+                let script = Script::new(script);
+                let mut invocation = script.key(lock);
+                invocation.arg(value);
+                if with_ttl {
+                    invocation.arg(ttl);
+                }
+                invocation.invoke_async(&mut conn).await
             })
             .await?;
-        Ok(adopted == 1)
+        Ok(answer == 1)
     }
 
     /// Runs `work` while extending the lock every third of its TTL. The extender stops
@@ -186,18 +187,7 @@ impl FillLock {
 
     /// Deletes the lock if it is still ours; `false` when it was not.
     pub async fn release(&self, key: &CacheKey, token: &LockToken) -> Result<bool, StoreError> {
-        let (lock, value) = (key.lock_key(), token.0.clone());
-        let released: i64 = self
-            .backend
-            .call(|mut conn| async move {
-                Script::new(RELEASE)
-                    .key(lock)
-                    .arg(value)
-                    .invoke_async(&mut conn)
-                    .await
-            })
-            .await?;
-        Ok(released == 1)
+        self.token_script(RELEASE, key, token, false).await
     }
 
     /// Writes `value` under `key` only while `token` holds the lock.

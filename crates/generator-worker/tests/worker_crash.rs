@@ -115,18 +115,22 @@ async fn twenty_jobs_survive_their_worker_being_killed() {
     }
 
     let doomed = start_worker(&amqp, &sim);
-    eventually("all 20 jobs in flight on the first worker", || async {
-        sim.sim.stats().requests == 20
-    })
+    test_kit::eventually(
+        "all 20 jobs in flight on the first worker",
+        Duration::from_secs(30),
+        || async { sim.sim.stats().requests == 20 },
+    )
     .await;
     drop(doomed); // SIGKILL, with 20 unacked jobs mid-generation
 
     let _survivor = start_worker(&amqp, &sim);
     let store = RedisStore::new(backend, ValueCodec::default());
     for key in &keys {
-        eventually("every job to be stored by the survivor", || async {
-            matches!(store.get(key).await, Ok(Some(_)))
-        })
+        test_kit::eventually(
+            "every job to be stored by the survivor",
+            Duration::from_secs(30),
+            || async { matches!(store.get(key).await, Ok(Some(_))) },
+        )
         .await;
         let stored = store.get(key).await.expect("redis").expect("stored");
         let serial: u64 = stored
@@ -145,19 +149,4 @@ async fn twenty_jobs_survive_their_worker_being_killed() {
         40,
         "lost jobs 0: each was generated once more, no more"
     );
-}
-
-/// Polls every 20 ms for up to 30 s: what other processes do is announced nowhere.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..1500 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for {what}");
 }

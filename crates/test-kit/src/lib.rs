@@ -105,6 +105,24 @@ pub fn free_port() -> u16 {
         .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
 }
 
+/// Polls `check` every 20 ms until it holds, for up to `limit`; panics naming `what`
+/// otherwise. For states of other processes and servers that nothing announces (a
+/// process listening, a value appearing in Redis); where a signal exists, wait on it.
+pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
 /// A prefix no other test in this process uses, for keys, queues or schemas.
 pub fn unique_prefix(name: &str) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);

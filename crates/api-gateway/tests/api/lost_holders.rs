@@ -31,22 +31,6 @@ fn signal(pid: u32, name: &str) {
     assert!(status.success(), "kill -{name} {pid}");
 }
 
-/// Polls `check` every 20 ms for up to 10 s; these are states of other processes and
-/// of Redis that nothing announces.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..500 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
 /// A real `api-gateway` process sharing `redis_url`, with a short lock TTL and wait.
 async fn gateway_process(
     sim: &llm_sim::SimHandle,
@@ -73,9 +57,11 @@ async fn gateway_process(
     );
     let url = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
-    eventually("the gateway process to listen", || async {
-        client.get(format!("{url}/healthz")).send().await.is_ok()
-    })
+    test_kit::eventually(
+        "the gateway process to listen",
+        Duration::from_secs(10),
+        || async { client.get(format!("{url}/healthz")).send().await.is_ok() },
+    )
     .await;
     (process, url)
 }
@@ -213,7 +199,7 @@ async fn a_thawed_holder_neither_releases_the_new_lock_nor_overwrites_the_value(
         let reply = b.post_narrative(&body).await;
         (reply, b)
     });
-    eventually("B to take the lock over", || {
+    test_kit::eventually("B to take the lock over", Duration::from_secs(10), || {
         let (mut redis, lock, a_token) = (redis.clone(), key.lock_key(), a_token.clone());
         async move {
             redis
@@ -229,17 +215,21 @@ async fn a_thawed_holder_neither_releases_the_new_lock_nor_overwrites_the_value(
 
     // Thaw A while B is still generating: A's LLM reply is waiting for it.
     signal(a_pid, "CONT");
-    eventually("A to finish its generation", || async {
-        let metrics = client.get(format!("{a_url}/metrics")).send().await;
-        match metrics {
-            Ok(response) => response
-                .text()
-                .await
-                .unwrap_or_default()
-                .contains("narrative_generations_total{result=\"ok\"} 1"),
-            Err(_) => false,
-        }
-    })
+    test_kit::eventually(
+        "A to finish its generation",
+        Duration::from_secs(10),
+        || async {
+            let metrics = client.get(format!("{a_url}/metrics")).send().await;
+            match metrics {
+                Ok(response) => response
+                    .text()
+                    .await
+                    .unwrap_or_default()
+                    .contains("narrative_generations_total{result=\"ok\"} 1"),
+                Err(_) => false,
+            }
+        },
+    )
     .await;
     let lock_now: Option<String> = redis.get(key.lock_key()).await.expect("GET lock");
     assert_eq!(
