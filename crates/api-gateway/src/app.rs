@@ -96,6 +96,7 @@ impl App {
             metrics: Arc::clone(&metrics),
             analytics: Arc::clone(&analytics),
             ttl: settings.cache_ttl,
+            stale_after: settings.stale_after,
             generation_wait: settings.generation_wait,
             distributed,
         }));

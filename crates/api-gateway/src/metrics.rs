@@ -12,6 +12,7 @@ pub enum Outcome {
     Hit,
     Generated,
     Fallback,
+    Stale,
 }
 
 impl Outcome {
@@ -20,6 +21,7 @@ impl Outcome {
             Self::Hit => "hit",
             Self::Generated => "generated",
             Self::Fallback => "fallback",
+            Self::Stale => "stale",
         }
     }
 }
@@ -33,8 +35,8 @@ const LATENCY_BUCKETS: &[f64] = &[
 #[derive(Debug, Clone)]
 pub struct Metrics {
     registry: Registry,
-    requests: [IntCounter; 3],
-    latency: [Histogram; 3],
+    requests: [IntCounter; 4],
+    latency: [Histogram; 4],
     pub collapsed: IntCounter,
     rejected: IntCounterVec,
     generations: IntCounterVec,
@@ -45,6 +47,7 @@ pub struct Metrics {
     pub llm_cost_usd: Counter,
     pub cost_saved_usd: Counter,
     pub store_errors: IntCounter,
+    pub refresh_failures: IntCounter,
     pub cache_entries: Gauge,
     pub cache_bytes: Gauge,
 }
@@ -70,7 +73,12 @@ impl Metrics {
         )
         .expect("valid metric");
         let by_outcome = |outcome: Outcome| outcome.as_str();
-        let outcomes = [Outcome::Hit, Outcome::Generated, Outcome::Fallback];
+        let outcomes = [
+            Outcome::Hit,
+            Outcome::Generated,
+            Outcome::Fallback,
+            Outcome::Stale,
+        ];
         let metrics = Self {
             requests: outcomes.map(|o| requests.with_label_values(&[by_outcome(o)])),
             latency: outcomes.map(|o| latency.with_label_values(&[by_outcome(o)])),
@@ -127,6 +135,11 @@ impl Metrics {
                 "Cache backend calls that failed and were degraded around",
             )
             .expect("valid metric"),
+            refresh_failures: IntCounter::new(
+                "narrative_refresh_failures_total",
+                "Background refreshes of stale entries that failed (the stale entry stays)",
+            )
+            .expect("valid metric"),
             cache_entries: Gauge::new("narrative_cache_entries", "Narrative entries in the cache")
                 .expect("valid metric"),
             cache_bytes: Gauge::new("narrative_cache_bytes", "Bytes the cache holds")
@@ -146,6 +159,7 @@ impl Metrics {
             Box::new(metrics.llm_cost_usd.clone()),
             Box::new(metrics.cost_saved_usd.clone()),
             Box::new(metrics.store_errors.clone()),
+            Box::new(metrics.refresh_failures.clone()),
             Box::new(metrics.cache_entries.clone()),
             Box::new(metrics.cache_bytes.clone()),
         ];

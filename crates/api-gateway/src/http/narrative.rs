@@ -140,6 +140,13 @@ fn narrative_response(key: &CacheKey, answer: &Answer) -> Response {
                 answer.ttl_remaining_secs.unwrap_or(0)
             ),
         ),
+        Source::Stale => (
+            "STALE",
+            format!(
+                "{CACHE_NAME}; hit; ttl={}; fwd=stale",
+                answer.ttl_remaining_secs.unwrap_or(0)
+            ),
+        ),
         Source::Generated if answer.collapsed => {
             ("MISS", format!("{CACHE_NAME}; fwd=miss; collapsed"))
         }

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use cache_core::lock::{FencedWrite, FillLock, LockToken, WriteMode};
 use cache_core::signals::{Signal, SignalBus};
-use cache_core::{now_ms, Envelope, KeyedProfile, RedisStore, TieredStore};
+use cache_core::{now_ms, CacheStore, Envelope, KeyedProfile, RedisStore, TieredStore};
 use generator_worker::queue::{Job, Trigger, JOB_VERSION};
 
-use super::{FillError, FlightResult, NarrativeService};
+use super::{FillError, FillMode, FlightResult, NarrativeService};
 
 /// The shared parts of distributed mode.
 #[derive(Debug, Clone)]
@@ -38,19 +38,24 @@ impl NarrativeService {
         &self,
         shared: &Distributed,
         keyed: &KeyedProfile,
+        mode: FillMode,
     ) -> FlightResult {
         let key = &keyed.key;
         // Long enough for a holder elsewhere to finish one slow generation.
         let give_up = Instant::now() + self.generation_wait.max(shared.lock.ttl()) * 4;
         let mut waiter = shared.bus.waiter(key);
         loop {
-            if let Some((envelope, _)) = self.cached(key).await {
+            if let Some(envelope) = self.value_that_will_do(shared, keyed, mode).await {
                 return Ok(envelope);
             }
             match shared.lock.try_acquire(key).await {
-                Ok(Some(token)) => match &shared.jobs {
-                    None => return self.fill_as_holder(shared, keyed, token).await,
-                    Some(jobs) => {
+                // Refreshes run here rather than as jobs: a worker would find the
+                // stale value and consider the job done.
+                Ok(Some(token)) => match (&shared.jobs, mode) {
+                    (None, _) | (_, FillMode::Replace { .. }) => {
+                        return self.fill_as_holder(shared, keyed, token, mode).await
+                    }
+                    (Some(jobs), FillMode::Miss) => {
                         let job = Job {
                             version: JOB_VERSION,
                             key: key.to_string(),
@@ -65,7 +70,7 @@ impl NarrativeService {
                         if let Err(error) = jobs.publish(&job).await {
                             self.metrics.store_errors.inc();
                             tracing::warn!(%error, "job not enqueued; generating in process");
-                            return self.fill_as_holder(shared, keyed, token).await;
+                            return self.fill_as_holder(shared, keyed, token, mode).await;
                         }
                     }
                 },
@@ -93,15 +98,38 @@ impl NarrativeService {
         }
     }
 
+    /// A stored value that answers this flight: any for a miss; for a refresh, one
+    /// newer than the entry being replaced, read from Redis itself (this instance's L1
+    /// may still hold the stale copy).
+    async fn value_that_will_do(
+        &self,
+        shared: &Distributed,
+        keyed: &KeyedProfile,
+        mode: FillMode,
+    ) -> Option<Arc<Envelope>> {
+        match mode {
+            FillMode::Miss => self.cached(&keyed.key).await.map(|(envelope, _)| envelope),
+            FillMode::Replace { older_than_ms } => {
+                let envelope = shared.redis.get(&keyed.key).await.ok().flatten()?;
+                if envelope.created_at_ms <= older_than_ms {
+                    return None;
+                }
+                shared.tiers.put_l1(&keyed.key, Arc::clone(&envelope)).await;
+                Some(envelope)
+            }
+        }
+    }
+
     async fn fill_as_holder(
         &self,
         shared: &Distributed,
         keyed: &KeyedProfile,
         token: LockToken,
+        mode: FillMode,
     ) -> FlightResult {
         let key = &keyed.key;
         // Look again: the previous holder may have written just before we took the lock.
-        if let Some((envelope, _)) = self.cached(key).await {
+        if let Some(envelope) = self.value_that_will_do(shared, keyed, mode).await {
             let _ = shared.lock.release(key, &token).await;
             return Ok(envelope);
         }
@@ -111,7 +139,8 @@ impl NarrativeService {
             .await;
         let outcome = match generated {
             Ok(envelope) => {
-                self.write_fenced(shared, keyed, &token, &envelope).await;
+                self.write_fenced(shared, keyed, &token, &envelope, mode)
+                    .await;
                 Ok(envelope)
             }
             Err(error) => {
@@ -133,12 +162,17 @@ impl NarrativeService {
         keyed: &KeyedProfile,
         token: &LockToken,
         envelope: &Arc<Envelope>,
+        mode: FillMode,
     ) {
         let key = &keyed.key;
         let value = shared.redis.encode(key, envelope).await;
+        let write_mode = match mode {
+            FillMode::Miss => WriteMode::IfAbsent,
+            FillMode::Replace { .. } => WriteMode::Replace,
+        };
         match shared
             .lock
-            .write_if_held(key, token, value, self.ttl, WriteMode::IfAbsent)
+            .write_if_held(key, token, value, self.ttl, write_mode)
             .await
         {
             Ok(FencedWrite::Written) => {

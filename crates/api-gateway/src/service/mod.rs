@@ -6,6 +6,12 @@
 //! then answers the template narrative while the generation finishes and is stored.
 //! A store that errors is treated as a miss: the request is answered either way.
 //!
+//! An entry older than `STALE_AFTER` is answered at once as `stale` and refreshed in
+//! the background (stale-while-revalidate): the refresh is a flight too, so one runs
+//! per key per instance, and across instances the fill lock makes it one in all. A
+//! refresh that fails leaves the stale entry in place, served until `CACHE_TTL`
+//! (stale-if-error).
+//!
 //! With Redis configured the flight's leader also coordinates with other instances
 //! (`distributed`): it takes the key's fill lock in Redis or waits for the holder's
 //! completion signal.
@@ -36,6 +42,8 @@ use crate::metrics::{Metrics, Outcome};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     Cache,
+    /// Older than `STALE_AFTER`: answered at once while a refresh runs.
+    Stale,
     Generated,
     Fallback,
 }
@@ -44,6 +52,7 @@ impl Source {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Cache => "cache",
+            Self::Stale => "stale",
             Self::Generated => "generated",
             Self::Fallback => "fallback",
         }
@@ -56,8 +65,8 @@ pub struct Answer {
     pub source: Source,
     /// This request waited on a generation another request started.
     pub collapsed: bool,
-    /// Seconds the entry has left to live, for hits.
-    pub ttl_remaining_secs: Option<u64>,
+    /// Seconds of freshness the entry has left, for hits; negative once stale.
+    pub ttl_remaining_secs: Option<i64>,
 }
 
 /// Why a flight ended without a narrative; every one of them means a fallback answer.
@@ -71,13 +80,23 @@ pub enum FillError {
     GaveUp,
 }
 
+/// What a flight is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillMode {
+    /// Nothing is stored: any stored value will do.
+    Miss,
+    /// Replace the entry created at `older_than_ms` (a refresh): only a newer value
+    /// will do, and it is written over the old one.
+    Replace { older_than_ms: i64 },
+}
+
 /// A flight ends with the stored envelope, or with why there is none.
 type FlightResult = Result<Arc<Envelope>, FillError>;
 
 /// What `GET /narrative/{key}` finds.
 #[derive(Debug)]
 pub enum Lookup {
-    Found(Arc<Envelope>, u64),
+    Found(Arc<Envelope>, i64),
     Pending,
     Missing,
 }
@@ -102,6 +121,7 @@ pub struct NarrativeService {
     metrics: Arc<Metrics>,
     analytics: Arc<InMemoryAnalytics>,
     ttl: Duration,
+    stale_after: Duration,
     generation_wait: Duration,
     distributed: Option<Distributed>,
     counters: Counters,
@@ -115,6 +135,7 @@ pub struct ServiceParts {
     pub metrics: Arc<Metrics>,
     pub analytics: Arc<InMemoryAnalytics>,
     pub ttl: Duration,
+    pub stale_after: Duration,
     pub generation_wait: Duration,
     /// Set when a Redis is shared with other instances.
     pub distributed: Option<Distributed>,
@@ -129,6 +150,7 @@ impl NarrativeService {
             metrics,
             analytics,
             ttl,
+            stale_after,
             generation_wait,
             distributed,
         } = parts;
@@ -141,6 +163,7 @@ impl NarrativeService {
             metrics,
             analytics,
             ttl,
+            stale_after,
             generation_wait,
             distributed,
             counters: Counters::default(),
@@ -174,12 +197,7 @@ impl NarrativeService {
     /// Answers a validated profile. Never fails: the worst case is the template.
     pub async fn narrative(self: &Arc<Self>, keyed: &KeyedProfile, started: Instant) -> Answer {
         let answer = match self.cached(&keyed.key).await {
-            Some((envelope, ttl)) => Answer {
-                envelope,
-                source: Source::Cache,
-                collapsed: false,
-                ttl_remaining_secs: Some(ttl),
-            },
+            Some((envelope, age)) => self.answer_cached(keyed, envelope, age),
             None => {
                 self.generate_or_fallback(keyed, started + self.generation_wait)
                     .await
@@ -189,11 +207,55 @@ impl NarrativeService {
         answer
     }
 
-    async fn cached(&self, key: &CacheKey) -> Option<(Arc<Envelope>, u64)> {
+    /// A hit, or a stale hit that starts this key's refresh.
+    fn answer_cached(
+        self: &Arc<Self>,
+        keyed: &KeyedProfile,
+        envelope: Arc<Envelope>,
+        age: Duration,
+    ) -> Answer {
+        if age <= self.stale_after {
+            let fresh_for = i64::try_from((self.stale_after - age).as_secs()).unwrap_or(i64::MAX);
+            return Answer {
+                envelope,
+                source: Source::Cache,
+                collapsed: false,
+                ttl_remaining_secs: Some(fresh_for),
+            };
+        }
+        self.start_refresh(keyed, envelope.created_at_ms);
+        let stale_for =
+            i64::try_from((age - self.stale_after).as_millis().div_ceil(1000)).unwrap_or(i64::MAX);
+        Answer {
+            envelope,
+            source: Source::Stale,
+            collapsed: false,
+            ttl_remaining_secs: Some(-stale_for),
+        }
+    }
+
+    /// Starts a refresh of the entry created at `older_than_ms`, unless one runs.
+    fn start_refresh(self: &Arc<Self>, keyed: &KeyedProfile, older_than_ms: i64) {
+        let Flight::Leader(leader) = self.flights.join(&keyed.key) else {
+            return;
+        };
+        let (service, keyed) = (Arc::clone(self), keyed.clone());
+        self.tasks.spawn(async move {
+            let result = service.fill(&keyed, FillMode::Replace { older_than_ms }).await;
+            if let Err(error) = &result {
+                service.metrics.refresh_failures.inc();
+                tracing::warn!(%error, cache_key = %keyed.key, "refresh failed; the stale entry stays until CACHE_TTL");
+            }
+            leader.complete(result);
+        });
+    }
+
+    /// The entry and its age.
+    async fn cached(&self, key: &CacheKey) -> Option<(Arc<Envelope>, Duration)> {
         match self.store.get(key).await {
             Ok(Some(envelope)) => {
                 let age = Duration::from_millis(envelope.age_ms(now_ms()));
-                Some((envelope, self.ttl.saturating_sub(age).as_secs()))
+                Some((envelope, age))
             }
             Ok(None) => None,
             Err(error) => {
@@ -231,7 +293,7 @@ impl NarrativeService {
                 let service = Arc::clone(self);
                 let keyed = keyed.clone();
                 self.tasks.spawn(async move {
-                    let result = service.fill(&keyed).await;
+                    let result = service.fill(&keyed, FillMode::Miss).await;
                     leader.complete(result);
                 });
                 (follower, false)
@@ -250,13 +312,8 @@ impl NarrativeService {
         keyed: &KeyedProfile,
         started: Instant,
     ) -> Option<Answer> {
-        if let Some((envelope, ttl)) = self.cached(&keyed.key).await {
-            let answer = Answer {
-                envelope,
-                source: Source::Cache,
-                collapsed: false,
-                ttl_remaining_secs: Some(ttl),
-            };
+        if let Some((envelope, age)) = self.cached(&keyed.key).await {
+            let answer = self.answer_cached(keyed, envelope, age);
             self.account(&answer, keyed, started);
             return Some(answer);
         }
@@ -268,12 +325,18 @@ impl NarrativeService {
     /// The leader's work: look once more (a flight that just ended may have stored the
     /// value between our read and our join), then generate and store, or, with Redis,
     /// coordinate with the other instances first.
-    async fn fill(&self, keyed: &KeyedProfile) -> FlightResult {
+    async fn fill(&self, keyed: &KeyedProfile, mode: FillMode) -> FlightResult {
         if let Some(distributed) = &self.distributed {
-            return self.fill_shared(distributed, keyed).await;
+            return self.fill_shared(distributed, keyed, mode).await;
         }
         if let Some((envelope, _)) = self.cached(&keyed.key).await {
-            return Ok(envelope);
+            let will_do = match mode {
+                FillMode::Miss => true,
+                FillMode::Replace { older_than_ms } => envelope.created_at_ms > older_than_ms,
+            };
+            if will_do {
+                return Ok(envelope);
+            }
         }
         let envelope = self.generate(keyed).await?;
         self.store_locally(keyed, &envelope).await;
@@ -362,6 +425,11 @@ impl NarrativeService {
 
     fn account(&self, answer: &Answer, keyed: &KeyedProfile, started: Instant) {
         let (outcome, event_outcome) = match answer.source {
+            Source::Stale => {
+                self.counters.add(Count::Hit);
+                self.metrics.cost_saved_usd.inc_by(answer.envelope.cost_usd);
+                (Outcome::Stale, RequestOutcome::Hit)
+            }
             Source::Cache => {
                 self.counters.add(Count::Hit);
                 self.metrics.cost_saved_usd.inc_by(answer.envelope.cost_usd);
@@ -387,8 +455,9 @@ impl NarrativeService {
     }
 
     pub async fn lookup(&self, key: &CacheKey) -> Lookup {
-        if let Some((envelope, ttl)) = self.cached(key).await {
-            return Lookup::Found(envelope, ttl);
+        if let Some((envelope, age)) = self.cached(key).await {
+            let fresh_for = self.stale_after.as_secs() as i64 - age.as_secs() as i64;
+            return Lookup::Found(envelope, fresh_for);
         }
         if self.flights.in_flight(key) {
             return Lookup::Pending;

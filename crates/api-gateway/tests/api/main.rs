@@ -3,6 +3,7 @@
 mod distributed;
 mod errors;
 mod failures;
+mod freshness;
 mod helpers;
 mod lost_holders;
 mod narrative;
