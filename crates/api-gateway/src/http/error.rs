@@ -1,6 +1,7 @@
 //! Errors a client sees: each owns its status and a JSON body
-//! `{"error": {"code", "message", "field"}}`. Nothing here is a 5xx: failures the
-//! system can degrade around never reach the client as errors.
+//! `{"error": {"code", "message", "field"}}`. Failures the system can degrade around
+//! never reach the client as errors; the one 5xx here is the 504 a client asks for
+//! with `Cache-Control: only-if-cached` when nothing is stored (RFC 9111).
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -23,6 +24,8 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("no narrative under this key")]
     NotFound,
+    #[error("only-if-cached: no stored narrative for this profile")]
+    NotCached,
     #[error("no such route")]
     NoRoute,
     #[error("method not allowed on this route")]
@@ -49,6 +52,7 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NotFound | Self::NoRoute => StatusCode::NOT_FOUND,
+            Self::NotCached => StatusCode::GATEWAY_TIMEOUT,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
@@ -61,6 +65,7 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::NotFound => "not_found",
+            Self::NotCached => "not_cached",
             Self::NoRoute => "no_route",
             Self::MethodNotAllowed => "method_not_allowed",
         }

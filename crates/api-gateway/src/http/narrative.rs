@@ -17,7 +17,7 @@ use serde_json::value::RawValue;
 
 use super::{ApiError, MAX_BODY_BYTES};
 use crate::app::AppState;
-use crate::service::{Answer, Lookup, Source};
+use crate::service::{Answer, Directives, Lookup, NotCached, Source};
 
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
@@ -60,8 +60,49 @@ async fn post_narrative(
             },
         );
     }
-    let answer = state.service.narrative(&keyed, started).await;
+    let directives = request_directives(&headers);
+    let answer = state.reject_counted(
+        state
+            .service
+            .narrative_with(&keyed, started, directives)
+            .await
+            .map_err(|NotCached| ApiError::NotCached),
+    )?;
     Ok(narrative_response(&keyed.key, &answer))
+}
+
+/// The request's `Cache-Control` directives (RFC 9111 5.2.1). Unknown directives and
+/// malformed values are ignored, as the RFC asks.
+fn request_directives(headers: &HeaderMap) -> Directives {
+    let mut directives = Directives::default();
+    let seconds = |value: Option<&str>| {
+        value
+            .map(|v| v.trim().trim_matches('"'))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    for value in headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
+        for directive in value.split(',') {
+            let (name, argument) = match directive.split_once('=') {
+                Some((name, argument)) => (name.trim(), Some(argument)),
+                None => (directive.trim(), None),
+            };
+            match name.to_ascii_lowercase().as_str() {
+                "no-cache" => directives.no_cache = true,
+                "no-store" => directives.no_store = true,
+                "only-if-cached" => directives.only_if_cached = true,
+                "max-age" => directives.max_age = seconds(argument).or(directives.max_age),
+                "stale-if-error" => {
+                    directives.stale_if_error = seconds(argument).or(directives.stale_if_error)
+                }
+                _ => {}
+            }
+        }
+    }
+    directives
 }
 
 /// `Prefer: respond-async` (RFC 7240), among other preferences or alone.
@@ -147,10 +188,17 @@ fn narrative_response(key: &CacheKey, answer: &Answer) -> Response {
                 answer.ttl_remaining_secs.unwrap_or(0)
             ),
         ),
-        Source::Generated if answer.collapsed => {
-            ("MISS", format!("{CACHE_NAME}; fwd=miss; collapsed"))
+        Source::Generated => {
+            let fwd = answer.forwarded.unwrap_or("miss");
+            let how = if answer.collapsed {
+                "; collapsed"
+            } else if answer.stored {
+                "; stored"
+            } else {
+                ""
+            };
+            ("MISS", format!("{CACHE_NAME}; fwd={fwd}{how}"))
         }
-        Source::Generated => ("MISS", format!("{CACHE_NAME}; fwd=miss; stored")),
         Source::Fallback => (
             "FALLBACK",
             format!("{CACHE_NAME}; fwd=miss; detail=fallback"),
@@ -205,6 +253,8 @@ async fn get_narrative(
                 source: Source::Cache,
                 collapsed: false,
                 ttl_remaining_secs: Some(ttl),
+                forwarded: None,
+                stored: false,
             };
             Ok(narrative_response(&key, &answer))
         }

@@ -67,7 +67,32 @@ pub struct Answer {
     pub collapsed: bool,
     /// Seconds of freshness the entry has left, for hits; negative once stale.
     pub ttl_remaining_secs: Option<i64>,
+    /// Why a stored entry was not used: `request` (the client's `no-cache`) or
+    /// `stale` (older than the client's `max-age`). `None` for plain hits and misses.
+    pub forwarded: Option<&'static str>,
+    /// A generation this request led, and stored.
+    pub stored: bool,
 }
+
+/// RFC 9111 request directives from `Cache-Control`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Directives {
+    /// Regenerate even if an entry is stored (coalesced with concurrent ones).
+    pub no_cache: bool,
+    /// Keep nothing generated for this request.
+    pub no_store: bool,
+    /// Entries older than this many seconds (from `generatedAt`) are regenerated.
+    pub max_age: Option<u64>,
+    /// Answer only from the cache: 504 when nothing is stored.
+    pub only_if_cached: bool,
+    /// If regenerating fails, an entry at most this many seconds past `max-age` (or
+    /// past freshness) may still be answered.
+    pub stale_if_error: Option<u64>,
+}
+
+/// `only-if-cached` and nothing (usable) is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotCached;
 
 /// Why a flight ended without a narrative; every one of them means a fallback answer.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -196,15 +221,126 @@ impl NarrativeService {
 
     /// Answers a validated profile. Never fails: the worst case is the template.
     pub async fn narrative(self: &Arc<Self>, keyed: &KeyedProfile, started: Instant) -> Answer {
+        match self
+            .narrative_with(keyed, started, Directives::default())
+            .await
+        {
+            Ok(answer) => answer,
+            // Without only-if-cached there is always an answer.
+            Err(NotCached) => self.fallback(keyed, false),
+        }
+    }
+
+    /// Answers a validated profile under the request's `Cache-Control` directives. Only
+    /// `only-if-cached` can refuse (nothing stored); everything else has an answer.
+    pub async fn narrative_with(
+        self: &Arc<Self>,
+        keyed: &KeyedProfile,
+        started: Instant,
+        directives: Directives,
+    ) -> Result<Answer, NotCached> {
+        let deadline = started + self.generation_wait;
         let answer = match self.cached(&keyed.key).await {
-            Some((envelope, age)) => self.answer_cached(keyed, envelope, age),
-            None => {
-                self.generate_or_fallback(keyed, started + self.generation_wait)
-                    .await
+            Some((envelope, age)) => {
+                let too_old = directives
+                    .max_age
+                    .is_some_and(|max| age > Duration::from_secs(max));
+                if !directives.no_cache && !too_old {
+                    self.answer_cached(keyed, envelope, age)
+                } else if directives.only_if_cached {
+                    return Err(NotCached);
+                } else {
+                    let forwarded = if directives.no_cache {
+                        "request"
+                    } else {
+                        "stale"
+                    };
+                    self.revalidate(keyed, envelope, age, forwarded, directives, deadline)
+                        .await
+                }
             }
+            None if directives.only_if_cached => return Err(NotCached),
+            None if directives.no_store => self.generate_unstored(keyed, None, deadline).await,
+            None => self.generate_or_fallback(keyed, deadline).await,
         };
         self.account(&answer, keyed, started);
-        answer
+        Ok(answer)
+    }
+
+    /// The client will not take the stored entry: regenerate now and wait for it
+    /// (coalesced: concurrent revalidations of one key make one call). If that fails,
+    /// `stale-if-error` may still allow the stored entry; otherwise the template.
+    async fn revalidate(
+        self: &Arc<Self>,
+        keyed: &KeyedProfile,
+        stored: Arc<Envelope>,
+        age: Duration,
+        forwarded: &'static str,
+        directives: Directives,
+        deadline: Instant,
+    ) -> Answer {
+        if directives.no_store {
+            return self
+                .generate_unstored(keyed, Some(forwarded), deadline)
+                .await;
+        }
+        let (follower, collapsed) = self.join_flight(
+            keyed,
+            FillMode::Replace {
+                older_than_ms: stored.created_at_ms,
+            },
+        );
+        if let Ok(Some(Ok(envelope))) =
+            tokio::time::timeout_at(deadline.into(), follower.wait()).await
+        {
+            return Answer {
+                envelope,
+                source: Source::Generated,
+                collapsed,
+                ttl_remaining_secs: None,
+                forwarded: Some(forwarded),
+                stored: !collapsed,
+            };
+        }
+        let limit = directives
+            .max_age
+            .map_or(self.stale_after, Duration::from_secs);
+        let allowed = directives
+            .stale_if_error
+            .is_some_and(|extra| age <= limit + Duration::from_secs(extra));
+        if allowed {
+            let stale_for = i64::try_from(age.saturating_sub(limit).as_millis().div_ceil(1000))
+                .unwrap_or(i64::MAX);
+            return Answer {
+                envelope: stored,
+                source: Source::Stale,
+                collapsed,
+                ttl_remaining_secs: Some(-stale_for),
+                forwarded: None,
+                stored: false,
+            };
+        }
+        self.fallback(keyed, collapsed)
+    }
+
+    /// `no-store`: a generation for this request alone, kept nowhere.
+    async fn generate_unstored(
+        &self,
+        keyed: &KeyedProfile,
+        forwarded: Option<&'static str>,
+        deadline: Instant,
+    ) -> Answer {
+        match tokio::time::timeout_at(deadline.into(), self.generate(keyed)).await {
+            Ok(Ok(envelope)) => Answer {
+                envelope,
+                source: Source::Generated,
+                collapsed: false,
+                ttl_remaining_secs: None,
+                forwarded,
+                stored: false,
+            },
+            _ => self.fallback(keyed, false),
+        }
     }
 
     /// A hit, or a stale hit that starts this key's refresh.
@@ -221,6 +357,8 @@ impl NarrativeService {
                 source: Source::Cache,
                 collapsed: false,
                 ttl_remaining_secs: Some(fresh_for),
+                forwarded: None,
+                stored: false,
             };
         }
         self.start_refresh(keyed, envelope.created_at_ms);
@@ -231,6 +369,8 @@ impl NarrativeService {
             source: Source::Stale,
             collapsed: false,
             ttl_remaining_secs: Some(-stale_for),
+            forwarded: None,
+            stored: false,
         }
     }
 
@@ -271,13 +411,15 @@ impl NarrativeService {
         keyed: &KeyedProfile,
         deadline: Instant,
     ) -> Answer {
-        let (follower, collapsed) = self.join_flight(keyed);
+        let (follower, collapsed) = self.join_flight(keyed, FillMode::Miss);
         match tokio::time::timeout_at(deadline.into(), follower.wait()).await {
             Ok(Some(Ok(envelope))) => Answer {
                 envelope,
                 source: Source::Generated,
                 collapsed,
                 ttl_remaining_secs: None,
+                forwarded: None,
+                stored: !collapsed,
             },
             Ok(Some(Err(_))) | Ok(None) | Err(_) => self.fallback(keyed, collapsed),
         }
@@ -286,14 +428,18 @@ impl NarrativeService {
     /// Joins the key's flight, starting it (in a tracked task that outlives the
     /// request) when there is none. Returns a follower and whether another request
     /// started the flight.
-    fn join_flight(self: &Arc<Self>, keyed: &KeyedProfile) -> (Follower<FlightResult>, bool) {
+    fn join_flight(
+        self: &Arc<Self>,
+        keyed: &KeyedProfile,
+        mode: FillMode,
+    ) -> (Follower<FlightResult>, bool) {
         match self.flights.join(&keyed.key) {
             Flight::Leader(leader) => {
                 let follower = leader.follower();
                 let service = Arc::clone(self);
                 let keyed = keyed.clone();
                 self.tasks.spawn(async move {
-                    let result = service.fill(&keyed, FillMode::Miss).await;
+                    let result = service.fill(&keyed, mode).await;
                     leader.complete(result);
                 });
                 (follower, false)
@@ -318,7 +464,7 @@ impl NarrativeService {
             return Some(answer);
         }
         self.counters.add(Count::Miss);
-        let _ = self.join_flight(keyed);
+        let _ = self.join_flight(keyed, FillMode::Miss);
         None
     }
 
@@ -420,6 +566,8 @@ impl NarrativeService {
             source: Source::Fallback,
             collapsed,
             ttl_remaining_secs: None,
+            forwarded: None,
+            stored: false,
         }
     }
 

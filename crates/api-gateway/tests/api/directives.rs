@@ -1,0 +1,153 @@
+//! Request `Cache-Control` directives (RFC 9111). Each test fails if its directive is
+//! ignored.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use llm_sim::SimConfig;
+use serde_json::Value;
+
+use crate::helpers::{profile, reply, spawn_app, Reply, TestApp};
+
+async fn post_with(app: &TestApp, body: &Value, cache_control: &str) -> Reply {
+    let request = app
+        .client
+        .post(app.url("/narrative"))
+        .header("cache-control", cache_control)
+        .json(body);
+    reply(request.send().await.expect("send")).await
+}
+
+fn fast() -> SimConfig {
+    SimConfig {
+        latency_ms: 20,
+        ..SimConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_cache_regenerates_once_for_many_concurrent_requests() {
+    let app = spawn_app(
+        SimConfig {
+            latency_ms: 300,
+            ..SimConfig::default()
+        },
+        &[],
+    )
+    .await;
+    let first = app.post_narrative(&profile(1)).await;
+    assert_eq!(app.llm_calls(), 1);
+
+    let body = profile(1);
+    let replies = join_all((0..50).map(|_| post_with(&app, &body, "no-cache"))).await;
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.status == 200 && r.source() == "generated"),
+        "regenerated, not served from cache"
+    );
+    assert_eq!(
+        app.llm_calls(),
+        2,
+        "50 concurrent no-cache requests: one regeneration"
+    );
+    assert!(replies
+        .iter()
+        .any(|r| r.header("cache-status") == "narrative-cache; fwd=request; stored"));
+    assert!(replies.iter().all(|r| r
+        .header("cache-status")
+        .starts_with("narrative-cache; fwd=request")));
+    let after = app.post_narrative(&profile(1)).await;
+    assert_eq!(after.source(), "cache");
+    assert_ne!(
+        after.body["generatedAt"], first.body["generatedAt"],
+        "the regenerated value replaced the old one"
+    );
+}
+
+#[tokio::test]
+async fn no_store_keeps_nothing() {
+    let app = spawn_app(fast(), &[]).await;
+    let unstored = post_with(&app, &profile(2), "no-store").await;
+    assert_eq!(unstored.source(), "generated");
+    assert_eq!(
+        unstored.header("cache-status"),
+        "narrative-cache; fwd=miss",
+        "not stored"
+    );
+    let next = app.post_narrative(&profile(2)).await;
+    assert_eq!(
+        next.source(),
+        "generated",
+        "nothing was kept, so this is a miss again"
+    );
+    assert_eq!(app.llm_calls(), 2);
+    // A stored entry is still answered to a no-store request.
+    assert_eq!(
+        post_with(&app, &profile(2), "no-store").await.source(),
+        "cache"
+    );
+}
+
+#[tokio::test]
+async fn max_age_treats_older_entries_as_misses() {
+    let app = spawn_app(fast(), &[]).await;
+    app.post_narrative(&profile(3)).await;
+    assert_eq!(
+        post_with(&app, &profile(3), "max-age=60").await.source(),
+        "cache",
+        "young enough"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let regenerated = post_with(&app, &profile(3), "max-age=1").await;
+    assert_eq!(
+        regenerated.source(),
+        "generated",
+        "older than max-age: regenerated"
+    );
+    assert!(
+        regenerated
+            .header("cache-status")
+            .starts_with("narrative-cache; fwd=stale"),
+        "{}",
+        regenerated.header("cache-status")
+    );
+    assert_eq!(app.llm_calls(), 2);
+}
+
+#[tokio::test]
+async fn only_if_cached_answers_504_when_nothing_is_stored() {
+    let app = spawn_app(fast(), &[]).await;
+    let missing = post_with(&app, &profile(4), "only-if-cached").await;
+    assert_eq!(missing.status, 504);
+    assert_eq!(missing.body["error"]["code"], "not_cached");
+    assert_eq!(app.llm_calls(), 0, "nothing was generated");
+    app.post_narrative(&profile(4)).await;
+    assert_eq!(
+        post_with(&app, &profile(4), "only-if-cached").await.status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn stale_if_error_allows_the_stored_entry_when_regeneration_fails() {
+    let app = spawn_app(fast(), &[]).await;
+    let stored = app.post_narrative(&profile(5)).await;
+    app.sim.sim.set_config(SimConfig {
+        latency_ms: 5,
+        failure_rate: 1.0,
+        failure_status: 503,
+        ..SimConfig::default()
+    });
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let without = post_with(&app, &profile(5), "max-age=0").await;
+    assert_eq!(
+        without.source(),
+        "fallback",
+        "regeneration failed and nothing allows the old entry"
+    );
+    let with = post_with(&app, &profile(5), "max-age=0, stale-if-error=600").await;
+    assert_eq!((with.status, with.source()), (200, "stale"));
+    assert_eq!(with.body["narrative"], stored.body["narrative"]);
+}
