@@ -97,6 +97,7 @@ impl App {
             analytics: Arc::clone(&analytics),
             ttl: settings.cache_ttl,
             stale_after: settings.stale_after,
+            previous_versions: settings.previous_versions.clone(),
             generation_wait: settings.generation_wait,
             distributed,
         }));

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use cache_core::config::{ConfigError, Vars};
 use cache_core::redis_backend::RedisConfig;
-use cache_core::{CacheKeySecret, EngineVersion, QuantizationStep};
+use cache_core::{CacheKeySecret, EngineVersion, PromptHash, QuantizationStep};
 use generator_worker::queue::QueueSettings;
 use generator_worker::settings::queue_settings_from;
 use generator_worker::{llm_settings_from, LlmSettings};
@@ -29,6 +29,9 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// `None` in embedded mode.
     pub redis: Option<RedisSettings>,
+    /// Earlier `(ENGINE_VERSION, promptHash)` pairs whose entries may answer a miss as
+    /// stale while the new key is generated (`PREVIOUS_VERSIONS`).
+    pub previous_versions: Vec<(EngineVersion, PromptHash)>,
     /// Set with `AMQP_URL`: misses become jobs for `generator-worker`s.
     pub queue: Option<QueueSettings>,
 }
@@ -102,6 +105,11 @@ impl Settings {
             shutdown_grace: vars.duration_or("SHUTDOWN_GRACE", Duration::from_secs(30))?,
             redis,
             queue,
+            previous_versions: vars.parse_or(
+                "PREVIOUS_VERSIONS",
+                Vec::new(),
+                parse_previous_versions,
+            )?,
         })
     }
 }
@@ -110,6 +118,27 @@ fn redis_settings(vars: &Vars) -> Result<Option<RedisSettings>, ConfigError> {
     // Zero turns L1 off (every read goes to Redis).
     let l1_ttl = vars.duration_or("L1_TTL", Duration::from_secs(30))?;
     Ok(RedisConfig::from_vars(vars)?.map(|shared| RedisSettings { shared, l1_ttl }))
+}
+
+/// `narrative@1.0.0:e589996ee664,narrative@0.9.0:0123456789ab`: version and promptHash
+/// pairs, as they appear in keys and in `/narrative/stats`.
+fn parse_previous_versions(text: &str) -> Result<Vec<(EngineVersion, PromptHash)>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let invalid = || {
+                format!(
+                    "{pair:?} must be engineVersion:promptHash, like narrative@1.0.0:e589996ee664"
+                )
+            };
+            let (version, hash) = pair.rsplit_once(':').ok_or_else(invalid)?;
+            Ok((
+                EngineVersion::parse(version).map_err(|_| invalid())?,
+                PromptHash::parse(hash).ok_or_else(invalid)?,
+            ))
+        })
+        .collect()
 }
 
 fn positive(value: Duration, var: &'static str) -> Result<Duration, ConfigError> {

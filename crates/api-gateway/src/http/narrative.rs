@@ -310,6 +310,8 @@ struct StatsBody {
     mode: &'static str,
     store: &'static str,
     model: String,
+    /// Entries by `ENGINE_VERSION`: during a rollout, how far the new version has got.
+    entries_by_version: std::collections::BTreeMap<String, u64>,
     /// Hits by tier: `l1` in process, `l2` Redis (distributed mode only).
     #[serde(skip_serializing_if = "Option::is_none")]
     tier_hits: Option<TierHitsBody>,
@@ -327,6 +329,7 @@ async fn stats(State(state): State<Arc<AppState>>) -> Json<StatsBody> {
     let days = |d: std::time::Duration| (d.as_secs_f64() / 86_400.0 * 1000.0).round() / 1000.0;
     Json(StatsBody {
         keys: stats.store.entries,
+        entries_by_version: stats.store.by_version.clone(),
         memory_used: human_bytes(stats.store.memory_bytes),
         memory_bytes: stats.store.memory_bytes,
         hit_rate: analytics::ratio(stats.counts.hits, stats.counts.hits + stats.counts.misses),

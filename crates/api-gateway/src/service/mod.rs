@@ -126,7 +126,7 @@ pub enum Lookup {
     Missing,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ServiceStats {
     pub store: StoreStats,
     /// The fleet's counts in distributed mode, this instance's otherwise (or while
@@ -149,6 +149,8 @@ pub struct NarrativeService {
     stale_after: Duration,
     generation_wait: Duration,
     distributed: Option<Distributed>,
+    /// `narr:<version>:<promptHash>:` of earlier versions, newest first.
+    previous_prefixes: Vec<String>,
     counters: Counters,
 }
 
@@ -164,6 +166,8 @@ pub struct ServiceParts {
     pub generation_wait: Duration,
     /// Set when a Redis is shared with other instances.
     pub distributed: Option<Distributed>,
+    /// Earlier versions whose entries answer a miss as stale during a rollout.
+    pub previous_versions: Vec<(cache_core::EngineVersion, cache_core::PromptHash)>,
 }
 
 impl NarrativeService {
@@ -178,6 +182,7 @@ impl NarrativeService {
             stale_after,
             generation_wait,
             distributed,
+            previous_versions,
         } = parts;
         Self {
             deriver,
@@ -191,6 +196,10 @@ impl NarrativeService {
             stale_after,
             generation_wait,
             distributed,
+            previous_prefixes: previous_versions
+                .iter()
+                .map(|(version, hash)| format!("narr:{version}:{hash}:"))
+                .collect(),
             counters: Counters::default(),
         }
     }
@@ -261,10 +270,37 @@ impl NarrativeService {
             }
             None if directives.only_if_cached => return Err(NotCached),
             None if directives.no_store => self.generate_unstored(keyed, None, deadline).await,
-            None => self.generate_or_fallback(keyed, deadline).await,
+            None => match self.from_previous_version(keyed).await {
+                Some(answer) => answer,
+                None => self.generate_or_fallback(keyed, deadline).await,
+            },
         };
         self.account(&answer, keyed, started);
         Ok(answer)
+    }
+
+    /// During a rollout: the same profile's entry under an earlier version, answered as
+    /// stale while the new key is generated (once, through the flight and the lock).
+    async fn from_previous_version(self: &Arc<Self>, keyed: &KeyedProfile) -> Option<Answer> {
+        for prefix in &self.previous_prefixes {
+            let Ok(previous) = CacheKey::parse(&format!("{prefix}{{{}}}", keyed.key.digest()))
+            else {
+                continue;
+            };
+            if let Some((envelope, age)) = self.cached(&previous).await {
+                let _ = self.join_flight(keyed, FillMode::Miss);
+                let stale_for = i64::try_from(age.as_secs().max(1)).unwrap_or(i64::MAX);
+                return Some(Answer {
+                    envelope,
+                    source: Source::Stale,
+                    collapsed: false,
+                    ttl_remaining_secs: Some(-stale_for),
+                    forwarded: None,
+                    stored: false,
+                });
+            }
+        }
+        None
     }
 
     /// The client will not take the stored entry: regenerate now and wait for it

@@ -162,3 +162,93 @@ async fn a_failing_refresh_keeps_serving_the_stale_entry_until_its_ttl() {
         "past CACHE_TTL the entry is gone"
     );
 }
+
+/// A restart with a new ENGINE_VERSION answers previously cached profiles as stale at
+/// once (from the previous version's entries) and regenerates each exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_rollout_serves_the_previous_version_as_stale_and_regenerates_once() {
+    let sim = llm_sim::spawn(SimConfig {
+        latency_ms: 400,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let url = test_kit::redis().url.clone();
+    let (old, new) = (unique_version("v1"), unique_version("v2"));
+    let v1 = spawn_app_with(
+        sim.clone(),
+        &[
+            ("REDIS_URL", url.as_str()),
+            ("ENGINE_VERSION", old.as_str()),
+        ],
+    )
+    .await;
+    for n in 0..5 {
+        assert_eq!(
+            v1.post_narrative(&profile(10 + n)).await.source(),
+            "generated"
+        );
+    }
+    let prompt_hash = v1.stats().await["promptHash"]
+        .as_str()
+        .expect("promptHash")
+        .to_owned();
+    v1.shutdown().await;
+
+    let previous = format!("{old}:{prompt_hash}");
+    let v2 = spawn_app_with(
+        sim.clone(),
+        &[
+            ("REDIS_URL", url.as_str()),
+            ("ENGINE_VERSION", new.as_str()),
+            ("PREVIOUS_VERSIONS", previous.as_str()),
+        ],
+    )
+    .await;
+    let bodies: Vec<_> = (0..5).map(|n| profile(10 + n)).collect();
+    let started = Instant::now();
+    let replies = join_all(
+        bodies
+            .iter()
+            .flat_map(|body| std::iter::repeat_n(body, 10))
+            .map(|body| v2.post_narrative(body)),
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "no request waited for the LLM: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.status == 200 && r.source() == "stale"),
+        "answered at once from the previous version"
+    );
+    assert!(replies
+        .iter()
+        .all(|r| r.body["engineVersion"] == old.as_str()));
+
+    for reply in replies.iter().step_by(10) {
+        v2.state.service.settled(&reply.key()).await;
+    }
+    assert_eq!(
+        sim.sim.stats().requests,
+        5 + 5,
+        "each profile regenerated exactly once"
+    );
+    let by_version = &v2.stats().await["entriesByVersion"];
+    assert_eq!(
+        (
+            by_version[old.as_str()].as_u64(),
+            by_version[new.as_str()].as_u64()
+        ),
+        (Some(5), Some(5)),
+        "{by_version}"
+    );
+    for body in &bodies {
+        let fresh = v2.post_narrative(body).await;
+        assert_eq!(fresh.source(), "cache");
+        assert_eq!(fresh.body["engineVersion"], new.as_str());
+    }
+}

@@ -133,6 +133,7 @@ async fn stats_report_the_seed_fields_and_count_hits_and_misses() {
     app.post_narrative(&profile(0)).await;
     let stats = app.stats().await;
     assert_eq!(stats["keys"], 3);
+    assert_eq!(stats["entriesByVersion"]["narrative@1.0.0"], 3);
     assert_eq!(stats["hitRate"], 0.25);
     assert_eq!(stats["engineVersion"], "narrative@1.0.0");
     assert_eq!(stats["promptHash"].as_str().map(str::len), Some(12));

@@ -91,9 +91,16 @@ impl CacheStore for MemoryStore {
     async fn stats(&self) -> Result<StoreStats, StoreError> {
         // moka applies inserts and evictions lazily; settle them so the counts are exact.
         self.entries.run_pending_tasks();
+        let mut by_version = std::collections::BTreeMap::new();
+        for (key, _) in self.entries.iter() {
+            *by_version
+                .entry(key.engine_version().to_owned())
+                .or_insert(0) += 1;
+        }
         Ok(StoreStats {
             entries: self.entries.entry_count(),
             memory_bytes: self.entries.weighted_size(),
+            by_version,
         })
     }
 

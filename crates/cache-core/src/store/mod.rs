@@ -30,11 +30,13 @@ pub enum StoreError {
 }
 
 /// Counts that `GET /narrative/stats` reports.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreStats {
     /// Narrative entries only (never locks, counters or indexes).
     pub entries: u64,
     pub memory_bytes: u64,
+    /// Entries by `ENGINE_VERSION` (empty where the store cannot tell, a Cluster).
+    pub by_version: std::collections::BTreeMap<String, u64>,
 }
 
 #[async_trait::async_trait]

@@ -1,3 +1,4 @@
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -15,9 +16,12 @@ pub struct RedisStore {
     backend: Arc<RedisBackend>,
     codec: ValueCodec,
     /// Counting entries walks the keyspace, so the count is reused for a while.
-    counted: Mutex<Option<(Instant, u64)>>,
+    counted: Mutex<Option<(Instant, Counted)>>,
     walking: tokio::sync::Mutex<()>,
 }
+
+/// Entries in all, and by engine version.
+type Counted = (u64, BTreeMap<String, u64>);
 
 /// How long an entry count is reused by `stats`.
 const COUNT_REUSE: Duration = Duration::from_secs(10);
@@ -59,30 +63,38 @@ impl RedisStore {
     /// which is reused for `COUNT_REUSE`. In a Cluster the walk would have to visit every
     /// primary; there `DBSIZE` summed over the primaries is reported instead, an upper
     /// bound that also counts system keys.
-    async fn count_entries(&self) -> Result<u64, StoreError> {
-        let last = *self.counted.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((at, count)) = last {
+    async fn count_entries(&self) -> Result<Counted, StoreError> {
+        let last = self
+            .counted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some((at, counted)) = &last {
             if at.elapsed() < COUNT_REUSE {
-                return Ok(count);
+                return Ok(counted.clone());
             }
         }
         let Ok(_walking) = self.walking.try_lock() else {
-            return last.map(|(_, count)| count).ok_or(StoreError::Unavailable(
-                "entry count in progress".to_owned(),
-            ));
+            return last
+                .map(|(_, counted)| counted)
+                .ok_or(StoreError::Unavailable(
+                    "entry count in progress".to_owned(),
+                ));
         };
         let cluster = self
             .backend
             .call(|conn| async move { Ok(matches!(conn, RedisConn::Cluster(_))) })
             .await?;
-        let count = if cluster {
-            self.backend
+        let counted = if cluster {
+            let total = self
+                .backend
                 .call(|mut conn| async move { redis::cmd("DBSIZE").query_async(&mut conn).await })
-                .await?
+                .await?;
+            (total, BTreeMap::new())
         } else {
-            let (mut cursor, mut total) = (0u64, 0u64);
+            let (mut cursor, mut total, mut by_version) = (0u64, 0u64, BTreeMap::new());
             loop {
-                let (next, keys): (u64, Vec<Vec<u8>>) = self
+                let (next, keys): (u64, Vec<String>) = self
                     .backend
                     .call(|mut conn| async move {
                         redis::cmd("SCAN")
@@ -96,15 +108,19 @@ impl RedisStore {
                     })
                     .await?;
                 total += keys.len() as u64;
+                for key in &keys {
+                    let version = key.split(':').nth(1).unwrap_or("").to_owned();
+                    *by_version.entry(version).or_insert(0) += 1;
+                }
                 if next == 0 {
-                    break total;
+                    break (total, by_version);
                 }
                 cursor = next;
             }
         };
         *self.counted.lock().unwrap_or_else(PoisonError::into_inner) =
-            Some((Instant::now(), count));
-        Ok(count)
+            Some((Instant::now(), counted.clone()));
+        Ok(counted)
     }
 }
 
@@ -147,7 +163,7 @@ impl CacheStore for RedisStore {
     }
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {
-        let entries = self.count_entries().await?;
+        let (entries, by_version) = self.count_entries().await?;
         let info: String = self
             .backend
             .call(|mut conn| async move {
@@ -165,6 +181,7 @@ impl CacheStore for RedisStore {
         Ok(StoreStats {
             entries,
             memory_bytes,
+            by_version,
         })
     }
 
