@@ -248,9 +248,16 @@ async fn get_narrative(
         )?;
     match state.service.lookup(&key).await {
         Lookup::Found(envelope, ttl) => {
+            // A stale entry is said to be stale here too; its refresh starts on the next
+            // POST, which carries the profile a refresh needs.
+            let source = if ttl < 0 {
+                Source::Stale
+            } else {
+                Source::Cache
+            };
             let answer = Answer {
                 envelope,
-                source: Source::Cache,
+                source,
                 collapsed: false,
                 ttl_remaining_secs: Some(ttl),
                 forwarded: None,

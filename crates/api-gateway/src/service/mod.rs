@@ -640,7 +640,12 @@ impl NarrativeService {
 
     pub async fn lookup(&self, key: &CacheKey) -> Lookup {
         if let Some((envelope, age)) = self.cached(key).await {
-            let fresh_for = self.stale_after.as_secs() as i64 - age.as_secs() as i64;
+            let fresh_for = if age <= self.stale_after {
+                i64::try_from((self.stale_after - age).as_secs()).unwrap_or(i64::MAX)
+            } else {
+                -i64::try_from((age - self.stale_after).as_millis().div_ceil(1000))
+                    .unwrap_or(i64::MAX)
+            };
             return Lookup::Found(envelope, fresh_for);
         }
         if self.flights.in_flight(key) {

@@ -41,7 +41,16 @@ async fn a_stale_entry_is_answered_at_once_and_refreshed_in_the_background() {
     assert!(stale.header("cache-status").ends_with("; fwd=stale"));
     assert_eq!(stale.body["narrative"], first.body["narrative"]);
 
+    let path = format!("/narrative/{}", stale.key().to_path_segment());
+    let by_key_while_refreshing = app.get(&path).await;
+    assert_eq!(by_key_while_refreshing.header("x-cache"), "STALE");
     app.state.service.settled(&stale.key()).await;
+    let by_key = app.get(&path).await;
+    assert_eq!(
+        (by_key.status, by_key.source()),
+        (200, "cache"),
+        "refreshed"
+    );
     let fresh = app.post_narrative(&profile(1)).await;
     assert_eq!(fresh.source(), "cache", "the refresh replaced the entry");
     assert_ne!(fresh.body["generatedAt"], first.body["generatedAt"]);
