@@ -31,7 +31,19 @@ impl ServerProcess {
     /// Starts `command` from a thread that never exits, with `PR_SET_PDEATHSIG`, so
     /// the kernel kills the server when the test process dies. (The signal follows the
     /// thread that forked, which is why a short-lived test thread must not fork.)
-    fn spawn(mut command: Command, port: u16, dir: PathBuf) -> std::io::Result<Self> {
+    fn spawn(command: Command, port: u16, dir: PathBuf) -> std::io::Result<Self> {
+        Self::spawn_as(command, port, dir, None)
+    }
+
+    /// Like `spawn`, as another user when `user` is `(uid, gid)` (servers that refuse
+    /// to run as root). The parent-death signal is set after the switch, because
+    /// changing credentials clears it.
+    fn spawn_as(
+        mut command: Command,
+        port: u16,
+        dir: PathBuf,
+        user: Option<(u32, u32)>,
+    ) -> std::io::Result<Self> {
         let (sender, receiver) = mpsc::channel();
         std::thread::Builder::new()
             .name(format!("test-kit-{port}"))
@@ -40,7 +52,15 @@ impl ServerProcess {
                 // SAFETY: prctl and getppid are async-signal-safe; nothing else runs
                 // between fork and exec.
                 unsafe {
-                    command.pre_exec(|| {
+                    command.pre_exec(move || {
+                        if let Some((uid, gid)) = user {
+                            if libc::setgroups(0, std::ptr::null()) != 0
+                                || libc::setgid(gid) != 0
+                                || libc::setuid(uid) != 0
+                            {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                        }
                         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                             return Err(std::io::Error::last_os_error());
                         }
@@ -506,6 +526,148 @@ fn start_rabbitmq(port: u16) -> Result<RabbitServer, String> {
         std::thread::sleep(Duration::from_millis(100));
     }
     Err(format!("no AMQP listener on port {port} within 60 s"))
+}
+
+/// A private PostgreSQL cluster (its own data folder, port and socket folder, `trust`
+/// authentication on loopback, no fsync). Each test takes its own database
+/// ([`PostgresServer::database`]).
+#[derive(Debug)]
+pub struct PostgresServer {
+    pub process: ServerProcess,
+    /// `postgres://postgres@127.0.0.1:<port>`; add a database name.
+    pub url: String,
+}
+
+/// The PostgreSQL cluster of this test binary, started on first use and shared by its
+/// tests.
+pub fn postgres() -> &'static PostgresServer {
+    static SERVER: OnceLock<PostgresServer> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        start_postgres().unwrap_or_else(|e| panic!("postgres would not start: {e}"))
+    })
+}
+
+impl PostgresServer {
+    /// A fresh database for one test, and its URL.
+    pub fn database(&self, label: &str) -> String {
+        let name = unique_prefix(label)
+            .trim_end_matches(':')
+            .replace(['-', '.'], "_")
+            .to_lowercase();
+        let created = Command::new(postgres_binary("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.process.port.to_string(),
+                "-U",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+            ])
+            .args(["-c", &format!("CREATE DATABASE \"{name}\"")])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("psql: {e}"));
+        assert!(
+            created.status.success(),
+            "CREATE DATABASE: {}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+        format!("{}/{name}", self.url)
+    }
+}
+
+fn postgres_binary(name: &str) -> PathBuf {
+    let versioned = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path().join("bin").join(name))
+        .find(|path| path.is_file());
+    versioned.unwrap_or_else(|| find_binary(name))
+}
+
+/// The `postgres` system user, which the Debian package creates: PostgreSQL refuses to
+/// run as root.
+fn postgres_user() -> Result<(u32, u32), String> {
+    let id = |flag: &str| -> Result<u32, String> {
+        let output = Command::new("id")
+            .args([flag, "postgres"])
+            .output()
+            .map_err(|e| e.to_string())?;
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .map_err(|_| "no postgres user: install postgresql".to_owned())
+    };
+    Ok((id("-u")?, id("-g")?))
+}
+
+fn start_postgres() -> Result<PostgresServer, String> {
+    let (uid, gid) = postgres_user()?;
+    let port = free_port();
+    let dir = scratch_dir("postgres");
+    std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).map_err(|e| e.to_string())?;
+    let data = dir.join("data");
+    let mut initdb = Command::new(postgres_binary("initdb"));
+    initdb
+        .args(["-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"])
+        .arg("-D")
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let init = ServerProcess::spawn_as(initdb, port, dir.join("initdb"), Some((uid, gid)))
+        .map_err(|e| e.to_string())?;
+    wait_for(|| !init.is_running(), "initdb to finish")?;
+    // initdb has exited: nothing to kill, and its folder is inside the cluster's.
+    std::mem::forget(init);
+    if !data.join("PG_VERSION").is_file() {
+        return Err("initdb did not create the cluster".to_owned());
+    }
+    let mut command = Command::new(postgres_binary("postgres"));
+    command
+        .arg("-D")
+        .arg(&data)
+        .args([
+            "-p",
+            &port.to_string(),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+        ])
+        .args(["-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
+        .arg("-k")
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let process =
+        ServerProcess::spawn_as(command, port, dir, Some((uid, gid))).map_err(|e| e.to_string())?;
+    let accepts_queries = || {
+        Command::new(postgres_binary("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "postgres",
+                "-Atc",
+                "select 1",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    wait_for(accepts_queries, "postgres to accept queries")?;
+    Ok(PostgresServer {
+        process,
+        url: format!("postgres://postgres@127.0.0.1:{port}"),
+    })
 }
 
 fn redis_ping(port: u16) -> bool {

@@ -149,3 +149,36 @@ async fn rabbitmq_round_trips_a_message_in_a_vhost_of_its_own() {
     assert_eq!(delivery.data, b"hello");
     delivery.ack(BasicAckOptions::default()).await.expect("ack");
 }
+
+#[test]
+fn postgres_runs_as_its_own_user_with_a_database_per_test() {
+    let server = test_kit::postgres();
+    let url = server.database("kit");
+    let database = url.rsplit('/').next().expect("database name").to_owned();
+    let port = server.process.port.to_string();
+    let output = std::process::Command::new("psql")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-d",
+            &database,
+            "-Atc",
+        ])
+        .arg("create table t (n int); insert into t values (41), (1); select sum(n) from t")
+        .output()
+        .expect("psql runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).lines().last(),
+        Some("42")
+    );
+    assert!(server.process.is_running());
+}
