@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine: installs the servers the tests start
 # (redis-server with redis-cli, rabbitmq-server, postgresql; the tests run their own on
-# ports, nothing is mocked), then runs every test.
+# loopback ports, nothing is mocked), then runs every test.
 #
 #   scripts/test.sh [extra cargo test args]
 set -euo pipefail
