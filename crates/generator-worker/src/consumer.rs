@@ -27,6 +27,9 @@ pub struct ConsumerSettings {
     pub prefetch: u16,
 }
 
+/// How long a job whose Redis calls failed waits before it goes back to the queue.
+const REQUEUE_DELAY: Duration = Duration::from_secs(1);
+
 /// Whether the consumer is attached to the queue now (for `/readyz`).
 #[derive(Debug, Default)]
 pub struct Consuming(AtomicBool);
@@ -132,6 +135,8 @@ async fn handle(worker: &Worker, delivery: lapin::message::Delivery) {
     let settled = match outcome.disposition() {
         Disposition::Ack => delivery.ack(BasicAckOptions::default()).await,
         Disposition::Requeue => {
+            // Redis is failing: hand the job back after a pause, not in a tight loop.
+            tokio::time::sleep(REQUEUE_DELAY).await;
             delivery
                 .nack(BasicNackOptions {
                     requeue: true,

@@ -165,13 +165,18 @@ impl Worker {
         };
         // Text written with another prompt or model must not land under this key.
         let prompt_hash = self.generator.prompt_hash();
+        let token = LockToken::from_job(job.lock_token.clone());
         if key.prompt_hash() != prompt_hash.as_str() {
+            // Waiting gateways fall back now rather than waiting out the lock.
+            self.signal(Signal::Failed, &key).await;
+            let _ = self.lock.release(&key, &token).await;
             return Outcome::Rejected(format!(
                 "key is for prompt {}, this worker writes {prompt_hash}: check LLM_MODEL and the prompt on both sides",
                 key.prompt_hash()
             ));
         }
-        let token = LockToken::from_job(job.lock_token.clone());
+        // An entry that does not open (a rotated-out key, a corrupt value) is replaced.
+        let mut write_mode = WriteMode::IfAbsent;
         match self.store.get(&key).await {
             Ok(Some(_)) => {
                 self.signal(Signal::Done, &key).await;
@@ -179,6 +184,7 @@ impl Worker {
                 return Outcome::AlreadyCached;
             }
             Ok(None) => {}
+            Err(cache_core::StoreError::Corrupt(_)) => write_mode = WriteMode::Replace,
             Err(error) => return Outcome::Retry(error.to_string()),
         }
         match self.lock.adopt(&key, &token).await {
@@ -206,7 +212,7 @@ impl Worker {
                 let value = self.store.encode(&key, &envelope).await;
                 match self
                     .lock
-                    .write_if_held(&key, &token, value, self.ttl, WriteMode::IfAbsent)
+                    .write_if_held(&key, &token, value, self.ttl, write_mode)
                     .await
                 {
                     Ok(FencedWrite::Written) => {

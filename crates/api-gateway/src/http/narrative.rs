@@ -52,7 +52,10 @@ async fn post_narrative(
     let started = Instant::now();
     let keyed = state.reject_counted(parse_profile(&state, &headers, body))?;
     tracing::Span::current().record("cache_key", keyed.key.as_str());
-    if prefers_async(&headers) {
+    let directives = request_directives(&headers);
+    // Cache-Control directives change what may be answered or stored, so a request
+    // that carries any is answered synchronously under them.
+    if prefers_async(&headers) && directives == Directives::default() {
         return Ok(
             match state.service.narrative_or_start(&keyed, started).await {
                 Some(answer) => narrative_response(&keyed.key, &answer),
@@ -60,7 +63,6 @@ async fn post_narrative(
             },
         );
     }
-    let directives = request_directives(&headers);
     let answer = state.reject_counted(
         state
             .service

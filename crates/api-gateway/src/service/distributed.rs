@@ -70,7 +70,20 @@ impl NarrativeService {
                         if let Err(error) = jobs.publish(&job).await {
                             self.metrics.store_errors.inc();
                             tracing::warn!(%error, "job not enqueued; generating in process");
-                            return self.fill_as_holder(shared, keyed, token, mode).await;
+                            // The job may still have been enqueued (a lost confirm): give up
+                            // its token, so a worker that gets it finds another holder.
+                            let _ = shared.lock.release(key, &token).await;
+                            match shared.lock.try_acquire(key).await {
+                                Ok(Some(fresh)) => {
+                                    return self.fill_as_holder(shared, keyed, fresh, mode).await
+                                }
+                                Ok(None) => continue,
+                                Err(_) => {
+                                    let envelope = self.generate(keyed).await?;
+                                    shared.tiers.put_l1(key, Arc::clone(&envelope)).await;
+                                    return Ok(envelope);
+                                }
+                            }
                         }
                     }
                 },

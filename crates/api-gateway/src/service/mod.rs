@@ -343,7 +343,7 @@ impl NarrativeService {
             .map_or(self.stale_after, Duration::from_secs);
         let allowed = directives
             .stale_if_error
-            .is_some_and(|extra| age <= limit + Duration::from_secs(extra));
+            .is_some_and(|extra| age <= limit.saturating_add(Duration::from_secs(extra)));
         if allowed {
             let stale_for = i64::try_from(age.saturating_sub(limit).as_millis().div_ceil(1000))
                 .unwrap_or(i64::MAX);

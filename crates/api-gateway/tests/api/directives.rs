@@ -151,3 +151,38 @@ async fn stale_if_error_allows_the_stored_entry_when_regeneration_fails() {
     assert_eq!((with.status, with.source()), (200, "stale"));
     assert_eq!(with.body["narrative"], stored.body["narrative"]);
 }
+
+/// Absurd directive values never break a request (an overflow here once panicked).
+#[tokio::test]
+async fn huge_directive_values_are_harmless() {
+    let app = spawn_app(fast(), &[]).await;
+    app.post_narrative(&profile(6)).await;
+    app.sim.sim.set_config(SimConfig {
+        latency_ms: 5,
+        failure_rate: 1.0,
+        failure_status: 503,
+        ..SimConfig::default()
+    });
+    let reply = post_with(
+        &app,
+        &profile(6),
+        "no-cache, stale-if-error=18446744073709551615, max-age=18446744073709551615",
+    )
+    .await;
+    assert_eq!((reply.status, reply.source()), (200, "stale"));
+}
+
+/// With directives, `Prefer: respond-async` does not bypass them.
+#[tokio::test]
+async fn respond_async_honours_only_if_cached() {
+    let app = spawn_app(fast(), &[]).await;
+    let request = app
+        .client
+        .post(app.url("/narrative"))
+        .header("prefer", "respond-async")
+        .header("cache-control", "only-if-cached")
+        .json(&profile(7));
+    let reply = reply(request.send().await.expect("send")).await;
+    assert_eq!(reply.status, 504);
+    assert_eq!(app.llm_calls(), 0);
+}
