@@ -345,8 +345,7 @@ impl NarrativeService {
             .stale_if_error
             .is_some_and(|extra| age <= limit.saturating_add(Duration::from_secs(extra)));
         if allowed {
-            let stale_for = i64::try_from(age.saturating_sub(limit).as_millis().div_ceil(1000))
-                .unwrap_or(i64::MAX);
+            let stale_for = -freshness_secs(age, limit);
             return Answer {
                 envelope: stored,
                 source: Source::Stale,
@@ -387,7 +386,7 @@ impl NarrativeService {
         age: Duration,
     ) -> Answer {
         if age <= self.stale_after {
-            let fresh_for = i64::try_from((self.stale_after - age).as_secs()).unwrap_or(i64::MAX);
+            let fresh_for = freshness_secs(age, self.stale_after);
             return Answer {
                 envelope,
                 source: Source::Cache,
@@ -398,8 +397,7 @@ impl NarrativeService {
             };
         }
         self.start_refresh(keyed, envelope.created_at_ms);
-        let stale_for =
-            i64::try_from((age - self.stale_after).as_millis().div_ceil(1000)).unwrap_or(i64::MAX);
+        let stale_for = -freshness_secs(age, self.stale_after);
         Answer {
             envelope,
             source: Source::Stale,
@@ -640,13 +638,7 @@ impl NarrativeService {
 
     pub async fn lookup(&self, key: &CacheKey) -> Lookup {
         if let Some((envelope, age)) = self.cached(key).await {
-            let fresh_for = if age <= self.stale_after {
-                i64::try_from((self.stale_after - age).as_secs()).unwrap_or(i64::MAX)
-            } else {
-                -i64::try_from((age - self.stale_after).as_millis().div_ceil(1000))
-                    .unwrap_or(i64::MAX)
-            };
-            return Lookup::Found(envelope, fresh_for);
+            return Lookup::Found(envelope, freshness_secs(age, self.stale_after));
         }
         if self.flights.in_flight(key) {
             return Lookup::Pending;
@@ -717,5 +709,16 @@ impl NarrativeService {
     pub async fn drain(&self, grace: Duration) -> bool {
         self.tasks.close();
         tokio::time::timeout(grace, self.tasks.wait()).await.is_ok()
+    }
+}
+
+/// Seconds of freshness an entry of this `age` has left under `limit`: whole seconds
+/// while fresh, and negative (rounded away from zero, so never `-0`) once stale, as
+/// `Cache-Status`'s `ttl` reports it.
+fn freshness_secs(age: Duration, limit: Duration) -> i64 {
+    if age <= limit {
+        i64::try_from((limit - age).as_secs()).unwrap_or(i64::MAX)
+    } else {
+        -i64::try_from((age - limit).as_millis().div_ceil(1000)).unwrap_or(i64::MAX)
     }
 }
