@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use analytics::InMemoryAnalytics;
+use analytics::{EventMetrics, EventPublisher, EventSink, InMemoryAnalytics, PgStore};
 use axum::Router;
 use cache_core::codec::ValueCodec;
 use cache_core::lock::FillLock;
@@ -18,7 +18,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::http::{self, ApiError};
 use crate::metrics::Metrics;
-use crate::service::{Distributed, JobPublisher, NarrativeService, ServiceParts};
+use crate::service::{
+    AnalyticsSource, Distributed, JobPublisher, NarrativeService, RedisTallies, ServiceParts,
+};
 use crate::settings::{RedisSettings, Settings};
 
 #[derive(Debug)]
@@ -26,7 +28,9 @@ pub struct AppState {
     pub settings: Settings,
     pub service: Arc<NarrativeService>,
     pub metrics: Arc<Metrics>,
-    pub analytics: Arc<InMemoryAnalytics>,
+    pub analytics: AnalyticsSource,
+    /// Set when events go to RabbitMQ (`DATABASE_URL`).
+    pub events: Option<Arc<EventPublisher>>,
     /// Cancelled when the server has stopped: ends background tasks.
     pub background: CancellationToken,
     /// The background tasks (signal subscription, counter flushing), awaited at
@@ -88,13 +92,49 @@ impl App {
             "embedded"
         };
         let metrics = Arc::new(Metrics::new());
-        let analytics = Arc::new(InMemoryAnalytics::new());
+        let redis = distributed
+            .as_ref()
+            .map(|shared: &Distributed| Arc::clone(shared.redis.backend()));
+        let (sink, analytics, events): (Arc<dyn EventSink>, _, _) = match &settings.analytics {
+            None => {
+                let memory = Arc::new(InMemoryAnalytics::new());
+                (
+                    Arc::clone(&memory) as Arc<dyn EventSink>,
+                    AnalyticsSource::Memory(memory),
+                    None,
+                )
+            }
+            Some(config) => {
+                let observer = redis.clone().map(|redis| {
+                    Arc::new(RedisTallies { redis }) as Arc<dyn analytics::BatchObserver>
+                });
+                let (publisher, task) = EventPublisher::new(
+                    config.events.clone(),
+                    observer,
+                    EventMetrics::register(metrics.registry())?,
+                );
+                let stop = background.clone();
+                background_tasks.spawn(task.run(stop));
+                let publisher = Arc::new(publisher);
+                let store = PgStore::connect_lazy(
+                    &config.database_url,
+                    2,
+                    std::time::Duration::from_secs(2),
+                )
+                .map_err(|e| anyhow::anyhow!("DATABASE_URL: {e}"))?;
+                (
+                    Arc::clone(&publisher) as Arc<dyn EventSink>,
+                    AnalyticsSource::Postgres { store, redis },
+                    Some(publisher),
+                )
+            }
+        };
         let service = Arc::new(NarrativeService::new(ServiceParts {
             deriver,
             store,
             generator,
             metrics: Arc::clone(&metrics),
-            analytics: Arc::clone(&analytics),
+            events: sink,
             ttl: settings.cache_ttl,
             stale_after: settings.stale_after,
             previous_versions: settings.previous_versions.clone(),
@@ -119,6 +159,7 @@ impl App {
                 service,
                 metrics,
                 analytics,
+                events,
                 background,
                 background_tasks,
             }),

@@ -172,6 +172,11 @@ impl Metrics {
         metrics
     }
 
+    /// Where other parts (the event publisher) register their metrics.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn observe_request(&self, outcome: Outcome, seconds: f64) {
         let i = outcome as usize;
         self.requests[i].inc();

@@ -3,6 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use analytics::settings::database_url_from;
+use analytics::PublisherSettings;
 use cache_core::config::{ConfigError, Vars};
 use cache_core::redis_backend::RedisConfig;
 use cache_core::{CacheKeySecret, EngineVersion, PromptHash, QuantizationStep};
@@ -34,6 +36,9 @@ pub struct Settings {
     pub previous_versions: Vec<(EngineVersion, PromptHash)>,
     /// Set with `AMQP_URL`: misses become jobs for `generator-worker`s.
     pub queue: Option<QueueSettings>,
+    /// Set with `DATABASE_URL`: events go to RabbitMQ for the `analytics` service, and
+    /// `/narrative/analytics` reads Postgres. Unset, both stay in process.
+    pub analytics: Option<AnalyticsSettings>,
 }
 
 /// Distributed mode's Redis: where, how patient, and how values are sealed.
@@ -48,7 +53,7 @@ pub struct RedisSettings {
 /// Settings that belong to capabilities this version does not have yet. Starting with
 /// one of them set would silently ignore it (a shared cache that is not shared, an API
 /// that is not protected), so start-up refuses instead.
-const NOT_YET_SUPPORTED: [&str; 3] = ["DATABASE_URL", "API_KEYS", "ADMIN_TOKEN"];
+const NOT_YET_SUPPORTED: [&str; 2] = ["API_KEYS", "ADMIN_TOKEN"];
 
 pub const MIN_SECRET_BYTES: usize = 16;
 
@@ -58,8 +63,8 @@ impl Settings {
             if vars.get(var).is_some() {
                 return Err(ConfigError::new(
                     var,
-                    "is set, but this version does not support it yet; unset it (the queue, Postgres \
-                     analytics and authentication arrive in later releases)",
+                    "is set, but this version does not support it yet; unset it (authentication \
+                     arrives in a later release)",
                 ));
             }
         }
@@ -78,6 +83,7 @@ impl Settings {
                 "needs REDIS_URL too: workers store narratives in Redis and signal completion through it",
             ));
         }
+        let analytics = analytics_settings(vars, queue.as_ref())?;
         if redis.is_some() && cache_key_secret.is_none() {
             return Err(ConfigError::new(
                 "CACHE_KEY_SECRET",
@@ -105,6 +111,7 @@ impl Settings {
             shutdown_grace: vars.duration_or("SHUTDOWN_GRACE", Duration::from_secs(30))?,
             redis,
             queue,
+            analytics,
             previous_versions: vars.parse_or(
                 "PREVIOUS_VERSIONS",
                 Vec::new(),
@@ -112,6 +119,40 @@ impl Settings {
             )?,
         })
     }
+}
+
+#[derive(Debug, Clone)]
+pub struct AnalyticsSettings {
+    pub database_url: String,
+    pub events: PublisherSettings,
+}
+
+/// `DATABASE_URL` (which needs `AMQP_URL`: events reach Postgres through RabbitMQ and
+/// the `analytics` service) and `EVENT_BUFFER`.
+fn analytics_settings(
+    vars: &Vars,
+    queue: Option<&QueueSettings>,
+) -> Result<Option<AnalyticsSettings>, ConfigError> {
+    let capacity = vars.from_str_or("EVENT_BUFFER", 100_000usize)?;
+    if capacity == 0 {
+        return Err(ConfigError::new("EVENT_BUFFER", "must be at least 1"));
+    }
+    let Some(database_url) = database_url_from(vars)? else {
+        return Ok(None);
+    };
+    let queue = queue.ok_or_else(|| {
+        ConfigError::new(
+            "DATABASE_URL",
+            "needs AMQP_URL too: events reach Postgres through RabbitMQ and the analytics service",
+        )
+    })?;
+    let mut events = PublisherSettings::new(queue.url.clone(), queue.quorum);
+    events.capacity = capacity;
+    events.confirm_timeout = queue.confirm_timeout.max(events.confirm_timeout);
+    Ok(Some(AnalyticsSettings {
+        database_url,
+        events,
+    }))
 }
 
 fn redis_settings(vars: &Vars) -> Result<Option<RedisSettings>, ConfigError> {

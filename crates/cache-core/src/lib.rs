@@ -18,6 +18,7 @@ pub mod lock;
 pub mod profile;
 pub mod quantize;
 pub mod redis_backend;
+pub mod shutdown;
 pub mod signals;
 pub mod single_flight;
 pub mod store;
@@ -31,5 +32,5 @@ pub use profile::{CanonicalProfile, Classification, HdData, ProfileError, Profil
 pub use quantize::{QuantizationStep, Thousandths};
 pub use single_flight::{Flight, Follower, Leader, SingleFlight};
 pub use store::{
-    CacheStore, MemoryStore, RedisStore, StoreError, StoreStats, TierHits, TieredStore,
+    CacheStore, MemoryStore, RedisStore, StoreError, StoreStats, Tier, TierHits, TieredStore,
 };

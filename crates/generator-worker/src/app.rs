@@ -4,6 +4,8 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use analytics::publisher::PublisherTask;
+use analytics::{EventMetrics, EventPublisher, PublisherSettings};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -25,6 +27,8 @@ use crate::worker::{Worker, WorkerMetrics};
 pub struct WorkerApp {
     pub worker: Arc<Worker>,
     pub consuming: Arc<Consuming>,
+    /// Taken by [`run`], which runs it until the worker has stopped.
+    publisher: Arc<std::sync::Mutex<Option<PublisherTask>>>,
     settings: WorkerSettings,
 }
 
@@ -44,16 +48,26 @@ impl WorkerApp {
         ));
         // The worker only publishes signals; it keeps no L1 to invalidate.
         let bus = SignalBus::new(Arc::clone(&backend), |_| {});
+        let metrics = WorkerMetrics::new();
+        // Workers always report their generations: the queue keeps the events until the
+        // `analytics` service takes them.
+        let (events, publisher) = EventPublisher::new(
+            PublisherSettings::new(settings.queue.url.clone(), settings.queue.quorum),
+            None,
+            EventMetrics::register(&metrics.registry)?,
+        );
         let worker = Arc::new(Worker {
             store,
             lock: FillLock::new(backend, settings.redis.lock_ttl),
             bus,
             generator,
             ttl: settings.cache_ttl,
-            metrics: WorkerMetrics::new(),
+            metrics,
+            events: Arc::new(events),
         });
         Ok(Self {
             worker,
+            publisher: Arc::new(std::sync::Mutex::new(Some(publisher))),
             consuming: Arc::new(Consuming::default()),
             settings,
         })
@@ -68,6 +82,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let stop = CancellationToken::new();
+    // Events stop after the consumer, so the last jobs' events are published.
+    let events_stop = CancellationToken::new();
+    let publisher = app
+        .publisher
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+        .map(|task| tokio::spawn(task.run(events_stop.clone())));
     let consumer_settings = ConsumerSettings {
         queue: app.settings.queue.clone(),
         prefetch: app.settings.prefetch,
@@ -95,6 +117,10 @@ pub async fn run(
         .await?;
     stop.cancel();
     let _ = consumer.await;
+    events_stop.cancel();
+    if let Some(publisher) = publisher {
+        let _ = publisher.await;
+    }
     tracing::info!("worker stopped");
     Ok(())
 }

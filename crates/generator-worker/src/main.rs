@@ -34,11 +34,6 @@ async fn serve() -> anyhow::Result<()> {
 }
 
 async fn shutdown_signal() {
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = async { match terminate.as_mut() { Some(s) => { s.recv().await; } None => std::future::pending().await } } => {},
-    }
+    cache_core::shutdown::signal().await;
     tracing::info!("shutdown signal received; finishing jobs in flight");
 }

@@ -16,13 +16,11 @@
 
 use std::time::Duration;
 
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
-};
+use analytics::amqp::Topology;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::publisher_confirm::Confirmation;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Connection};
 use serde::{Deserialize, Serialize};
 
 pub const EXCHANGE: &str = "narrative.jobs";
@@ -34,13 +32,8 @@ pub const DEAD_QUEUE: &str = "narrative.generate.dead";
 /// The job format this build writes; readers refuse versions they do not know.
 pub const JOB_VERSION: u32 = 1;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Trigger {
-    Miss,
-    Refresh,
-    Prewarm,
-}
+/// What a job is for; the same values the generation events carry.
+pub use analytics::Trigger;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -99,87 +92,27 @@ pub struct QueueSettings {
 
 /// Connects with lapin on the current Tokio runtime.
 pub async fn connect(url: &str, timeout: Duration) -> Result<Connection, QueueError> {
-    let properties = ConnectionProperties::default()
-        .with_executor(tokio_executor_trait::Tokio::current())
-        .with_reactor(tokio_reactor_trait::Tokio);
-    match tokio::time::timeout(timeout, Connection::connect(url, properties)).await {
-        Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(error)) => Err(QueueError::Unreachable(error.to_string())),
-        Err(_) => Err(QueueError::Unreachable("connect timed out".to_owned())),
-    }
+    analytics::amqp::connect(url, timeout)
+        .await
+        .map_err(QueueError::Unreachable)
 }
+
+/// The jobs' topology.
+pub const JOBS: Topology = Topology {
+    exchange: EXCHANGE,
+    queue: QUEUE,
+    routing_key: ROUTING_KEY,
+    dead_exchange: DEAD_EXCHANGE,
+    dead_queue: DEAD_QUEUE,
+};
 
 /// Declares the exchanges and queues (idempotent: every process does it at start-up).
 pub async fn declare_topology(
     channel: &Channel,
     settings: &QueueSettings,
 ) -> Result<(), lapin::Error> {
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..ExchangeDeclareOptions::default()
-    };
-    channel
-        .exchange_declare(
-            EXCHANGE,
-            ExchangeKind::Direct,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .exchange_declare(
-            DEAD_EXCHANGE,
-            ExchangeKind::Fanout,
-            durable,
-            FieldTable::default(),
-        )
-        .await?;
-
-    let durable_queue = QueueDeclareOptions {
-        durable: true,
-        ..QueueDeclareOptions::default()
-    };
-    let mut dead_args = FieldTable::default();
-    let mut args = FieldTable::default();
-    args.insert(
-        ShortString::from("x-dead-letter-exchange"),
-        AMQPValue::LongString(LongString::from(DEAD_EXCHANGE)),
-    );
-    if settings.quorum {
-        for table in [&mut args, &mut dead_args] {
-            table.insert(
-                ShortString::from("x-queue-type"),
-                AMQPValue::LongString(LongString::from("quorum")),
-            );
-        }
-        args.insert(
-            ShortString::from("x-delivery-limit"),
-            AMQPValue::LongInt(settings.delivery_limit.try_into().unwrap_or(i32::MAX)),
-        );
-    }
-    channel
-        .queue_declare(DEAD_QUEUE, durable_queue, dead_args)
-        .await?;
-    channel
-        .queue_bind(
-            DEAD_QUEUE,
-            DEAD_EXCHANGE,
-            "",
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    channel.queue_declare(QUEUE, durable_queue, args).await?;
-    channel
-        .queue_bind(
-            QUEUE,
-            EXCHANGE,
-            ROUTING_KEY,
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    Ok(())
+    JOBS.declare(channel, settings.quorum, Some(settings.delivery_limit))
+        .await
 }
 
 /// A channel in confirm mode on which jobs are published.

@@ -10,12 +10,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use analytics::EventSink;
 use cache_core::lock::{FencedWrite, FillLock, LockToken, WriteMode};
 use cache_core::signals::{Signal, SignalBus};
 use cache_core::{CacheKey, CacheStore, CanonicalProfile, RedisStore};
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
 
-use crate::generator::NarrativeGenerator;
+use crate::generator::{generation_event, NarrativeGenerator};
 use crate::queue::Job;
 
 /// What became of a job, and so what the consumer does with its message.
@@ -136,6 +137,8 @@ pub struct Worker {
     pub generator: Arc<dyn NarrativeGenerator>,
     pub ttl: Duration,
     pub metrics: WorkerMetrics,
+    /// Generation events, for the `analytics` service.
+    pub events: Arc<dyn EventSink>,
 }
 
 impl Worker {
@@ -200,6 +203,13 @@ impl Worker {
         self.metrics
             .generation_seconds
             .observe(started.elapsed().as_secs_f64());
+        self.events.record_generation(generation_event(
+            generated.as_ref(),
+            self.generator.model(),
+            key.digest(),
+            job.trigger,
+            started.elapsed(),
+        ));
         let outcome = match generated {
             Err(error) => {
                 self.signal(Signal::Failed, &key).await;

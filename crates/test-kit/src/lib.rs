@@ -533,7 +533,11 @@ fn start_rabbitmq(port: u16) -> Result<RabbitServer, String> {
 /// ([`PostgresServer::database`]).
 #[derive(Debug)]
 pub struct PostgresServer {
-    pub process: ServerProcess,
+    /// `None` while stopped ([`PostgresServer::stop`]).
+    process: Option<ServerProcess>,
+    port: u16,
+    dir: PathBuf,
+    user: (u32, u32),
     /// `postgres://postgres@127.0.0.1:<port>`; add a database name.
     pub url: String,
 }
@@ -548,6 +552,43 @@ pub fn postgres() -> &'static PostgresServer {
 }
 
 impl PostgresServer {
+    /// A cluster of its own, for a test that stops and restarts it.
+    pub fn start() -> Self {
+        start_postgres().unwrap_or_else(|e| panic!("postgres would not start: {e}"))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.process.as_ref().is_some_and(ServerProcess::is_running)
+    }
+
+    /// Shuts the server down (fast shutdown: sessions are cut), keeping its data.
+    pub fn stop(&mut self) {
+        let Some(process) = self.process.take() else {
+            return;
+        };
+        if let Ok(pid) = libc::pid_t::try_from(process.pid) {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGINT) };
+        }
+        wait_for(|| !process.is_running(), "postgres to stop").unwrap_or_else(|e| panic!("{e}"));
+        // Exited: dropping it would delete the data folder we want to keep.
+        std::mem::forget(process);
+    }
+
+    /// Starts the stopped server again on the same port, with the same data.
+    pub fn restart(&mut self) {
+        if self.process.is_some() {
+            return;
+        }
+        let process = launch_postgres(&self.dir, self.port, self.user)
+            .unwrap_or_else(|e| panic!("postgres would not restart: {e}"));
+        self.process = Some(process);
+    }
+
     /// A fresh database for one test, and its URL.
     pub fn database(&self, label: &str) -> String {
         let name = unique_prefix(label)
@@ -559,7 +600,7 @@ impl PostgresServer {
                 "-h",
                 "127.0.0.1",
                 "-p",
-                &self.process.port.to_string(),
+                &self.port.to_string(),
                 "-U",
                 "postgres",
                 "-v",
@@ -575,6 +616,15 @@ impl PostgresServer {
             String::from_utf8_lossy(&created.stderr)
         );
         format!("{}/{name}", self.url)
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        // A running server's process removes the folder itself.
+        if self.process.is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -626,6 +676,19 @@ fn start_postgres() -> Result<PostgresServer, String> {
     if !data.join("PG_VERSION").is_file() {
         return Err("initdb did not create the cluster".to_owned());
     }
+    let process = launch_postgres(&dir, port, (uid, gid))?;
+    Ok(PostgresServer {
+        process: Some(process),
+        port,
+        dir,
+        user: (uid, gid),
+        url: format!("postgres://postgres@127.0.0.1:{port}"),
+    })
+}
+
+/// Starts the postmaster of the cluster in `dir` and waits until it answers queries.
+fn launch_postgres(dir: &Path, port: u16, user: (u32, u32)) -> Result<ServerProcess, String> {
+    let data = dir.join("data");
     let mut command = Command::new(postgres_binary("postgres"));
     command
         .arg("-D")
@@ -640,11 +703,11 @@ fn start_postgres() -> Result<PostgresServer, String> {
         ])
         .args(["-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
         .arg("-k")
-        .arg(&dir)
+        .arg(dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let process =
-        ServerProcess::spawn_as(command, port, dir, Some((uid, gid))).map_err(|e| e.to_string())?;
+    let process = ServerProcess::spawn_as(command, port, dir.to_path_buf(), Some(user))
+        .map_err(|e| e.to_string())?;
     let accepts_queries = || {
         Command::new(postgres_binary("psql"))
             .args([
@@ -664,10 +727,7 @@ fn start_postgres() -> Result<PostgresServer, String> {
             .is_ok_and(|s| s.success())
     };
     wait_for(accepts_queries, "postgres to accept queries")?;
-    Ok(PostgresServer {
-        process,
-        url: format!("postgres://postgres@127.0.0.1:{port}"),
-    })
+    Ok(process)
 }
 
 fn redis_ping(port: u16) -> bool {

@@ -155,7 +155,7 @@ fn postgres_runs_as_its_own_user_with_a_database_per_test() {
     let server = test_kit::postgres();
     let url = server.database("kit");
     let database = url.rsplit('/').next().expect("database name").to_owned();
-    let port = server.process.port.to_string();
+    let port = server.port().to_string();
     let output = std::process::Command::new("psql")
         .args([
             "-h",
@@ -180,5 +180,5 @@ fn postgres_runs_as_its_own_user_with_a_database_per_test() {
         String::from_utf8_lossy(&output.stdout).lines().last(),
         Some("42")
     );
-    assert!(server.process.is_running());
+    assert!(server.is_running());
 }

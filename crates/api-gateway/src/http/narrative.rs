@@ -4,9 +4,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use analytics::Range;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,7 +18,7 @@ use serde_json::value::RawValue;
 
 use super::{ApiError, MAX_BODY_BYTES};
 use crate::app::AppState;
-use crate::service::{Answer, Directives, Lookup, NotCached, Source};
+use crate::service::{Answer, Caller, Directives, Lookup, NotCached, Source};
 
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
@@ -50,14 +51,18 @@ async fn post_narrative(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let keyed = state.reject_counted(parse_profile(&state, &headers, body))?;
+    let (keyed, caller) = state.reject_counted(parse_profile(&state, &headers, body))?;
     tracing::Span::current().record("cache_key", keyed.key.as_str());
     let directives = request_directives(&headers);
     // Cache-Control directives change what may be answered or stored, so a request
     // that carries any is answered synchronously under them.
     if prefers_async(&headers) && directives == Directives::default() {
         return Ok(
-            match state.service.narrative_or_start(&keyed, started).await {
+            match state
+                .service
+                .narrative_or_start(&keyed, started, &caller)
+                .await
+            {
                 Some(answer) => narrative_response(&keyed.key, &answer),
                 None => pending_response(&keyed.key),
             },
@@ -66,7 +71,7 @@ async fn post_narrative(
     let answer = state.reject_counted(
         state
             .service
-            .narrative_with(&keyed, started, directives)
+            .narrative_with(&keyed, started, directives, &caller)
             .await
             .map_err(|NotCached| ApiError::NotCached),
     )?;
@@ -138,14 +143,23 @@ fn pending_response(key: &CacheKey) -> Response {
     response
 }
 
+/// The request's profile and key, and who asked (the user id only as its keyed hash).
 fn parse_profile(
     state: &AppState,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<KeyedProfile, ApiError> {
+) -> Result<(KeyedProfile, Caller), ApiError> {
     let body = json_body(headers, body)?;
     let input = ProfileInput::from_json(&body)?;
-    Ok(state.service.derive(&input)?)
+    let keyed = state.service.derive(&input)?;
+    let caller = Caller {
+        user_hash: input
+            .user_id
+            .as_deref()
+            .map(|id| state.service.deriver().user_hash(id)),
+        ..Caller::default()
+    };
+    Ok((keyed, caller))
 }
 
 /// The body of a JSON request: 415 unless it says it is JSON, 413 over the limit.
@@ -264,6 +278,7 @@ async fn get_narrative(
                 ttl_remaining_secs: Some(ttl),
                 forwarded: None,
                 stored: false,
+                tier: None,
             };
             Ok(narrative_response(&key, &answer))
         }
@@ -285,7 +300,7 @@ async fn explain_key(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let keyed = state.reject_counted(parse_profile(&state, &headers, body))?;
+    let (keyed, _) = state.reject_counted(parse_profile(&state, &headers, body))?;
     let canonical: &RawValue =
         serde_json::from_str(&keyed.canonical_json).map_err(|e| ApiError::InvalidParameter {
             field: "body",
@@ -373,8 +388,34 @@ async fn stats(State(state): State<Arc<AppState>>) -> Json<StatsBody> {
     })
 }
 
-async fn analytics(State(state): State<Arc<AppState>>) -> Json<analytics::Summary> {
-    Json(state.analytics.summary())
+#[derive(serde::Deserialize)]
+struct RangeQuery {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// `?from=&to=`: RFC 3339 times or dates; the last 30 days by default.
+async fn analytics(
+    State(state): State<Arc<AppState>>,
+    query: Result<Query<RangeQuery>, QueryRejection>,
+) -> Result<Json<analytics::Summary>, ApiError> {
+    let Query(query) =
+        state.reject_counted(query.map_err(|rejection| ApiError::InvalidParameter {
+            field: "query",
+            message: rejection.body_text(),
+        }))?;
+    let range = state.reject_counted(
+        Range::parse(
+            query.from.as_deref(),
+            query.to.as_deref(),
+            time::OffsetDateTime::now_utc(),
+        )
+        .map_err(|error| ApiError::InvalidParameter {
+            field: error.field,
+            message: error.message,
+        }),
+    )?;
+    Ok(Json(state.analytics.summary(&range, &state.service).await))
 }
 
 /// Bytes the way Redis's `used_memory_human` writes them: `1023B`, `2.40M`.

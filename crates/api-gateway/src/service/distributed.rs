@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use cache_core::lock::{FencedWrite, FillLock, LockToken, WriteMode};
 use cache_core::signals::{Signal, SignalBus};
 use cache_core::{now_ms, CacheStore, Envelope, KeyedProfile, RedisStore, TieredStore};
-use generator_worker::queue::{Job, Trigger, JOB_VERSION};
+use generator_worker::queue::{Job, JOB_VERSION};
 
 use super::{FillError, FillMode, FlightResult, NarrativeService};
 
@@ -61,7 +61,7 @@ impl NarrativeService {
                             key: key.to_string(),
                             canonical: keyed.canonical_json.clone(),
                             lock_token: token.as_str().to_owned(),
-                            trigger: Trigger::Miss,
+                            trigger: mode.trigger(),
                             request_id: hex_id(),
                             enqueued_at_ms: now_ms(),
                         };
@@ -79,7 +79,7 @@ impl NarrativeService {
                                 }
                                 Ok(None) => continue,
                                 Err(_) => {
-                                    let envelope = self.generate(keyed).await?;
+                                    let envelope = self.generate(keyed, mode.trigger()).await?;
                                     shared.tiers.put_l1(key, Arc::clone(&envelope)).await;
                                     return Ok(envelope);
                                 }
@@ -93,7 +93,7 @@ impl NarrativeService {
                     // stays in this instance's L1: it never overwrites a fenced value.
                     self.metrics.store_errors.inc();
                     tracing::warn!(%error, "fill lock unavailable; generating in this instance alone");
-                    let envelope = self.generate(keyed).await?;
+                    let envelope = self.generate(keyed, mode.trigger()).await?;
                     shared.tiers.put_l1(key, Arc::clone(&envelope)).await;
                     return Ok(envelope);
                 }
@@ -121,7 +121,10 @@ impl NarrativeService {
         mode: FillMode,
     ) -> Option<Arc<Envelope>> {
         match mode {
-            FillMode::Miss => self.cached(&keyed.key).await.map(|(envelope, _)| envelope),
+            FillMode::Miss => self
+                .cached(&keyed.key)
+                .await
+                .map(|(envelope, _, _)| envelope),
             FillMode::Replace { older_than_ms } => {
                 let envelope = shared.redis.get(&keyed.key).await.ok().flatten()?;
                 if envelope.created_at_ms <= older_than_ms {
@@ -148,7 +151,7 @@ impl NarrativeService {
         }
         let generated = shared
             .lock
-            .hold_while(key, &token, self.generate(keyed))
+            .hold_while(key, &token, self.generate(keyed, mode.trigger()))
             .await;
         let outcome = match generated {
             Ok(envelope) => {

@@ -19,15 +19,17 @@
 mod counters;
 mod distributed;
 mod jobs;
+mod reporting;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use analytics::{GenerationEvent, InMemoryAnalytics, RequestEvent, RequestOutcome};
+use analytics::{new_event_id, EventSink, RequestEvent, RequestOutcome, Trigger};
 use cache_core::{
     now_ms, CacheKey, CacheStore, Envelope, Flight, Follower, KeyDeriver, KeyedProfile,
-    ProfileError, ProfileInput, SingleFlight, StoreStats,
+    ProfileError, ProfileInput, SingleFlight, StoreStats, Tier,
 };
+use generator_worker::generator::generation_event;
 use generator_worker::template::{self, TEMPLATE_MODEL};
 use generator_worker::{GenerateError, NarrativeGenerator};
 use tokio_util::task::TaskTracker;
@@ -35,6 +37,7 @@ use tokio_util::task::TaskTracker;
 pub use counters::{Count, Counters, Totals};
 pub use distributed::Distributed;
 pub use jobs::JobPublisher;
+pub use reporting::{AnalyticsSource, RedisTallies};
 
 use crate::metrics::{Metrics, Outcome};
 
@@ -72,6 +75,26 @@ pub struct Answer {
     pub forwarded: Option<&'static str>,
     /// A generation this request led, and stored.
     pub stored: bool,
+    /// Which tier a hit came from.
+    pub tier: Option<Tier>,
+}
+
+/// Who asked, as analytics records it: never the user id itself.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The API client's name (`anonymous` until client keys are configured).
+    pub client: String,
+    /// The keyed hash of the request's `userId`.
+    pub user_hash: Option<String>,
+}
+
+impl Default for Caller {
+    fn default() -> Self {
+        Self {
+            client: "anonymous".to_owned(),
+            user_hash: None,
+        }
+    }
 }
 
 /// RFC 9111 request directives from `Cache-Control`.
@@ -115,6 +138,15 @@ pub enum FillMode {
     Replace { older_than_ms: i64 },
 }
 
+impl FillMode {
+    fn trigger(self) -> Trigger {
+        match self {
+            Self::Miss => Trigger::Miss,
+            Self::Replace { .. } => Trigger::Refresh,
+        }
+    }
+}
+
 /// A flight ends with the stored envelope, or with why there is none.
 type FlightResult = Result<Arc<Envelope>, FillError>;
 
@@ -144,7 +176,7 @@ pub struct NarrativeService {
     flights: SingleFlight<CacheKey, FlightResult>,
     tasks: TaskTracker,
     metrics: Arc<Metrics>,
-    analytics: Arc<InMemoryAnalytics>,
+    events: Arc<dyn EventSink>,
     ttl: Duration,
     stale_after: Duration,
     generation_wait: Duration,
@@ -160,7 +192,7 @@ pub struct ServiceParts {
     pub store: Arc<dyn CacheStore>,
     pub generator: Arc<dyn NarrativeGenerator>,
     pub metrics: Arc<Metrics>,
-    pub analytics: Arc<InMemoryAnalytics>,
+    pub events: Arc<dyn EventSink>,
     pub ttl: Duration,
     pub stale_after: Duration,
     pub generation_wait: Duration,
@@ -177,7 +209,7 @@ impl NarrativeService {
             store,
             generator,
             metrics,
-            analytics,
+            events,
             ttl,
             stale_after,
             generation_wait,
@@ -191,7 +223,7 @@ impl NarrativeService {
             flights: SingleFlight::new(),
             tasks: TaskTracker::new(),
             metrics,
-            analytics,
+            events,
             ttl,
             stale_after,
             generation_wait,
@@ -231,7 +263,7 @@ impl NarrativeService {
     /// Answers a validated profile. Never fails: the worst case is the template.
     pub async fn narrative(self: &Arc<Self>, keyed: &KeyedProfile, started: Instant) -> Answer {
         match self
-            .narrative_with(keyed, started, Directives::default())
+            .narrative_with(keyed, started, Directives::default(), &Caller::default())
             .await
         {
             Ok(answer) => answer,
@@ -247,15 +279,32 @@ impl NarrativeService {
         keyed: &KeyedProfile,
         started: Instant,
         directives: Directives,
+        caller: &Caller,
+    ) -> Result<Answer, NotCached> {
+        let answered = self.answer_with(keyed, started, directives).await;
+        match &answered {
+            Ok(answer) => self.account(answer, keyed, started, caller),
+            Err(NotCached) => {
+                self.record_request(keyed, started, caller, RequestOutcome::Error, None)
+            }
+        }
+        answered
+    }
+
+    async fn answer_with(
+        self: &Arc<Self>,
+        keyed: &KeyedProfile,
+        started: Instant,
+        directives: Directives,
     ) -> Result<Answer, NotCached> {
         let deadline = started + self.generation_wait;
         let answer = match self.cached(&keyed.key).await {
-            Some((envelope, age)) => {
+            Some((envelope, age, tier)) => {
                 let too_old = directives
                     .max_age
                     .is_some_and(|max| age > Duration::from_secs(max));
                 if !directives.no_cache && !too_old {
-                    self.answer_cached(keyed, envelope, age)
+                    self.answer_cached(keyed, envelope, age, tier)
                 } else if directives.only_if_cached {
                     return Err(NotCached);
                 } else {
@@ -275,7 +324,6 @@ impl NarrativeService {
                 None => self.generate_or_fallback(keyed, deadline).await,
             },
         };
-        self.account(&answer, keyed, started);
         Ok(answer)
     }
 
@@ -287,7 +335,7 @@ impl NarrativeService {
             else {
                 continue;
             };
-            if let Some((envelope, age)) = self.cached(&previous).await {
+            if let Some((envelope, age, tier)) = self.cached(&previous).await {
                 let _ = self.join_flight(keyed, FillMode::Miss);
                 let stale_for = i64::try_from(age.as_secs().max(1)).unwrap_or(i64::MAX);
                 return Some(Answer {
@@ -297,6 +345,7 @@ impl NarrativeService {
                     ttl_remaining_secs: Some(-stale_for),
                     forwarded: None,
                     stored: false,
+                    tier: Some(tier),
                 });
             }
         }
@@ -336,6 +385,7 @@ impl NarrativeService {
                 ttl_remaining_secs: None,
                 forwarded: Some(forwarded),
                 stored: !collapsed,
+                tier: None,
             };
         }
         let limit = directives
@@ -353,6 +403,7 @@ impl NarrativeService {
                 ttl_remaining_secs: Some(-stale_for),
                 forwarded: None,
                 stored: false,
+                tier: None,
             };
         }
         self.fallback(keyed, collapsed)
@@ -365,7 +416,12 @@ impl NarrativeService {
         forwarded: Option<&'static str>,
         deadline: Instant,
     ) -> Answer {
-        match tokio::time::timeout_at(deadline.into(), self.generate(keyed)).await {
+        let trigger = if forwarded.is_some() {
+            Trigger::Refresh
+        } else {
+            Trigger::Miss
+        };
+        match tokio::time::timeout_at(deadline.into(), self.generate(keyed, trigger)).await {
             Ok(Ok(envelope)) => Answer {
                 envelope,
                 source: Source::Generated,
@@ -373,6 +429,7 @@ impl NarrativeService {
                 ttl_remaining_secs: None,
                 forwarded,
                 stored: false,
+                tier: None,
             },
             _ => self.fallback(keyed, false),
         }
@@ -384,6 +441,7 @@ impl NarrativeService {
         keyed: &KeyedProfile,
         envelope: Arc<Envelope>,
         age: Duration,
+        tier: Tier,
     ) -> Answer {
         if age <= self.stale_after {
             let fresh_for = freshness_secs(age, self.stale_after);
@@ -394,6 +452,7 @@ impl NarrativeService {
                 ttl_remaining_secs: Some(fresh_for),
                 forwarded: None,
                 stored: false,
+                tier: Some(tier),
             };
         }
         self.start_refresh(keyed, envelope.created_at_ms);
@@ -405,6 +464,7 @@ impl NarrativeService {
             ttl_remaining_secs: Some(-stale_for),
             forwarded: None,
             stored: false,
+            tier: Some(tier),
         }
     }
 
@@ -424,12 +484,12 @@ impl NarrativeService {
         });
     }
 
-    /// The entry and its age.
-    async fn cached(&self, key: &CacheKey) -> Option<(Arc<Envelope>, Duration)> {
-        match self.store.get(key).await {
-            Ok(Some(envelope)) => {
+    /// The entry, its age, and the tier it came from.
+    async fn cached(&self, key: &CacheKey) -> Option<(Arc<Envelope>, Duration, Tier)> {
+        match self.store.get_traced(key).await {
+            Ok(Some((envelope, tier))) => {
                 let age = Duration::from_millis(envelope.age_ms(now_ms()));
-                Some((envelope, age))
+                Some((envelope, age, tier))
             }
             Ok(None) => None,
             Err(error) => {
@@ -454,6 +514,7 @@ impl NarrativeService {
                 ttl_remaining_secs: None,
                 forwarded: None,
                 stored: !collapsed,
+                tier: None,
             },
             Ok(Some(Err(_))) | Ok(None) | Err(_) => self.fallback(keyed, collapsed),
         }
@@ -491,13 +552,15 @@ impl NarrativeService {
         self: &Arc<Self>,
         keyed: &KeyedProfile,
         started: Instant,
+        caller: &Caller,
     ) -> Option<Answer> {
-        if let Some((envelope, age)) = self.cached(&keyed.key).await {
-            let answer = self.answer_cached(keyed, envelope, age);
-            self.account(&answer, keyed, started);
+        if let Some((envelope, age, tier)) = self.cached(&keyed.key).await {
+            let answer = self.answer_cached(keyed, envelope, age, tier);
+            self.account(&answer, keyed, started, caller);
             return Some(answer);
         }
         self.counters.add(Count::Miss);
+        self.record_request(keyed, started, caller, RequestOutcome::Miss, None);
         let _ = self.join_flight(keyed, FillMode::Miss);
         None
     }
@@ -509,7 +572,7 @@ impl NarrativeService {
         if let Some(distributed) = &self.distributed {
             return self.fill_shared(distributed, keyed, mode).await;
         }
-        if let Some((envelope, _)) = self.cached(&keyed.key).await {
+        if let Some((envelope, _, _)) = self.cached(&keyed.key).await {
             let will_do = match mode {
                 FillMode::Miss => true,
                 FillMode::Replace { older_than_ms } => envelope.created_at_ms > older_than_ms,
@@ -518,7 +581,7 @@ impl NarrativeService {
                 return Ok(envelope);
             }
         }
-        let envelope = self.generate(keyed).await?;
+        let envelope = self.generate(keyed, mode.trigger()).await?;
         self.store_locally(keyed, &envelope).await;
         Ok(envelope)
     }
@@ -535,7 +598,11 @@ impl NarrativeService {
     }
 
     /// Calls the generator and accounts for it. Only complete outputs come back.
-    async fn generate(&self, keyed: &KeyedProfile) -> Result<Arc<Envelope>, FillError> {
+    async fn generate(
+        &self,
+        keyed: &KeyedProfile,
+        trigger: Trigger,
+    ) -> Result<Arc<Envelope>, FillError> {
         self.metrics.generations_in_flight.inc();
         let started = Instant::now();
         let result = self.generator.generate(&keyed.profile).await;
@@ -543,19 +610,18 @@ impl NarrativeService {
         self.metrics
             .generation_seconds
             .observe(started.elapsed().as_secs_f64());
+        self.events.record_generation(generation_event(
+            result.as_ref(),
+            self.generator.model(),
+            keyed.key.digest(),
+            trigger,
+            started.elapsed(),
+        ));
         let generation = match result {
             Ok(generation) => generation,
             Err(error) => {
                 let GenerateError::Llm(llm) = &error;
                 self.metrics.generation(llm.kind());
-                let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                self.analytics.record_generation(&GenerationEvent {
-                    ok: false,
-                    duration_ms,
-                    tokens_in: 0,
-                    tokens_out: 0,
-                    cost_usd: 0.0,
-                });
                 tracing::warn!(%error, cache_key = %keyed.key, "generation failed; nothing stored");
                 return Err(error.into());
             }
@@ -572,13 +638,6 @@ impl NarrativeService {
             self.deriver.engine_version().as_str(),
             self.deriver.prompt_hash(),
         ));
-        self.analytics.record_generation(&GenerationEvent {
-            ok: true,
-            duration_ms: envelope.generation_ms,
-            tokens_in: envelope.tokens_in,
-            tokens_out: envelope.tokens_out,
-            cost_usd: envelope.cost_usd,
-        });
         Ok(envelope)
     }
 
@@ -602,24 +661,29 @@ impl NarrativeService {
             ttl_remaining_secs: None,
             forwarded: None,
             stored: false,
+            tier: None,
         }
     }
 
-    fn account(&self, answer: &Answer, keyed: &KeyedProfile, started: Instant) {
+    fn account(&self, answer: &Answer, keyed: &KeyedProfile, started: Instant, caller: &Caller) {
         let (outcome, event_outcome) = match answer.source {
             Source::Stale => {
                 self.counters.add(Count::Hit);
                 self.metrics.cost_saved_usd.inc_by(answer.envelope.cost_usd);
-                (Outcome::Stale, RequestOutcome::Hit)
+                (Outcome::Stale, RequestOutcome::Stale)
             }
             Source::Cache => {
                 self.counters.add(Count::Hit);
                 self.metrics.cost_saved_usd.inc_by(answer.envelope.cost_usd);
-                (Outcome::Hit, RequestOutcome::Hit)
+                let tier = match answer.tier {
+                    Some(Tier::Local) => RequestOutcome::HitL1,
+                    Some(Tier::Shared) | None => RequestOutcome::HitL2,
+                };
+                (Outcome::Hit, tier)
             }
             Source::Generated => {
                 self.counters.add(Count::Miss);
-                (Outcome::Generated, RequestOutcome::Generated)
+                (Outcome::Generated, RequestOutcome::Miss)
             }
             Source::Fallback => {
                 self.counters.add(Count::Miss);
@@ -629,15 +693,51 @@ impl NarrativeService {
         };
         self.metrics
             .observe_request(outcome, started.elapsed().as_secs_f64());
-        self.analytics.record_request(&RequestEvent {
-            outcome: event_outcome,
-            primary_system: keyed.profile.primary_system(),
-            entry_cost_usd: answer.envelope.cost_usd,
+        self.record_request(
+            keyed,
+            started,
+            caller,
+            event_outcome,
+            Some(&answer.envelope),
+        );
+    }
+
+    /// Hands the request's event to the sink (never blocks). A hit credits what its
+    /// entry cost to generate.
+    fn record_request(
+        &self,
+        keyed: &KeyedProfile,
+        started: Instant,
+        caller: &Caller,
+        outcome: RequestOutcome,
+        answered: Option<&Envelope>,
+    ) {
+        let (entry_tokens, entry_cost_usd) = answered.map_or((0, 0.0), |envelope| {
+            (
+                u64::from(envelope.tokens_in) + u64::from(envelope.tokens_out),
+                envelope.cost_usd,
+            )
+        });
+        self.events.record_request(RequestEvent {
+            id: new_event_id(),
+            at: time::OffsetDateTime::now_utc(),
+            outcome,
+            latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            engine_version: self.deriver.engine_version().to_string(),
+            prompt_hash: self.deriver.prompt_hash().to_string(),
+            classification: keyed.profile.classification.as_str().to_owned(),
+            primary_system: keyed.profile.primary_system().to_owned(),
+            client: caller.client.clone(),
+            user_hash: caller.user_hash.clone(),
+            key_digest: keyed.key.digest().to_owned(),
+            profile: keyed.canonical_json.clone(),
+            entry_tokens,
+            entry_cost_usd,
         });
     }
 
     pub async fn lookup(&self, key: &CacheKey) -> Lookup {
-        if let Some((envelope, age)) = self.cached(key).await {
+        if let Some((envelope, age, _)) = self.cached(key).await {
             return Lookup::Found(envelope, freshness_secs(age, self.stale_after));
         }
         if self.flights.in_flight(key) {

@@ -70,6 +70,10 @@ impl MemoryStore {
 
 #[async_trait::async_trait]
 impl CacheStore for MemoryStore {
+    fn tier(&self) -> super::Tier {
+        super::Tier::Local
+    }
+
     async fn get(&self, key: &CacheKey) -> Result<Option<Arc<Envelope>>, StoreError> {
         Ok(self.entries.get(key).map(|entry| entry.envelope))
     }

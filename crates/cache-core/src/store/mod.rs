@@ -39,9 +39,31 @@ pub struct StoreStats {
     pub by_version: std::collections::BTreeMap<String, u64>,
 }
 
+/// Which tier answered a read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// This process's memory: L1, or the only store in embedded mode.
+    Local,
+    /// The shared store (Redis): L2.
+    Shared,
+}
+
 #[async_trait::async_trait]
 pub trait CacheStore: Send + Sync + std::fmt::Debug + 'static {
     async fn get(&self, key: &CacheKey) -> Result<Option<Arc<Envelope>>, StoreError>;
+    /// Like `get`, saying which tier had the entry. A single store answers as the tier
+    /// it is.
+    async fn get_traced(
+        &self,
+        key: &CacheKey,
+    ) -> Result<Option<(Arc<Envelope>, Tier)>, StoreError> {
+        let tier = self.tier();
+        Ok(self.get(key).await?.map(|envelope| (envelope, tier)))
+    }
+    /// The tier a single store is (tiered stores answer per read).
+    fn tier(&self) -> Tier {
+        Tier::Shared
+    }
     async fn put(
         &self,
         key: &CacheKey,

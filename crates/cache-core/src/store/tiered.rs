@@ -2,7 +2,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{CacheStore, MemoryStore, StoreError, StoreStats};
+use super::{CacheStore, MemoryStore, StoreError, StoreStats, Tier};
 use crate::envelope::{now_ms, Envelope};
 use crate::key::CacheKey;
 
@@ -87,10 +87,17 @@ impl TieredStore {
 #[async_trait::async_trait]
 impl CacheStore for TieredStore {
     async fn get(&self, key: &CacheKey) -> Result<Option<Arc<Envelope>>, StoreError> {
+        Ok(self.get_traced(key).await?.map(|(envelope, _)| envelope))
+    }
+
+    async fn get_traced(
+        &self,
+        key: &CacheKey,
+    ) -> Result<Option<(Arc<Envelope>, Tier)>, StoreError> {
         if !self.l1_ttl.is_zero() {
             if let Some(envelope) = self.l1.get(key).await? {
                 self.l1_hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(Some(envelope));
+                return Ok(Some((envelope, Tier::Local)));
             }
         }
         let found = self.l2.get(key).await?;
@@ -98,7 +105,7 @@ impl CacheStore for TieredStore {
             self.l2_hits.fetch_add(1, Ordering::Relaxed);
             self.put_l1(key, Arc::clone(envelope)).await;
         }
-        Ok(found)
+        Ok(found.map(|envelope| (envelope, Tier::Shared)))
     }
 
     async fn put(

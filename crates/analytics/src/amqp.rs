@@ -1,0 +1,142 @@
+//! Where event batches travel on RabbitMQ.
+//!
+//! ```text
+//! exchange narrative.events (direct, durable) --batch--> queue narrative.analytics
+//!     (durable; quorum when configured; dead letters to narrative.events.dlx)
+//! exchange narrative.events.dlx (fanout, durable) -----> queue narrative.analytics.dead
+//! ```
+//!
+//! Declared idempotently by every process that publishes or consumes, so the queue
+//! exists (and keeps events) before the `analytics` service first starts.
+
+use std::time::Duration;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+
+pub const EXCHANGE: &str = "narrative.events";
+pub const QUEUE: &str = "narrative.analytics";
+pub const ROUTING_KEY: &str = "batch";
+pub const DEAD_EXCHANGE: &str = "narrative.events.dlx";
+pub const DEAD_QUEUE: &str = "narrative.analytics.dead";
+
+/// Connects with lapin on the current Tokio runtime, within `timeout`.
+pub async fn connect(url: &str, timeout: Duration) -> Result<Connection, String> {
+    let properties = ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio);
+    match tokio::time::timeout(timeout, Connection::connect(url, properties)).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err("connect timed out".to_owned()),
+    }
+}
+
+/// A durable direct exchange feeding one durable queue, whose dead letters go through
+/// a fanout exchange to a dead-letter queue: the shape of both the job and the event
+/// queues.
+#[derive(Debug, Clone, Copy)]
+pub struct Topology {
+    pub exchange: &'static str,
+    pub queue: &'static str,
+    pub routing_key: &'static str,
+    pub dead_exchange: &'static str,
+    pub dead_queue: &'static str,
+}
+
+/// The event batches' topology.
+pub const EVENTS: Topology = Topology {
+    exchange: EXCHANGE,
+    queue: QUEUE,
+    routing_key: ROUTING_KEY,
+    dead_exchange: DEAD_EXCHANGE,
+    dead_queue: DEAD_QUEUE,
+};
+
+impl Topology {
+    /// Declares it (idempotent). `quorum` must match across the fleet: RabbitMQ refuses
+    /// to redeclare a queue with another type. A quorum queue takes `delivery_limit`
+    /// (redeliveries before dead-lettering) when given.
+    pub async fn declare(
+        &self,
+        channel: &Channel,
+        quorum: bool,
+        delivery_limit: Option<u32>,
+    ) -> Result<(), lapin::Error> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        channel
+            .exchange_declare(
+                self.exchange,
+                ExchangeKind::Direct,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                self.dead_exchange,
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        let durable_queue = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let mut args = FieldTable::default();
+        let mut dead_args = FieldTable::default();
+        args.insert(
+            ShortString::from("x-dead-letter-exchange"),
+            AMQPValue::LongString(LongString::from(self.dead_exchange)),
+        );
+        if quorum {
+            for table in [&mut args, &mut dead_args] {
+                table.insert(
+                    ShortString::from("x-queue-type"),
+                    AMQPValue::LongString(LongString::from("quorum")),
+                );
+            }
+            if let Some(limit) = delivery_limit {
+                args.insert(
+                    ShortString::from("x-delivery-limit"),
+                    AMQPValue::LongInt(limit.try_into().unwrap_or(i32::MAX)),
+                );
+            }
+        }
+        channel
+            .queue_declare(self.dead_queue, durable_queue, dead_args)
+            .await?;
+        channel
+            .queue_bind(
+                self.dead_queue,
+                self.dead_exchange,
+                "",
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_declare(self.queue, durable_queue, args)
+            .await?;
+        channel
+            .queue_bind(
+                self.queue,
+                self.exchange,
+                self.routing_key,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// Declares the event queues.
+pub async fn declare_topology(channel: &Channel, quorum: bool) -> Result<(), lapin::Error> {
+    EVENTS.declare(channel, quorum, None).await
+}

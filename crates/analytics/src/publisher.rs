@@ -1,0 +1,359 @@
+//! Events out of the request path: a bounded buffer, batching, and RabbitMQ.
+//!
+//! [`EventPublisher::record_request`] never waits: it puts the event in a bounded
+//! buffer, or, when the buffer is full (RabbitMQ down for long enough), drops it and
+//! counts the drop in `narrative_events_dropped_total`. A background task
+//! ([`PublisherTask::run`]) takes up to `max_batch` events at a time (waiting at most
+//! `linger` for a batch to fill), and publishes each batch as one persistent message
+//! with a publisher confirm, retrying with backoff until the broker takes it. A batch
+//! is published at least once; the consumer's insert is idempotent by event id.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Connection};
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp;
+use crate::event::{Batch, GenerationEvent, RequestEvent};
+use crate::EventSink;
+
+#[derive(Debug, Clone)]
+pub struct PublisherSettings {
+    pub amqp_url: String,
+    /// Must match the fleet's `RABBITMQ_QUORUM`.
+    pub quorum: bool,
+    /// Events held while RabbitMQ is slow or down; beyond it they are dropped.
+    pub capacity: usize,
+    pub max_batch: usize,
+    /// How long a batch may wait to fill.
+    pub linger: Duration,
+    pub confirm_timeout: Duration,
+    /// How long the last batches get at shutdown.
+    pub drain_timeout: Duration,
+}
+
+impl PublisherSettings {
+    pub fn new(amqp_url: String, quorum: bool) -> Self {
+        Self {
+            amqp_url,
+            quorum,
+            capacity: 100_000,
+            max_batch: 1_000,
+            linger: Duration::from_millis(200),
+            confirm_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Sees each batch once, before it is published (the gateway keeps Redis's realtime
+/// tallies this way, off the request path).
+#[async_trait::async_trait]
+pub trait BatchObserver: Send + Sync + std::fmt::Debug {
+    async fn observe(&self, batch: &Batch);
+}
+
+/// The publisher's counters, registered in the caller's registry.
+#[derive(Debug, Clone)]
+pub struct EventMetrics {
+    pub published: IntCounter,
+    dropped: IntCounterVec,
+    pub publish_failures: IntCounter,
+}
+
+impl EventMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let published = IntCounter::new(
+            "narrative_events_published_total",
+            "Analytics events the broker confirmed",
+        )?;
+        let dropped = IntCounterVec::new(
+            Opts::new(
+                "narrative_events_dropped_total",
+                "Analytics events dropped: buffer full, or unpublished at shutdown",
+            ),
+            &["reason"],
+        )?;
+        let publish_failures = IntCounter::new(
+            "narrative_event_publish_failures_total",
+            "Event batch publishes that failed and were retried",
+        )?;
+        registry.register(Box::new(published.clone()))?;
+        registry.register(Box::new(dropped.clone()))?;
+        registry.register(Box::new(publish_failures.clone()))?;
+        for reason in ["buffer_full", "shutdown"] {
+            dropped.with_label_values(&[reason]);
+        }
+        Ok(Self {
+            published,
+            dropped,
+            publish_failures,
+        })
+    }
+
+    pub fn dropped(&self, reason: &str) -> u64 {
+        self.dropped.with_label_values(&[reason]).get()
+    }
+
+    fn drop_events(&self, reason: &str, count: usize) {
+        self.dropped
+            .with_label_values(&[reason])
+            .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
+    }
+}
+
+#[derive(Debug)]
+enum Item {
+    Request(RequestEvent),
+    Generation(GenerationEvent),
+}
+
+/// The request side: cheap to call from any task.
+#[derive(Debug)]
+pub struct EventPublisher {
+    sender: mpsc::Sender<Item>,
+    capacity: usize,
+    metrics: EventMetrics,
+}
+
+/// The background side; run it until shutdown.
+#[derive(Debug)]
+pub struct PublisherTask {
+    receiver: mpsc::Receiver<Item>,
+    settings: PublisherSettings,
+    observer: Option<Arc<dyn BatchObserver>>,
+    metrics: EventMetrics,
+    link: Option<(Connection, Channel)>,
+}
+
+impl EventPublisher {
+    pub fn new(
+        settings: PublisherSettings,
+        observer: Option<Arc<dyn BatchObserver>>,
+        metrics: EventMetrics,
+    ) -> (Self, PublisherTask) {
+        let capacity = settings.capacity.max(1);
+        let (sender, receiver) = mpsc::channel(capacity);
+        (
+            Self {
+                sender,
+                capacity,
+                metrics: metrics.clone(),
+            },
+            PublisherTask {
+                receiver,
+                settings,
+                observer,
+                metrics,
+                link: None,
+            },
+        )
+    }
+
+    /// Events waiting to be published.
+    pub fn buffered(&self) -> usize {
+        self.capacity - self.sender.capacity()
+    }
+
+    fn offer(&self, item: Item) {
+        if self.sender.try_send(item).is_err() {
+            self.metrics.drop_events("buffer_full", 1);
+        }
+    }
+}
+
+impl EventSink for EventPublisher {
+    fn record_request(&self, event: RequestEvent) {
+        self.offer(Item::Request(event));
+    }
+
+    fn record_generation(&self, event: GenerationEvent) {
+        self.offer(Item::Generation(event));
+    }
+}
+
+const MIN_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl PublisherTask {
+    /// Publishes batches until `stop`, then gives what is buffered `drain_timeout`.
+    pub async fn run(mut self, stop: CancellationToken) {
+        let mut pending = None;
+        loop {
+            let batch = tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                batch = self.next_batch() => match batch {
+                    Some(batch) => batch,
+                    None => break,
+                },
+            };
+            if !self.deliver(&batch, &stop, None).await {
+                pending = Some(batch);
+                break;
+            }
+        }
+        self.drain(pending).await;
+    }
+
+    /// Waits for one event, then takes what else arrives within `linger`.
+    async fn next_batch(&mut self) -> Option<Batch> {
+        let mut items = Vec::with_capacity(self.settings.max_batch);
+        if self
+            .receiver
+            .recv_many(&mut items, self.settings.max_batch)
+            .await
+            == 0
+        {
+            return None;
+        }
+        let deadline = Instant::now() + self.settings.linger;
+        while items.len() < self.settings.max_batch {
+            let room = self.settings.max_batch - items.len();
+            match tokio::time::timeout_at(deadline, self.receiver.recv_many(&mut items, room)).await
+            {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        Some(into_batch(items))
+    }
+
+    /// Publishes `batch`, retrying with backoff; false if `stop` or `deadline` came
+    /// first.
+    async fn deliver(
+        &mut self,
+        batch: &Batch,
+        stop: &CancellationToken,
+        deadline: Option<Instant>,
+    ) -> bool {
+        if let Some(observer) = &self.observer {
+            observer.observe(batch).await;
+        }
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            match self.publish(batch).await {
+                Ok(()) => {
+                    self.metrics
+                        .published
+                        .inc_by(u64::try_from(batch.len()).unwrap_or(u64::MAX));
+                    return true;
+                }
+                Err(error) => {
+                    self.link = None;
+                    self.metrics.publish_failures.inc();
+                    tracing::warn!(%error, events = batch.len(), retry_in = ?backoff, "event batch not published; retrying");
+                }
+            }
+            let wake = Instant::now() + backoff;
+            if deadline.is_some_and(|d| wake > d) {
+                return false;
+            }
+            tokio::select! {
+                () = stop.cancelled(), if deadline.is_none() => return false,
+                () = tokio::time::sleep_until(wake) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn drain(&mut self, pending: Option<Batch>) {
+        self.receiver.close();
+        let deadline = Instant::now() + self.settings.drain_timeout;
+        let never = CancellationToken::new();
+        let mut batch = pending;
+        loop {
+            if batch.is_none() {
+                let mut items = Vec::new();
+                while items.len() < self.settings.max_batch {
+                    match self.receiver.try_recv() {
+                        Ok(item) => items.push(item),
+                        Err(_) => break,
+                    }
+                }
+                if items.is_empty() {
+                    return;
+                }
+                batch = Some(into_batch(items));
+            }
+            let Some(current) = batch.take() else { return };
+            if !self.deliver(&current, &never, Some(deadline)).await {
+                let mut lost = current.len();
+                while self.receiver.try_recv().is_ok() {
+                    lost += 1;
+                }
+                self.metrics.drop_events("shutdown", lost);
+                tracing::error!(
+                    events = lost,
+                    "analytics events not published before shutdown"
+                );
+                return;
+            }
+        }
+    }
+
+    async fn publish(&mut self, batch: &Batch) -> Result<(), String> {
+        if self.link.is_none() {
+            let connection = amqp::connect(&self.settings.amqp_url, CONNECT_TIMEOUT).await?;
+            let setup = async {
+                let channel = connection.create_channel().await?;
+                amqp::declare_topology(&channel, self.settings.quorum).await?;
+                channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await?;
+                Ok::<_, lapin::Error>(channel)
+            };
+            let channel = tokio::time::timeout(CONNECT_TIMEOUT, setup)
+                .await
+                .map_err(|_| "channel setup timed out".to_owned())?
+                .map_err(|e| e.to_string())?;
+            self.link = Some((connection, channel));
+        }
+        let Some((_, channel)) = &self.link else {
+            return Err("no channel".to_owned());
+        };
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(ShortString::from("application/json"));
+        let body = batch.to_bytes();
+        let publish = async {
+            let confirm = channel
+                .basic_publish(
+                    amqp::EXCHANGE,
+                    amqp::ROUTING_KEY,
+                    BasicPublishOptions::default(),
+                    &body,
+                    properties,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            match confirm.await.map_err(|e| e.to_string())? {
+                Confirmation::Ack(_) => Ok(()),
+                Confirmation::Nack(_) => Err("the broker refused the batch".to_owned()),
+                Confirmation::NotRequested => Err("channel not in confirm mode".to_owned()),
+            }
+        };
+        tokio::time::timeout(self.settings.confirm_timeout, publish)
+            .await
+            .map_err(|_| "no confirm in time".to_owned())?
+    }
+}
+
+fn into_batch(items: Vec<Item>) -> Batch {
+    let mut batch = Batch::new();
+    for item in items {
+        match item {
+            Item::Request(event) => batch.requests.push(event),
+            Item::Generation(event) => batch.generations.push(event),
+        }
+    }
+    batch
+}
