@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 
 use crate::helpers::{profile, spawn_app_with, unique_version, TestApp};
 
-struct TestWorker {
+pub(crate) struct TestWorker {
     app: WorkerApp,
     /// Where its `/metrics`, `/healthz` and `/readyz` are served.
     ops: String,
@@ -24,7 +24,7 @@ struct TestWorker {
 }
 
 impl TestWorker {
-    async fn start(amqp: &str, sim: &SimHandle, extra: &[(&str, &str)]) -> Self {
+    pub(crate) async fn start(amqp: &str, sim: &SimHandle, extra: &[(&str, &str)]) -> Self {
         let base = sim.base_url();
         let mut pairs = vec![
             ("REDIS_URL", test_kit::redis().url.as_str()),
@@ -73,7 +73,7 @@ impl TestWorker {
     }
 
     /// Graceful stop: stop consuming, finish jobs in flight.
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
