@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine: installs the servers the tests start
 # (redis-server with redis-cli, rabbitmq-server, postgresql; the tests run their own on
-# loopback ports, nothing is mocked), then runs every test.
+# loopback ports, nothing is mocked) and promtool (Debian's prometheus package), then
+# runs every test.
 #
 #   scripts/test.sh [extra cargo test args]
 set -euo pipefail
@@ -11,6 +12,8 @@ need=()
 command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || need+=(redis-server)
 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need+=(rabbitmq-server)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+# promtool checks the Prometheus config and alert rules in deploy/.
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   sudo=""

@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::consumer::{Consumer, Health, IngestMetrics};
+use crate::queues::QueueDepths;
 use crate::settings::AnalyticsSettings;
 use crate::store::PgStore;
 
@@ -28,6 +29,7 @@ pub struct AnalyticsApp {
     pub store: PgStore,
     pub consumer: Arc<Consumer>,
     pub health: Arc<Health>,
+    pub queue_depths: QueueDepths,
     registry: Registry,
     settings: AnalyticsSettings,
 }
@@ -43,6 +45,7 @@ impl AnalyticsApp {
         let registry = Registry::new();
         let metrics = IngestMetrics::register(&registry)?;
         let health = Arc::new(Health::default());
+        let queue_depths = QueueDepths::register(&registry)?;
         let consumer = Arc::new(Consumer {
             settings: settings.consumer.clone(),
             store: store.clone(),
@@ -53,6 +56,7 @@ impl AnalyticsApp {
             store,
             consumer,
             health,
+            queue_depths,
             registry,
             settings,
         })
@@ -128,6 +132,14 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let stop = CancellationToken::new();
     let worker = tokio::spawn(app.clone().work(stop.clone()));
+    let depths = {
+        let (app, stop) = (app.clone(), stop.clone());
+        tokio::spawn(async move {
+            app.queue_depths
+                .watch(&app.settings.consumer.amqp_url, stop)
+                .await;
+        })
+    };
     let router = Router::new()
         .route("/metrics", get(metrics))
         .route(
@@ -142,6 +154,7 @@ pub async fn run(
         .await?;
     stop.cancel();
     let _ = worker.await;
+    let _ = depths.await;
     tracing::info!("analytics stopped");
     Ok(())
 }

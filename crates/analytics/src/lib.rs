@@ -13,7 +13,7 @@
 //! - [`memory`]: the embedded aggregator; [`hll`]: its unique-user counter.
 //! - [`publisher`]: the non-blocking sink that batches events to RabbitMQ.
 //! - [`store`]: Postgres (migrations in `migrations/`), partitions, inserts, queries.
-//! - [`consumer`], [`app`], [`settings`]: the `analytics` service.
+//! - [`consumer`], [`queues`], [`app`], [`settings`]: the `analytics` service.
 
 pub mod amqp;
 pub mod app;
@@ -22,6 +22,7 @@ pub mod event;
 pub mod hll;
 pub mod memory;
 pub mod publisher;
+pub mod queues;
 pub mod settings;
 pub mod store;
 pub mod summary;

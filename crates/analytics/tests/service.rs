@@ -183,5 +183,16 @@ async fn an_unreadable_batch_is_dead_lettered_and_the_rest_flow() {
         .await
         .expect("dead queue");
     assert_eq!(dead.message_count(), 2, "kept for inspection, not dropped");
+    // ...and shown to operators.
+    let depths = service.app.queue_depths.clone();
+    test_kit::eventually(
+        "the dead letters in metrics",
+        Duration::from_secs(30),
+        || {
+            let seen = depths.get(DEAD_QUEUE);
+            async move { seen == 2 }
+        },
+    )
+    .await;
     service.stop().await;
 }
