@@ -6,6 +6,8 @@
 //! Nothing here identifies a person: the user id arrives only as its keyed hash, and
 //! the profile is the canonical one (star systems and Human Design, no birth data).
 
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -120,7 +122,9 @@ pub struct RequestEvent {
     pub user_hash: Option<String>,
     /// The cache key's digest: which entry answered.
     pub key_digest: String,
-    /// The canonical profile's JSON, for popularity (pre-warming).
+    /// The canonical profile's JSON, for popularity (pre-warming). In a published
+    /// batch it is sent once per key (see [`Batch::profiles`]) and empty elsewhere.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub profile: String,
     /// What the answered entry took to generate; a hit saves exactly that.
     pub entry_tokens: u64,
@@ -145,9 +149,14 @@ pub struct GenerationEvent {
     pub key_digest: String,
 }
 
-/// A new event id: time-ordered, so a table's index grows at its end.
+/// A new event id: a UUID v7 (milliseconds, then 74 random bits), time-ordered so a
+/// table's index grows at its end. The random bits come from the thread's generator:
+/// `Uuid::now_v7` asks the OS for them on every call, a cost on the request path.
 pub fn new_event_id() -> Uuid {
-    Uuid::now_v7()
+    let millis =
+        u64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+    let random: [u8; 10] = rand::random();
+    uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -158,6 +167,10 @@ pub struct Batch {
     pub requests: Vec<RequestEvent>,
     #[serde(default)]
     pub generations: Vec<GenerationEvent>,
+    /// Canonical profiles by key digest, each sent once per batch however many of
+    /// its events share it (a hit-heavy batch repeats a few profiles many times).
+    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
+    pub profiles: HashMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +197,34 @@ impl Batch {
         self.len() == 0
     }
 
+    /// Moves each key's profile into [`Batch::profiles`], leaving it once per key.
+    pub fn compact(&mut self) {
+        for event in &mut self.requests {
+            if event.profile.is_empty() {
+                continue;
+            }
+            let profile = std::mem::take(&mut event.profile);
+            if !self.profiles.contains_key(&event.key_digest) {
+                self.profiles.insert(event.key_digest.clone(), profile);
+            }
+        }
+    }
+
+    /// Gives every event its profile back from [`Batch::profiles`].
+    fn expand(&mut self) {
+        if self.profiles.is_empty() {
+            return;
+        }
+        for event in &mut self.requests {
+            if event.profile.is_empty() {
+                if let Some(profile) = self.profiles.get(&event.key_digest) {
+                    event.profile.clone_from(profile);
+                }
+            }
+        }
+        self.profiles.clear();
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         // Strings, numbers and timestamps always serialize.
         serde_json::to_vec(self).unwrap_or_default()
@@ -195,6 +236,8 @@ impl Batch {
         if batch.v != BATCH_VERSION {
             return Err(BatchError::UnknownVersion(batch.v));
         }
+        let mut batch = batch;
+        batch.expand();
         Ok(batch)
     }
 }
@@ -239,6 +282,27 @@ pub(crate) mod tests {
             Batch::from_bytes(b"{\"v\":1,\"requests\":[{}]}"),
             Err(BatchError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_compacted_batch_sends_each_profile_once_and_reads_back_whole() {
+        let mut batch = Batch::new();
+        for outcome in [
+            RequestOutcome::HitL1,
+            RequestOutcome::HitL2,
+            RequestOutcome::Miss,
+        ] {
+            batch.requests.push(request(outcome, "Sirius"));
+        }
+        let mut other = request(RequestOutcome::HitL1, "Lyra");
+        other.key_digest = "d2".to_owned();
+        batch.requests.push(other);
+        let whole = batch.clone();
+        batch.compact();
+        let bytes = batch.to_bytes();
+        let text = String::from_utf8_lossy(&bytes);
+        assert_eq!(text.matches("Sirius\\\"").count(), 1, "{text}");
+        assert_eq!(Batch::from_bytes(&bytes).unwrap(), whole);
     }
 
     #[test]

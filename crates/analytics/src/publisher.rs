@@ -187,15 +187,7 @@ impl PublisherTask {
     /// Publishes batches until `stop`, then gives what is buffered `drain_timeout`.
     pub async fn run(mut self, stop: CancellationToken) {
         let mut pending = None;
-        loop {
-            let batch = tokio::select! {
-                biased;
-                () = stop.cancelled() => break,
-                batch = self.next_batch() => match batch {
-                    Some(batch) => batch,
-                    None => break,
-                },
-            };
+        while let Some(batch) = self.next_batch(&stop).await {
             if !self.deliver(&batch, &stop, None).await {
                 pending = Some(batch);
                 break;
@@ -204,24 +196,32 @@ impl PublisherTask {
         self.drain(pending).await;
     }
 
-    /// Waits for one event, then takes what else arrives within `linger`.
-    async fn next_batch(&mut self) -> Option<Batch> {
+    /// Waits for one event, lets `linger` pass (unless a full batch is already
+    /// waiting), then takes what has arrived. Sleeping rather than receiving during the
+    /// linger matters: a receiver waiting on the channel is woken by every event, a
+    /// cross-thread wake-up per request.
+    /// `None` once stopped (what is buffered then goes to [`Self::drain`]).
+    async fn next_batch(&mut self, stop: &CancellationToken) -> Option<Batch> {
         let mut items = Vec::with_capacity(self.settings.max_batch);
-        if self
-            .receiver
-            .recv_many(&mut items, self.settings.max_batch)
-            .await
-            == 0
-        {
+        let received = tokio::select! {
+            biased;
+            () = stop.cancelled() => 0,
+            received = self.receiver.recv_many(&mut items, self.settings.max_batch) => received,
+        };
+        if received == 0 {
             return None;
         }
-        let deadline = Instant::now() + self.settings.linger;
+        if self.receiver.len() + items.len() < self.settings.max_batch {
+            // Stopping cuts the wait short; the batch is still published.
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = tokio::time::sleep(self.settings.linger) => {}
+            }
+        }
         while items.len() < self.settings.max_batch {
-            let room = self.settings.max_batch - items.len();
-            match tokio::time::timeout_at(deadline, self.receiver.recv_many(&mut items, room)).await
-            {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+            match self.receiver.try_recv() {
+                Ok(item) => items.push(item),
+                Err(_) => break,
             }
         }
         Some(into_batch(items))
@@ -355,5 +355,6 @@ fn into_batch(items: Vec<Item>) -> Batch {
             Item::Generation(event) => batch.generations.push(event),
         }
     }
+    batch.compact();
     batch
 }
