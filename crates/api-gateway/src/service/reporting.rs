@@ -5,6 +5,7 @@
 //! per day; while Postgres is unreachable it comes from Redis alone (hit counters,
 //! popular systems, unique users) and says `"partial": true`.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use analytics::summary::{ratio, Summary, SystemCount, TOP_SYSTEMS};
@@ -154,16 +155,13 @@ impl BatchObserver for RedisTallies {
         if batch.requests.is_empty() {
             return;
         }
-        let mut systems: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
-        let mut users: std::collections::BTreeMap<String, Vec<&str>> =
-            std::collections::BTreeMap::new();
+        let mut systems: HashMap<&str, u64> = HashMap::new();
+        // Each user once per day per batch: an active user appears in most batches.
+        let mut users: BTreeMap<time::Date, BTreeSet<&str>> = BTreeMap::new();
         for event in &batch.requests {
             *systems.entry(event.primary_system.as_str()).or_default() += 1;
             if let Some(user) = &event.user_hash {
-                users
-                    .entry(users_key(event.at.date()))
-                    .or_default()
-                    .push(user);
+                users.entry(event.at.date()).or_default().insert(user);
             }
         }
         let result = self
@@ -182,8 +180,12 @@ impl BatchObserver for RedisTallies {
                     .arg(0)
                     .arg(-SYSTEMS_KEPT - 1)
                     .ignore();
-                for (key, hashes) in users {
-                    pipe.cmd("PFADD").arg(&key).arg(hashes).ignore();
+                for (day, hashes) in users {
+                    let key = users_key(day);
+                    pipe.cmd("PFADD")
+                        .arg(&key)
+                        .arg(hashes.into_iter().collect::<Vec<_>>())
+                        .ignore();
                     pipe.cmd("EXPIRE").arg(&key).arg(USERS_TTL_SECS).ignore();
                 }
                 pipe.query_async::<()>(&mut conn).await
