@@ -159,6 +159,54 @@ async fn every_dashboard_query_runs_on_the_schema_and_returns_rows() {
     assert!(checked >= 10, "only {checked} SQL queries found");
 }
 
+/// The queries of `docs/analytics.md`: every `sql` block that reads (SELECT or WITH).
+fn documented_queries() -> Vec<String> {
+    let doc = std::fs::read_to_string(repo().join("docs/analytics.md")).expect("docs/analytics.md");
+    let mut queries = Vec::new();
+    let mut block: Option<String> = None;
+    for line in doc.lines() {
+        match (&mut block, line.trim()) {
+            (None, "```sql") => block = Some(String::new()),
+            (Some(text), "```") => {
+                let upper = text.trim_start().to_ascii_uppercase();
+                if upper.starts_with("SELECT") || upper.starts_with("WITH") {
+                    queries.push(text.clone());
+                }
+                block = None;
+            }
+            (Some(text), _) => {
+                text.push_str(line);
+                text.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    queries
+}
+
+#[tokio::test]
+async fn the_documented_queries_run_and_return_rows() {
+    let url = test_kit::postgres().database("documented");
+    let store = PgStore::connect_lazy(&url, 2, Duration::from_secs(5)).expect("store");
+    store.migrate().await.expect("migrate");
+    let now = OffsetDateTime::now_utc();
+    for at in [
+        now - time::Duration::days(1),
+        now - time::Duration::minutes(5),
+    ] {
+        store.insert(&sample(at)).await.expect("sample data");
+    }
+    let queries = documented_queries();
+    assert_eq!(queries.len(), 10, "docs/analytics.md promises ten queries");
+    for sql in queries {
+        let rows = sqlx::query(&sql)
+            .fetch_all(store.pool())
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{sql}"));
+        assert!(!rows.is_empty(), "no rows:\n{sql}");
+    }
+}
+
 #[test]
 fn dashboards_use_the_provisioned_data_sources() {
     let provisioned = std::fs::read_to_string(
