@@ -139,6 +139,14 @@ impl ProfileInput {
 
     /// Validates the input and returns its canonical form for the given step.
     pub fn canonicalize(&self, step: QuantizationStep) -> Result<CanonicalProfile, ProfileError> {
+        self.canonicalize_checked(step, SumCheck::AsSent)
+    }
+
+    fn canonicalize_checked(
+        &self,
+        step: QuantizationStep,
+        sum_check: SumCheck,
+    ) -> Result<CanonicalProfile, ProfileError> {
         // Exhaustive on purpose: a new field must decide whether it changes the narrative.
         let Self {
             classification,
@@ -159,7 +167,7 @@ impl ProfileInput {
             }
         }
         let classification = parse_classification(classification.as_deref())?;
-        let (percentages, known) = canonical_percentages(percentages.as_ref(), step)?;
+        let (percentages, known) = canonical_percentages(percentages.as_ref(), step, sum_check)?;
         let in_percentages = |field: String, name: String| {
             if known.contains_key(&name) {
                 Ok(name)
@@ -298,11 +306,21 @@ pub fn normalize_name(raw: &str) -> Result<String, String> {
 /// Quantized entries sorted by name, zeros dropped.
 type Shares = Vec<(String, Thousandths)>;
 
+/// Whether the shares must sum to 100: as a client sent them, yes; read back from a
+/// canonical form, no, since flooring each share to the step may have taken up to a
+/// step from each (four shares at 0.5 can sum to 98).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SumCheck {
+    AsSent,
+    Canonical,
+}
+
 /// Returns the quantized entries and every normalized name as sent (with its rounded
 /// share), which `primary` and `hybrid` must be among.
 fn canonical_percentages(
     raw: Option<&Percentages>,
     step: QuantizationStep,
+    sum_check: SumCheck,
 ) -> Result<(Shares, BTreeMap<String, Thousandths>), ProfileError> {
     let raw = raw.ok_or_else(|| ProfileError::new("percentages", "is required"))?;
     if raw.0.is_empty() || raw.0.len() > MAX_SYSTEMS {
@@ -328,7 +346,7 @@ fn canonical_percentages(
         by_name.insert(name, rounded);
         sum += value;
     }
-    if (sum - 100.0).abs() > SUM_TOLERANCE + 1e-9 {
+    if sum_check == SumCheck::AsSent && (sum - 100.0).abs() > SUM_TOLERANCE + 1e-9 {
         return Err(ProfileError::new(
             "percentages",
             format!("must sum to 100 (+/- {SUM_TOLERANCE}), got {sum}"),
@@ -481,6 +499,24 @@ impl CanonicalProfile {
     /// idempotent, so this validates the profile again and then insists it writes the
     /// very same bytes: anything else was not canonical, and would not match its key.
     pub fn from_json(text: &str) -> Result<Self, ProfileError> {
+        let (input, step) = Self::read(text)?;
+        let profile = input.canonicalize_checked(step, SumCheck::Canonical)?;
+        if profile.to_json() != text {
+            return Err(ProfileError::new("canonical", "not in canonical form"));
+        }
+        Ok(profile)
+    }
+
+    /// Reads a canonical profile however it was re-formatted (Postgres's `jsonb`
+    /// reorders keys) and under whatever step it was written, and canonicalizes it
+    /// again at `step`: how a profile counted for popularity is keyed today.
+    pub fn requantize(text: &str, step: QuantizationStep) -> Result<Self, ProfileError> {
+        let (input, _) = Self::read(text)?;
+        input.canonicalize_checked(step, SumCheck::Canonical)
+    }
+
+    /// The profile's fields and the step written with them.
+    fn read(text: &str) -> Result<(ProfileInput, QuantizationStep), ProfileError> {
         let invalid = |message: String| ProfileError::new("canonical", message);
         let mut value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| invalid(e.to_string()))?;
@@ -494,11 +530,7 @@ impl CanonicalProfile {
             .map_err(|e: crate::quantize::InvalidStep| invalid(e.to_string()))?;
         let input: ProfileInput =
             serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
-        let profile = input.canonicalize(step)?;
-        if profile.to_json() != text {
-            return Err(invalid("not in canonical form".to_owned()));
-        }
-        Ok(profile)
+        Ok((input, step))
     }
 
     /// The canonical JSON: compact, keys sorted, no optional field written as null.
@@ -709,6 +741,26 @@ mod tests {
         assert!(at(59.0, 40.0).is_ok());
         assert!(at(60.0, 41.5).is_err());
         assert!(at(58.0, 40.5).is_err());
+    }
+
+    #[test]
+    fn a_canonical_form_reads_back_even_when_flooring_took_two_points() {
+        let sent = format!(
+            r#"{{"classification":"primary","primary":"Sirius","percentages":{{"Sirius":25.9,"Lyra":25.9,"Vega":25.9,"Orion":22.3}},{HD}}}"#
+        );
+        let profile = parse(&sent).expect("sums to 100 as sent");
+        let canonical = profile.to_json();
+        assert!(canonical.contains(r#""Sirius":25.5"#), "{canonical}");
+        assert_eq!(CanonicalProfile::from_json(&canonical), Ok(profile.clone()));
+        let reformatted: serde_json::Value = serde_json::from_str(&canonical).unwrap();
+        let pretty = serde_json::to_string_pretty(&reformatted).unwrap();
+        assert_eq!(
+            CanonicalProfile::requantize(&pretty, QuantizationStep::DEFAULT),
+            Ok(profile)
+        );
+        let coarser: QuantizationStep = "1".parse().unwrap();
+        let one = CanonicalProfile::requantize(&pretty, coarser).unwrap();
+        assert!(one.to_json().contains(r#""Sirius":25,"#), "{}", one.to_json());
     }
 
     #[test]
