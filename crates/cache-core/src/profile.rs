@@ -760,7 +760,11 @@ mod tests {
         );
         let coarser: QuantizationStep = "1".parse().unwrap();
         let one = CanonicalProfile::requantize(&pretty, coarser).unwrap();
-        assert!(one.to_json().contains(r#""Sirius":25,"#), "{}", one.to_json());
+        assert!(
+            one.to_json().contains(r#""Sirius":25,"#),
+            "{}",
+            one.to_json()
+        );
     }
 
     #[test]
