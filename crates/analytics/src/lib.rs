@@ -11,6 +11,7 @@
 //!
 //! - [`event`]: request and generation events, and the batch format.
 //! - [`memory`]: the embedded aggregator; [`hll`]: its unique-user counter.
+//! - [`popularity`]: which canonical profiles are requested most, for pre-warming.
 //! - [`publisher`]: the non-blocking sink that batches events to RabbitMQ.
 //! - [`store`]: Postgres (migrations in `migrations/`), partitions, inserts, queries.
 //! - [`consumer`], [`queues`], [`app`], [`settings`]: the `analytics` service.
@@ -21,6 +22,7 @@ pub mod consumer;
 pub mod event;
 pub mod hll;
 pub mod memory;
+pub mod popularity;
 pub mod publisher;
 pub mod queues;
 pub mod settings;
@@ -30,7 +32,8 @@ pub mod summary;
 pub use event::{
     new_event_id, Batch, GenerationEvent, GenerationOutcome, RequestEvent, RequestOutcome, Trigger,
 };
-pub use memory::InMemoryAnalytics;
+pub use memory::{AuditRecord, InMemoryAnalytics};
+pub use popularity::PopularProfile;
 pub use publisher::{BatchObserver, EventMetrics, EventPublisher, PublisherSettings};
 pub use store::PgStore;
 pub use summary::{ratio, Range, RangeError, Summary};

@@ -11,6 +11,7 @@ use time::OffsetDateTime;
 
 use crate::event::{GenerationEvent, GenerationOutcome, RequestEvent, RequestOutcome};
 use crate::hll::HyperLogLog;
+use crate::popularity::{PopularProfile, ProfileCounts};
 use crate::summary::{dollars, ratio, Range, RateBucket, Summary, SystemCount, TOP_SYSTEMS};
 use crate::EventSink;
 
@@ -53,7 +54,23 @@ struct State {
     hours: BTreeMap<i64, HourTotals>,
     /// By the day's start, in Unix seconds.
     users: BTreeMap<i64, HyperLogLog>,
+    profiles: ProfileCounts,
+    audit: std::collections::VecDeque<AuditRecord>,
 }
+
+/// An admin action, as the audit log keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditRecord {
+    pub at: OffsetDateTime,
+    pub actor: String,
+    pub action: String,
+    /// A keyed hash when the subject is a user; never a user id.
+    pub subject: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+/// Audit records kept in memory (embedded mode has no durable store to keep more).
+pub const AUDIT_KEPT: usize = 10_000;
 
 #[derive(Debug, Default)]
 pub struct InMemoryAnalytics {
@@ -99,6 +116,27 @@ impl State {
 impl InMemoryAnalytics {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The `n` most requested canonical profiles seen since `since`.
+    pub fn top_profiles(&self, n: usize, since: OffsetDateTime) -> Vec<PopularProfile> {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.profiles.top(n, since)
+    }
+
+    /// Appends an audit record, dropping the oldest past [`AUDIT_KEPT`].
+    pub fn audit(&self, record: AuditRecord) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.audit.len() >= AUDIT_KEPT {
+            state.audit.pop_front();
+        }
+        state.audit.push_back(record);
+    }
+
+    /// The audit log, oldest first.
+    pub fn audit_log(&self) -> Vec<AuditRecord> {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.audit.iter().cloned().collect()
     }
 
     pub fn summary(&self, range: &Range) -> Summary {
@@ -201,6 +239,7 @@ impl EventSink for InMemoryAnalytics {
         } else if hour.systems.len() < MAX_SYSTEMS_PER_HOUR {
             hour.systems.insert(event.primary_system, 1);
         }
+        state.profiles.record(event.profile, event.at);
     }
 
     fn record_generation(&self, event: GenerationEvent) {

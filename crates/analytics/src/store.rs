@@ -9,6 +9,7 @@ use sqlx::{PgPool, Row};
 use time::{Date, OffsetDateTime, Time};
 
 use crate::event::{Batch, GenerationEvent, RequestEvent};
+use crate::popularity::PopularProfile;
 use crate::summary::{dollars, ratio, Range, RateBucket, Summary, SystemCount, TOP_SYSTEMS};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
@@ -246,6 +247,33 @@ impl PgStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// The `n` most requested canonical profiles since `since` (days, UTC), whatever
+    /// the engine version they were requested under.
+    pub async fn top_profiles(
+        &self,
+        n: usize,
+        since: OffsetDateTime,
+    ) -> Result<Vec<PopularProfile>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT p.canonical::text AS canonical, sum(d.requests)::int8 AS requests \
+             FROM profile_popularity_daily d JOIN profiles p USING (profile_digest) \
+             WHERE d.day >= $1::date \
+             GROUP BY p.profile_digest, p.canonical \
+             ORDER BY requests DESC, p.profile_digest LIMIT $2",
+        )
+        .bind(since.date())
+        .bind(i64::try_from(n).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| PopularProfile {
+                canonical: row.get("canonical"),
+                requests: unsigned(row.get("requests")),
+            })
+            .collect())
     }
 
     /// The analytics answer for `range`, from the rollups. Totals resolve to whole

@@ -286,3 +286,46 @@ async fn the_audit_log_is_append_only() {
     }
     assert_eq!(count(&store, "SELECT count(*) FROM audit_log").await, 1);
 }
+
+#[tokio::test]
+async fn top_profiles_are_the_most_requested_across_versions_within_the_window() {
+    let store = store("popular").await;
+    let now = OffsetDateTime::now_utc();
+    let mut batch = Batch::new();
+    for (system, times) in [("Sirius", 5), ("Lyra", 2), ("Vega", 3)] {
+        for i in 0..times {
+            let mut event = request(RequestOutcome::HitL1, system, now);
+            // The same profile under two engine versions is one profile.
+            if i % 2 == 1 {
+                event.engine_version = "narrative@2.0.0".to_owned();
+            }
+            batch.requests.push(event);
+        }
+    }
+    let mut old = request(
+        RequestOutcome::HitL1,
+        "Orion",
+        now - time::Duration::days(40),
+    );
+    old.key_digest = "digest-old".to_owned();
+    batch.requests.push(old);
+    store.insert(&batch).await.expect("insert");
+
+    let top = store
+        .top_profiles(2, now - time::Duration::days(30))
+        .await
+        .expect("top profiles");
+    let found: Vec<(String, u64)> = top
+        .iter()
+        .map(|p| {
+            let value: serde_json::Value = serde_json::from_str(&p.canonical).unwrap();
+            (value["primary"].as_str().unwrap().to_owned(), p.requests)
+        })
+        .collect();
+    assert_eq!(found, [("Sirius".to_owned(), 5), ("Vega".to_owned(), 3)]);
+    let all = store
+        .top_profiles(10, now - time::Duration::days(30))
+        .await
+        .expect("top profiles");
+    assert_eq!(all.len(), 3, "Orion was requested before the window");
+}
