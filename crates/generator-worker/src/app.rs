@@ -93,6 +93,7 @@ pub async fn run(
     let consumer_settings = ConsumerSettings {
         queue: app.settings.queue.clone(),
         prefetch: app.settings.prefetch,
+        prewarm_prefetch: app.settings.prewarm_prefetch,
     };
     let consumer = tokio::spawn(consumer::run(
         Arc::clone(&app.worker),

@@ -1,5 +1,7 @@
 //! The consume loop around [`Worker::process_one`]: manual acks only after the job's
-//! outcome is settled (stored and signalled), at most `prefetch` jobs in flight,
+//! outcome is settled (stored and signalled), at most `prefetch` user jobs and
+//! `prewarm_prefetch` pre-warm jobs in flight (each queue on a channel of its own, so
+//! pre-warm jobs never take a user miss's place),
 //! reconnecting by itself when the broker goes away (delivery tags of a lost channel
 //! are void; the broker redelivers those jobs), and on shutdown: stop consuming,
 //! finish the jobs in flight, then close.
@@ -17,14 +19,16 @@ use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::queue::{self, Job, QueueError, QueueSettings, QUEUE};
+use crate::queue::{self, Job, QueueError, QueueSettings, PREWARM_QUEUE, QUEUE};
 use crate::worker::{Disposition, Outcome, Worker};
 
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
     pub queue: QueueSettings,
-    /// Jobs in flight at once (the channel's prefetch).
+    /// User jobs in flight at once (the channel's prefetch).
     pub prefetch: u16,
+    /// Pre-warm jobs in flight at once, on top of `prefetch`.
+    pub prewarm_prefetch: u16,
 }
 
 /// How long a job whose Redis calls failed waits before it goes back to the queue.
@@ -75,31 +79,48 @@ async fn consume(
 ) -> Result<(), QueueError> {
     let broken = |e: lapin::Error| QueueError::Unreachable(e.to_string());
     let connection = queue::connect(&settings.queue.url, Duration::from_secs(5)).await?;
-    let channel = connection.create_channel().await.map_err(broken)?;
-    queue::declare_topology(&channel, &settings.queue)
-        .await
-        .map_err(broken)?;
-    channel
-        .basic_qos(settings.prefetch, BasicQosOptions::default())
-        .await
-        .map_err(broken)?;
     let tag = format!("generator-worker-{}", std::process::id());
-    let mut deliveries = channel
-        .basic_consume(
-            QUEUE,
-            &tag,
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(broken)?;
+    let mut channels = Vec::new();
+    let mut streams = Vec::new();
+    for (queue_name, prefetch) in [
+        (QUEUE, settings.prefetch),
+        (PREWARM_QUEUE, settings.prewarm_prefetch),
+    ] {
+        let channel = connection.create_channel().await.map_err(broken)?;
+        queue::declare_topology(&channel, &settings.queue)
+            .await
+            .map_err(broken)?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(broken)?;
+        let stream = channel
+            .basic_consume(
+                queue_name,
+                &tag,
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(broken)?;
+        channels.push(channel);
+        streams.push(stream);
+    }
+    // Either queue's deliveries, as they come; each is settled on its own channel.
+    let mut deliveries = futures::stream::select_all(streams);
     consuming.0.store(true, Ordering::Release);
-    tracing::info!(prefetch = settings.prefetch, "consuming generation jobs");
+    tracing::info!(
+        prefetch = settings.prefetch,
+        prewarm_prefetch = settings.prewarm_prefetch,
+        "consuming generation jobs"
+    );
     let in_flight = TaskTracker::new();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => {
-                let _ = channel.basic_cancel(&tag, BasicCancelOptions::default()).await;
+                for channel in &channels {
+                    let _ = channel.basic_cancel(&tag, BasicCancelOptions::default()).await;
+                }
                 consuming.0.store(false, Ordering::Release);
                 in_flight.close();
                 in_flight.wait().await;

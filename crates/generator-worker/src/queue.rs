@@ -6,6 +6,9 @@
 //! exchange narrative.jobs (direct, durable) --generate--> queue narrative.generate
 //!     (durable; dead letters to narrative.dlx; quorum with a delivery limit when
 //!      configured, classic otherwise)
+//!                                           --prewarm---> queue narrative.prewarm
+//!     (the same, for pre-warm jobs: workers consume it with capacity of its own, so
+//!      pre-warming never stands in front of a user's miss)
 //! exchange narrative.dlx (fanout, durable) -----------> queue narrative.generate.dead
 //! ```
 //!
@@ -28,6 +31,8 @@ pub const QUEUE: &str = "narrative.generate";
 pub const ROUTING_KEY: &str = "generate";
 pub const DEAD_EXCHANGE: &str = "narrative.dlx";
 pub const DEAD_QUEUE: &str = "narrative.generate.dead";
+pub const PREWARM_QUEUE: &str = "narrative.prewarm";
+pub const PREWARM_ROUTING_KEY: &str = "prewarm";
 
 /// The job format this build writes; readers refuse versions they do not know.
 pub const JOB_VERSION: u32 = 1;
@@ -42,6 +47,8 @@ pub struct Job {
     pub key: String,
     /// The canonical profile's exact JSON (what the key's digest covers).
     pub canonical: String,
+    /// The fill lock the publisher took, which the worker adopts. Empty for pre-warm
+    /// jobs: they hold no lock while they wait, and the worker takes it when it starts.
     pub lock_token: String,
     pub trigger: Trigger,
     pub request_id: String,
@@ -106,13 +113,34 @@ pub const JOBS: Topology = Topology {
     dead_queue: DEAD_QUEUE,
 };
 
+/// Pre-warm jobs: the same exchange and dead letters, a queue of their own.
+pub const PREWARM: Topology = Topology {
+    exchange: EXCHANGE,
+    queue: PREWARM_QUEUE,
+    routing_key: PREWARM_ROUTING_KEY,
+    dead_exchange: DEAD_EXCHANGE,
+    dead_queue: DEAD_QUEUE,
+};
+
 /// Declares the exchanges and queues (idempotent: every process does it at start-up).
 pub async fn declare_topology(
     channel: &Channel,
     settings: &QueueSettings,
 ) -> Result<(), lapin::Error> {
-    JOBS.declare(channel, settings.quorum, Some(settings.delivery_limit))
-        .await
+    for topology in [JOBS, PREWARM] {
+        topology
+            .declare(channel, settings.quorum, Some(settings.delivery_limit))
+            .await?;
+    }
+    Ok(())
+}
+
+/// The queue a job goes to: pre-warm jobs have their own.
+pub fn routing_key(job: &Job) -> &'static str {
+    match job.trigger {
+        Trigger::Prewarm => PREWARM_ROUTING_KEY,
+        Trigger::Miss | Trigger::Refresh => ROUTING_KEY,
+    }
 }
 
 /// A channel in confirm mode on which jobs are published.
@@ -148,7 +176,7 @@ pub async fn publish(
         let confirm = channel
             .basic_publish(
                 EXCHANGE,
-                ROUTING_KEY,
+                routing_key(job),
                 BasicPublishOptions::default(),
                 &job.to_bytes(),
                 properties,

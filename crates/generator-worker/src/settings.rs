@@ -45,8 +45,10 @@ pub struct WorkerSettings {
     pub bind_addr: SocketAddr,
     pub redis: RedisConfig,
     pub queue: QueueSettings,
-    /// Jobs in flight at once.
+    /// User jobs in flight at once.
     pub prefetch: u16,
+    /// Pre-warm jobs in flight at once, on top of `prefetch`.
+    pub prewarm_prefetch: u16,
     pub llm: Option<LlmSettings>,
     pub cache_ttl: Duration,
 }
@@ -69,12 +71,20 @@ impl WorkerSettings {
         if prefetch == 0 {
             return Err(ConfigError::new("WORKER_PREFETCH", "must be at least 1"));
         }
+        let prewarm_prefetch = vars.from_str_or("WORKER_PREWARM_PREFETCH", 1u16)?;
+        if prewarm_prefetch == 0 {
+            return Err(ConfigError::new(
+                "WORKER_PREWARM_PREFETCH",
+                "must be at least 1",
+            ));
+        }
         let cache_ttl = vars.duration_or("CACHE_TTL", Duration::from_secs(30 * 86_400))?;
         Ok(Self {
             bind_addr: vars.from_str_or("BIND_ADDR", SocketAddr::from(([127, 0, 0, 1], 9091)))?,
             redis,
             queue,
             prefetch,
+            prewarm_prefetch,
             llm: crate::generator::llm_settings_from(vars)?,
             cache_ttl,
         })

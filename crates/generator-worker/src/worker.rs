@@ -190,11 +190,11 @@ impl Worker {
             Err(cache_core::StoreError::Corrupt(_)) => write_mode = WriteMode::Replace,
             Err(error) => return Outcome::Retry(error.to_string()),
         }
-        match self.lock.adopt(&key, &token).await {
-            Ok(true) => {}
-            Ok(false) => return Outcome::HeldElsewhere,
+        let token = match self.take_lock(job, &key, token).await {
+            Ok(Some(token)) => token,
+            Ok(None) => return Outcome::HeldElsewhere,
             Err(error) => return Outcome::Retry(error.to_string()),
-        }
+        };
         let started = Instant::now();
         let generated = self
             .lock
@@ -240,6 +240,20 @@ impl Worker {
         };
         let _ = self.lock.release(&key, &token).await;
         outcome
+    }
+
+    /// The job's lock: adopted from its publisher, or, for a pre-warm job (which waits
+    /// holding none), taken now. `None` when someone else holds the key.
+    async fn take_lock(
+        &self,
+        job: &Job,
+        key: &CacheKey,
+        token: LockToken,
+    ) -> Result<Option<LockToken>, cache_core::StoreError> {
+        if job.trigger == crate::queue::Trigger::Prewarm {
+            return self.lock.try_acquire(key).await;
+        }
+        Ok(self.lock.adopt(key, &token).await?.then_some(token))
     }
 
     async fn signal(&self, signal: Signal, key: &CacheKey) {
