@@ -19,7 +19,8 @@ use tokio_util::task::TaskTracker;
 use crate::http::{self, ApiError};
 use crate::metrics::Metrics;
 use crate::service::{
-    AnalyticsSource, Distributed, JobPublisher, NarrativeService, RedisTallies, ServiceParts,
+    AnalyticsSource, Distributed, JobPublisher, NarrativeService, PrewarmRuns, RedisTallies,
+    ServiceParts,
 };
 use crate::settings::{RedisSettings, Settings};
 
@@ -36,9 +37,23 @@ pub struct AppState {
     /// The background tasks (signal subscription, counter flushing), awaited at
     /// shutdown so their last work (the final counter flush) is done.
     pub background_tasks: TaskTracker,
+    pub prewarm_runs: PrewarmRuns,
 }
 
 impl AppState {
+    /// Records an admin action in the audit log and the structured log (target
+    /// `audit`). The actor is the admin token's holder: there is one admin identity.
+    pub fn audit(&self, action: &str, detail: serde_json::Value) {
+        tracing::info!(target: "audit", actor = "admin", action, %detail, "audit");
+        self.analytics.audit(analytics::AuditRecord {
+            at: time::OffsetDateTime::now_utc(),
+            actor: "admin".to_owned(),
+            action: action.to_owned(),
+            subject: None,
+            detail,
+        });
+    }
+
     /// Counts a rejected request by its error code, and passes the result on.
     pub(crate) fn reject_counted<T>(&self, result: Result<T, ApiError>) -> Result<T, ApiError> {
         if let Err(error) = &result {
@@ -162,6 +177,7 @@ impl App {
                 events,
                 background,
                 background_tasks,
+                prewarm_runs: PrewarmRuns::default(),
             }),
         })
     }

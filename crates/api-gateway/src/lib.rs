@@ -8,6 +8,7 @@
 //! on a listener until shutdown; `main.rs` only reads settings and calls it.
 
 pub mod app;
+pub mod auth;
 mod http;
 pub mod metrics;
 pub mod service;

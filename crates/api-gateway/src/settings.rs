@@ -8,6 +8,8 @@ use analytics::PublisherSettings;
 use cache_core::config::{ConfigError, Vars};
 use cache_core::redis_backend::RedisConfig;
 use cache_core::{CacheKeySecret, EngineVersion, PromptHash, QuantizationStep};
+
+use crate::auth::BearerSecret;
 use generator_worker::queue::QueueSettings;
 use generator_worker::settings::queue_settings_from;
 use generator_worker::{llm_settings_from, LlmSettings};
@@ -39,6 +41,12 @@ pub struct Settings {
     /// Set with `DATABASE_URL`: events go to RabbitMQ for the `analytics` service, and
     /// `/narrative/analytics` reads Postgres. Unset, both stay in process.
     pub analytics: Option<AnalyticsSettings>,
+    /// `ADMIN_TOKEN`: the bearer token of admin routes; unset, they are refused.
+    pub admin_token: Option<BearerSecret>,
+    /// Time between two pre-warm generations started (`PREWARM_RATE` per second).
+    pub prewarm_interval: Duration,
+    /// How far back popularity looks for a top-N pre-warm (`PREWARM_WINDOW`).
+    pub prewarm_window: Duration,
 }
 
 /// Distributed mode's Redis: where, how patient, and how values are sealed.
@@ -53,7 +61,10 @@ pub struct RedisSettings {
 /// Settings that belong to capabilities this version does not have yet. Starting with
 /// one of them set would silently ignore it (a shared cache that is not shared, an API
 /// that is not protected), so start-up refuses instead.
-const NOT_YET_SUPPORTED: [&str; 2] = ["API_KEYS", "ADMIN_TOKEN"];
+const NOT_YET_SUPPORTED: [&str; 1] = ["API_KEYS"];
+
+/// The shortest `ADMIN_TOKEN` accepted: a guessable admin token spends the LLM budget.
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
 
 pub const MIN_SECRET_BYTES: usize = 16;
 
@@ -91,7 +102,27 @@ impl Settings {
                  and keys hashed without a secret can be reversed by enumerating profiles",
             ));
         }
+        let admin_token = vars.parse_or("ADMIN_TOKEN", None, |text| {
+            if text.trim().len() < MIN_ADMIN_TOKEN_BYTES {
+                Err(format!("must be at least {MIN_ADMIN_TOKEN_BYTES} bytes"))
+            } else {
+                Ok(Some(BearerSecret::new(text.trim())))
+            }
+        })?;
+        let prewarm_rate = vars.from_str_or("PREWARM_RATE", 1.0f64)?;
+        if !(prewarm_rate.is_finite() && prewarm_rate > 0.0 && prewarm_rate <= 1_000.0) {
+            return Err(ConfigError::new(
+                "PREWARM_RATE",
+                "must be a number of generations per second, above 0 and at most 1000",
+            ));
+        }
         Ok(Self {
+            admin_token,
+            prewarm_interval: Duration::from_secs_f64(1.0 / prewarm_rate),
+            prewarm_window: positive(
+                vars.duration_or("PREWARM_WINDOW", Duration::from_secs(30 * 86_400))?,
+                "PREWARM_WINDOW",
+            )?,
             bind_addr: vars.from_str_or("BIND_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
             engine_version: vars.parse_or(
                 "ENGINE_VERSION",
@@ -227,6 +258,10 @@ mod tests {
             ("CACHE_ENCRYPTION_KEY", "k1:short", &[SECRET, REDIS]),
             ("LOCK_TTL", "0s", &[SECRET, REDIS]),
             ("API_KEYS", "app:secret", &[]),
+            ("ADMIN_TOKEN", "short", &[]),
+            ("PREWARM_RATE", "0", &[]),
+            ("PREWARM_RATE", "fast", &[]),
+            ("PREWARM_WINDOW", "0s", &[]),
         ];
         for (var, value, context) in cases {
             let pairs = context.iter().copied().chain([(*var, *value)]);

@@ -1,7 +1,8 @@
 //! Errors a client sees: each owns its status and a JSON body
 //! `{"error": {"code", "message", "field"}}`. Failures the system can degrade around
-//! never reach the client as errors; the one 5xx here is the 504 a client asks for
-//! with `Cache-Control: only-if-cached` when nothing is stored (RFC 9111).
+//! never reach the client as errors; the 5xx here are the 504 a client asks for with
+//! `Cache-Control: only-if-cached` when nothing is stored (RFC 9111), and the 503 of an
+//! admin route whose backend is down.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -30,6 +31,14 @@ pub enum ApiError {
     NoRoute,
     #[error("method not allowed on this route")]
     MethodNotAllowed,
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
+    /// A backend this route cannot do without is down (an admin route: client routes
+    /// degrade instead).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 #[derive(Serialize)]
@@ -54,6 +63,9 @@ impl ApiError {
             Self::NotFound | Self::NoRoute => StatusCode::NOT_FOUND,
             Self::NotCached => StatusCode::GATEWAY_TIMEOUT,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -68,6 +80,9 @@ impl ApiError {
             Self::NotCached => "not_cached",
             Self::NoRoute => "no_route",
             Self::MethodNotAllowed => "method_not_allowed",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden(_) => "forbidden",
+            Self::Unavailable(_) => "unavailable",
         }
     }
 }
@@ -86,6 +101,13 @@ impl IntoResponse for ApiError {
                 field,
             },
         };
-        (self.status(), Json(body)).into_response()
+        let mut response = (self.status(), Json(body)).into_response();
+        if matches!(self, Self::Unauthorized) {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
 }

@@ -1,6 +1,7 @@
 //! HTTP: one module per resource, each exposing `router()`; `error` is the JSON error
 //! every route answers with.
 
+mod admin;
 mod error;
 mod narrative;
 mod ops;
@@ -20,6 +21,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(narrative::router())
+        .merge(admin::router())
         .merge(ops::router())
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

@@ -51,8 +51,10 @@ impl NarrativeService {
             match shared.lock.try_acquire(key).await {
                 // Refreshes run here rather than as jobs: a worker would find the
                 // stale value and consider the job done.
+                // Pre-warms reach this with no workers configured (with workers they
+                // are jobs on their own queue, published by the run).
                 Ok(Some(token)) => match (&shared.jobs, mode) {
-                    (None, _) | (_, FillMode::Replace { .. }) => {
+                    (None, _) | (_, FillMode::Replace { .. } | FillMode::Prewarm) => {
                         return self.fill_as_holder(shared, keyed, token, mode).await
                     }
                     (Some(jobs), FillMode::Miss) => {
@@ -121,7 +123,7 @@ impl NarrativeService {
         mode: FillMode,
     ) -> Option<Arc<Envelope>> {
         match mode {
-            FillMode::Miss => self
+            FillMode::Miss | FillMode::Prewarm => self
                 .cached(&keyed.key)
                 .await
                 .map(|(envelope, _, _)| envelope),
@@ -183,7 +185,7 @@ impl NarrativeService {
         let key = &keyed.key;
         let value = shared.redis.encode(key, envelope).await;
         let write_mode = match mode {
-            FillMode::Miss => WriteMode::IfAbsent,
+            FillMode::Miss | FillMode::Prewarm => WriteMode::IfAbsent,
             FillMode::Replace { .. } => WriteMode::Replace,
         };
         match shared

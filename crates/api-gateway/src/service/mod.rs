@@ -19,6 +19,7 @@
 mod counters;
 mod distributed;
 mod jobs;
+mod prewarm;
 mod reporting;
 
 use std::sync::Arc;
@@ -37,6 +38,7 @@ use tokio_util::task::TaskTracker;
 pub use counters::{Count, Counters, Totals};
 pub use distributed::Distributed;
 pub use jobs::JobPublisher;
+pub use prewarm::{PrewarmRuns, RunProgress, Step};
 pub use reporting::{AnalyticsSource, RedisTallies};
 
 use crate::metrics::{Metrics, Outcome};
@@ -136,6 +138,8 @@ pub enum FillMode {
     /// Replace the entry created at `older_than_ms` (a refresh): only a newer value
     /// will do, and it is written over the old one.
     Replace { older_than_ms: i64 },
+    /// Nothing is stored and no user is waiting: a pre-warm generated in process.
+    Prewarm,
 }
 
 impl FillMode {
@@ -143,6 +147,7 @@ impl FillMode {
         match self {
             Self::Miss => Trigger::Miss,
             Self::Replace { .. } => Trigger::Refresh,
+            Self::Prewarm => Trigger::Prewarm,
         }
     }
 }
@@ -574,7 +579,7 @@ impl NarrativeService {
         }
         if let Some((envelope, _, _)) = self.cached(&keyed.key).await {
             let will_do = match mode {
-                FillMode::Miss => true,
+                FillMode::Miss | FillMode::Prewarm => true,
                 FillMode::Replace { older_than_ms } => envelope.created_at_ms > older_than_ms,
             };
             if will_do {

@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use analytics::summary::{ratio, Summary, SystemCount, TOP_SYSTEMS};
-use analytics::{Batch, BatchObserver, InMemoryAnalytics, PgStore, Range};
+use analytics::{
+    AuditRecord, Batch, BatchObserver, InMemoryAnalytics, PgStore, PopularProfile, Range,
+};
 use cache_core::redis_backend::RedisBackend;
 
 use super::NarrativeService;
@@ -25,6 +27,9 @@ const USERS_KEY_PREFIX: &str = "{narrative:users}:";
 /// Days of unique-user counts kept.
 const USERS_TTL_SECS: u64 = 400 * 86_400;
 
+/// Tries to store an audit record in Postgres, about ten minutes' worth with backoff.
+const AUDIT_ATTEMPTS: u32 = 25;
+
 fn users_key(day: time::Date) -> String {
     format!("{USERS_KEY_PREFIX}{day}")
 }
@@ -39,6 +44,53 @@ pub enum AnalyticsSource {
 }
 
 impl AnalyticsSource {
+    /// The `n` most requested canonical profiles in the last `window`.
+    pub async fn top_profiles(
+        &self,
+        n: usize,
+        window: std::time::Duration,
+    ) -> Result<Vec<PopularProfile>, analytics::store::StoreError> {
+        let since = time::OffsetDateTime::now_utc() - window;
+        match self {
+            Self::Memory(memory) => Ok(memory.top_profiles(n, since)),
+            Self::Postgres { store, .. } => store.top_profiles(n, since).await,
+        }
+    }
+
+    /// Appends to the audit log: in memory, or Postgres (retried in the background
+    /// for a while when it is down; the structured log has the record either way).
+    pub fn audit(&self, record: AuditRecord) {
+        match self {
+            Self::Memory(memory) => memory.audit(record),
+            Self::Postgres { store, .. } => {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut delay = std::time::Duration::from_millis(500);
+                    for attempt in 1..=AUDIT_ATTEMPTS {
+                        let stored = store
+                            .audit(
+                                &record.actor,
+                                &record.action,
+                                record.subject.as_deref(),
+                                record.detail.clone(),
+                            )
+                            .await;
+                        match stored {
+                            Ok(()) => return,
+                            Err(error) if attempt == AUDIT_ATTEMPTS => {
+                                tracing::error!(%error, action = %record.action, "audit record not stored in Postgres; it is in this log only");
+                            }
+                            Err(_) => {
+                                tokio::time::sleep(delay).await;
+                                delay = (delay * 2).min(std::time::Duration::from_secs(30));
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    }
+
     pub async fn summary(&self, range: &Range, service: &NarrativeService) -> Summary {
         let (store, redis) = match self {
             Self::Memory(memory) => return memory.summary(range),

@@ -15,14 +15,16 @@ use tokio::sync::oneshot;
 use crate::helpers::{profile, spawn_app_with, unique_version, TestApp};
 use crate::workers::TestWorker;
 
-struct TestAnalytics {
+pub(crate) struct TestAnalytics {
     app: AnalyticsApp,
+    /// The broker vhost the fleet shares.
+    pub(crate) amqp: String,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl TestAnalytics {
-    async fn start(database_url: &str, amqp: &str) -> Self {
+    pub(crate) async fn start(database_url: &str, amqp: &str) -> Self {
         let vars = Vars::from_pairs([("DATABASE_URL", database_url), ("AMQP_URL", amqp)]);
         let app = AnalyticsApp::build(AnalyticsSettings::from_vars(&vars).expect("settings"))
             .expect("analytics");
@@ -35,19 +37,20 @@ impl TestAnalytics {
         }));
         Self {
             app,
+            amqp: amqp.to_owned(),
             stop: Some(stop),
             task,
         }
     }
 
-    async fn count(&self, sql: &str) -> i64 {
+    pub(crate) async fn count(&self, sql: &str) -> i64 {
         sqlx::query_scalar(sql)
             .fetch_one(self.app.store.pool())
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -56,7 +59,7 @@ impl TestAnalytics {
 }
 
 /// A gateway with Redis, RabbitMQ and Postgres, and one worker.
-async fn fleet(label: &str, database_url: &str) -> (TestApp, TestWorker, TestAnalytics) {
+pub(crate) async fn fleet(label: &str, database_url: &str) -> (TestApp, TestWorker, TestAnalytics) {
     let amqp = test_kit::rabbitmq().vhost(label);
     let analytics = TestAnalytics::start(database_url, &amqp).await;
     let sim = llm_sim::spawn(SimConfig {
@@ -91,7 +94,12 @@ async fn requests(app: &TestApp, first: u32, count: u32) {
     );
 }
 
-async fn events_reach(analytics: &TestAnalytics, table: &str, expected: i64, limit: Duration) {
+pub(crate) async fn events_reach(
+    analytics: &TestAnalytics,
+    table: &str,
+    expected: i64,
+    limit: Duration,
+) {
     let sql = format!("SELECT count(*) FROM {table}");
     test_kit::eventually(&format!("{expected} rows in {table}"), limit, || async {
         analytics.count(&sql).await == expected

@@ -10,5 +10,6 @@ mod helpers;
 mod lost_holders;
 mod narrative;
 mod ops;
+mod prewarm;
 mod stampede;
 mod workers;

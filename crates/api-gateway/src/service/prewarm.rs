@@ -1,0 +1,221 @@
+//! Pre-warming: generating the narratives users are about to ask for before they ask.
+//!
+//! A run takes canonical profiles (the most popular ones, or an admin's own list),
+//! keys each under the current engine version and prompt, and skips those already
+//! cached. The rest start one by one, paced at `PREWARM_RATE`, and never in a user
+//! miss's way:
+//!
+//! - With workers (`AMQP_URL`), each is a job on its own queue, `narrative.prewarm`,
+//!   which workers consume with capacity of its own, so a prewarm job never stands in
+//!   front of a user miss. The job holds no fill lock while it waits: the worker takes
+//!   the lock when it starts, and finds the entry already there if a user miss
+//!   generated it meanwhile.
+//! - Without, each is an ordinary flight with the `prewarm` trigger: a user request for
+//!   the same key joins it instead of paying twice, and with Redis the fill lock makes
+//!   it one generation across instances.
+//!
+//! A run's progress is kept in process (the last [`RUNS_KEPT`] runs) for
+//! `GET /narrative/prewarm/{id}`; the audit log records each run's start and end.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use cache_core::{now_ms, KeyedProfile};
+use generator_worker::queue::{Job, JOB_VERSION};
+use serde::Serialize;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::{FillMode, NarrativeService, Trigger};
+
+/// Runs whose progress stays queryable.
+pub const RUNS_KEPT: usize = 32;
+
+/// What became of one profile of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Already cached (or being generated elsewhere): nothing to do.
+    Skipped,
+    /// Handed to the workers' prewarm queue (confirmed by the broker).
+    Queued,
+    /// Generated in this process and stored.
+    Generated,
+    Failed,
+}
+
+/// One run's counts, updated as it goes.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunProgress {
+    pub run_id: String,
+    /// Profiles asked for, after removing duplicates.
+    pub requested: u64,
+    /// Found cached before the run started.
+    pub skipped: u64,
+    /// To be started: `requested - skipped`.
+    pub queued: u64,
+    /// Started so far (queued to workers, or generated here), of `queued`.
+    pub sent: AtomicU64,
+    /// Found cached or in flight when their turn came.
+    pub skipped_later: AtomicU64,
+    pub failed: AtomicU64,
+    pub done: AtomicBool,
+}
+
+impl RunProgress {
+    pub fn new(run_id: String, requested: u64, skipped: u64) -> Self {
+        Self {
+            run_id,
+            requested,
+            skipped,
+            queued: requested - skipped,
+            sent: AtomicU64::new(0),
+            skipped_later: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            done: AtomicBool::new(false),
+        }
+    }
+
+    fn count(&self, step: Step) {
+        let counter = match step {
+            Step::Skipped => &self.skipped_later,
+            Step::Queued | Step::Generated => &self.sent,
+            Step::Failed => &self.failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Profiles not yet through (neither sent, skipped nor failed).
+    pub fn remaining(&self) -> u64 {
+        let through = self.sent.load(Ordering::Relaxed)
+            + self.skipped_later.load(Ordering::Relaxed)
+            + self.failed.load(Ordering::Relaxed);
+        self.queued.saturating_sub(through)
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    /// Marks the run done: its caller has recorded the outcome.
+    pub fn finish(&self) {
+        self.done.store(true, Ordering::Release);
+    }
+}
+
+/// The runs this process started, newest last.
+#[derive(Debug, Default)]
+pub struct PrewarmRuns {
+    runs: Mutex<VecDeque<Arc<RunProgress>>>,
+}
+
+impl PrewarmRuns {
+    pub fn start(&self, requested: u64, skipped: u64) -> Arc<RunProgress> {
+        let id = format!("{:016x}", rand::random::<u64>());
+        let run = Arc::new(RunProgress::new(id, requested, skipped));
+        let mut runs = self.runs.lock().unwrap_or_else(PoisonError::into_inner);
+        if runs.len() >= RUNS_KEPT {
+            runs.pop_front();
+        }
+        runs.push_back(Arc::clone(&run));
+        run
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<RunProgress>> {
+        let runs = self.runs.lock().unwrap_or_else(PoisonError::into_inner);
+        runs.iter().find(|run| run.run_id == id).cloned()
+    }
+}
+
+impl NarrativeService {
+    /// Splits `profiles` into those already cached and those to warm, dropping
+    /// duplicate keys.
+    pub async fn prewarm_plan(&self, profiles: Vec<KeyedProfile>) -> (Vec<KeyedProfile>, u64) {
+        let mut seen = std::collections::HashSet::new();
+        let mut to_warm = Vec::new();
+        let mut cached = 0;
+        for keyed in profiles {
+            if !seen.insert(keyed.key.clone()) {
+                continue;
+            }
+            if self.cached(&keyed.key).await.is_some() {
+                cached += 1;
+            } else {
+                to_warm.push(keyed);
+            }
+        }
+        (to_warm, cached)
+    }
+
+    /// Starts `profiles` one per `interval` until all are through or `stop`.
+    pub async fn prewarm_run(
+        self: Arc<Self>,
+        profiles: Vec<KeyedProfile>,
+        run: Arc<RunProgress>,
+        interval: Duration,
+        stop: CancellationToken,
+    ) {
+        let mut pace = tokio::time::interval(interval);
+        pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut generating = JoinSet::new();
+        for keyed in profiles {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = pace.tick() => {}
+            }
+            match self.prewarm_start(&keyed).await {
+                Started::Done(step) => run.count(step),
+                Started::Flight(flight) => {
+                    let run = Arc::clone(&run);
+                    generating.spawn(async move { run.count(flight.await) });
+                }
+            }
+        }
+        while generating.join_next().await.is_some() {}
+    }
+
+    async fn prewarm_start(self: &Arc<Self>, keyed: &KeyedProfile) -> Started {
+        if self.cached(&keyed.key).await.is_some() {
+            return Started::Done(Step::Skipped);
+        }
+        let jobs = self
+            .distributed
+            .as_ref()
+            .and_then(|shared| shared.jobs.as_ref());
+        if let Some(jobs) = jobs {
+            let job = Job {
+                version: JOB_VERSION,
+                key: keyed.key.to_string(),
+                canonical: keyed.canonical_json.clone(),
+                // The worker takes the lock when it starts the job (see the module doc).
+                lock_token: String::new(),
+                trigger: Trigger::Prewarm,
+                request_id: format!("prewarm-{:016x}", rand::random::<u64>()),
+                enqueued_at_ms: now_ms(),
+            };
+            return Started::Done(match jobs.publish(&job).await {
+                Ok(()) => Step::Queued,
+                Err(error) => {
+                    tracing::warn!(%error, "prewarm job not enqueued; the next run retries it");
+                    Step::Failed
+                }
+            });
+        }
+        let (follower, collapsed) = self.join_flight(keyed, FillMode::Prewarm);
+        Started::Flight(Box::pin(async move {
+            match follower.wait().await {
+                // A flight a user started was already generating it.
+                Some(Ok(_)) if collapsed => Step::Skipped,
+                Some(Ok(_)) => Step::Generated,
+                Some(Err(_)) | None => Step::Failed,
+            }
+        }))
+    }
+}
+
+enum Started {
+    Done(Step),
+    Flight(std::pin::Pin<Box<dyn std::future::Future<Output = Step> + Send>>),
+}
