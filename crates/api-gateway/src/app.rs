@@ -170,6 +170,7 @@ impl App {
         );
         Ok(Self {
             state: Arc::new(AppState {
+                prewarm_runs: PrewarmRuns::new(settings.prewarm_interval),
                 settings,
                 service,
                 metrics,
@@ -177,7 +178,6 @@ impl App {
                 events,
                 background,
                 background_tasks,
-                prewarm_runs: PrewarmRuns::default(),
             }),
         })
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use analytics::InMemoryAnalytics;
 use api_gateway::service::{
-    Caller, Directives, NarrativeService, RunProgress, ServiceParts, Source,
+    Caller, Directives, NarrativeService, Pacer, RunProgress, ServiceParts, Source,
 };
 use api_gateway::Metrics;
 use cache_core::{
@@ -150,7 +150,7 @@ pub async fn simulate(shape: &TrafficShape, settings: &SimSettings) -> Report {
             .prewarm_run(
                 to_warm,
                 run,
-                Duration::from_micros(1),
+                Arc::new(Pacer::new(Duration::from_micros(1))),
                 CancellationToken::new(),
             )
             .await;

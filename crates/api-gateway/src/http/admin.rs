@@ -104,14 +104,14 @@ async fn start_prewarm(
     );
     tracing::info!(run_id = %run.run_id, requested, queued = run.queued, skipped, "prewarm run started");
     let (service, progress) = (Arc::clone(&state.service), Arc::clone(&run));
-    let (interval, stop, audit) = (
-        state.settings.prewarm_interval,
+    let (pacer, stop, audit) = (
+        state.prewarm_runs.pacer(),
         state.background.clone(),
         Arc::clone(&state),
     );
     state.background_tasks.spawn(async move {
         service
-            .prewarm_run(to_warm, Arc::clone(&progress), interval, stop)
+            .prewarm_run(to_warm, Arc::clone(&progress), pacer, stop)
             .await;
         let mut outcome = progress_json(&progress);
         outcome["state"] = "done".into();

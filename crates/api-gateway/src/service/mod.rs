@@ -38,7 +38,7 @@ use tokio_util::task::TaskTracker;
 pub use counters::{Count, Counters, Totals};
 pub use distributed::Distributed;
 pub use jobs::JobPublisher;
-pub use prewarm::{PrewarmRuns, RunProgress, Step};
+pub use prewarm::{Pacer, PrewarmRuns, RunProgress, Step};
 pub use reporting::{AnalyticsSource, RedisTallies};
 
 use crate::metrics::{Metrics, Outcome};

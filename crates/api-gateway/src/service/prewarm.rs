@@ -105,13 +105,54 @@ impl RunProgress {
     }
 }
 
-/// The runs this process started, newest last.
-#[derive(Debug, Default)]
+/// Hands out start times one `interval` apart, to every run of the process together:
+/// `PREWARM_RATE` is the gateway's rate, however many runs are going.
+#[derive(Debug)]
+pub struct Pacer {
+    interval: Duration,
+    next: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Pacer {
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            next: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Waits for this caller's turn.
+    pub async fn wait(&self) {
+        let slot = {
+            let mut next = self.next.lock().await;
+            let now = tokio::time::Instant::now();
+            let slot = next.map_or(now, |at| at.max(now));
+            *next = Some(slot + self.interval);
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+    }
+}
+
+/// The runs this process started, newest last, and the pace they share.
+#[derive(Debug)]
 pub struct PrewarmRuns {
     runs: Mutex<VecDeque<Arc<RunProgress>>>,
+    pacer: Arc<Pacer>,
 }
 
 impl PrewarmRuns {
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            runs: Mutex::new(VecDeque::new()),
+            pacer: Arc::new(Pacer::new(interval)),
+        }
+    }
+
+    pub fn pacer(&self) -> Arc<Pacer> {
+        Arc::clone(&self.pacer)
+    }
+
     pub fn start(&self, requested: u64, skipped: u64) -> Arc<RunProgress> {
         let id = format!("{:016x}", rand::random::<u64>());
         let run = Arc::new(RunProgress::new(id, requested, skipped));
@@ -149,21 +190,20 @@ impl NarrativeService {
         (to_warm, cached)
     }
 
-    /// Starts `profiles` one per `interval` until all are through or `stop`.
+    /// Starts `profiles` one at a time as `pacer` allows, until all are through or
+    /// `stop`, and waits for those generated in process.
     pub async fn prewarm_run(
         self: Arc<Self>,
         profiles: Vec<KeyedProfile>,
         run: Arc<RunProgress>,
-        interval: Duration,
+        pacer: Arc<Pacer>,
         stop: CancellationToken,
     ) {
-        let mut pace = tokio::time::interval(interval);
-        pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut generating = JoinSet::new();
         for keyed in profiles {
             tokio::select! {
                 () = stop.cancelled() => break,
-                _ = pace.tick() => {}
+                () = pacer.wait() => {}
             }
             match self.prewarm_start(&keyed).await {
                 Started::Done(step) => run.count(step),
@@ -218,4 +258,23 @@ impl NarrativeService {
 enum Started {
     Done(Step),
     Flight(std::pin::Pin<Box<dyn std::future::Future<Output = Step> + Send>>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn every_run_shares_one_pace() {
+        let pacer = Pacer::new(Duration::from_secs(1));
+        let started = tokio::time::Instant::now();
+        // Three runs asking at once get three turns a second apart, not one each.
+        tokio::join!(pacer.wait(), pacer.wait(), pacer.wait());
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        // A pacer left idle does not bank turns: the next one waits for nothing.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let idle = tokio::time::Instant::now();
+        pacer.wait().await;
+        assert_eq!(idle.elapsed(), Duration::ZERO);
+    }
 }
