@@ -11,7 +11,11 @@
 # 2. Key derivation: criterion, parse + validate + canonicalize + HMAC.
 # 3. Redis memory per entry over 100,000 entries against the raw narrative size.
 # 4. Misses through RabbitMQ workers: overhead over the LLM latency; worker jobs/s.
-# Needs redis-server and rabbitmq-server (scripts/test.sh installs them).
+# 5. Analytics: event ingest into Postgres (store, and RabbitMQ -> analytics ->
+#    Postgres); cached-hit throughput with analytics on and off, side by side.
+# 6. User misses before, during and after a 500-profile pre-warm.
+# 7. workload-sim --quick: hit rate and cost by quantization step and pre-warm size.
+# Needs redis-server, rabbitmq-server and postgresql (scripts/test.sh installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-5}
@@ -87,3 +91,12 @@ cargo bench -q -p api-gateway --bench redis_memory 2>/dev/null | grep -E 'compre
 
 echo "== misses through RabbitMQ workers, and worker throughput (simulator 500 ms)"
 cargo bench -q -p api-gateway --bench queue_miss 2>/dev/null | grep -E 'round|prefetch'
+
+echo "== analytics: event ingest into Postgres"
+cargo bench -q -p analytics --bench ingest 2>/dev/null | grep -E 'machine|events_per_s'
+echo "== analytics: cached-hit throughput, on vs off"
+BENCH_SECONDS=$seconds BENCH_ROUNDS=$rounds cargo bench -q -p api-gateway --bench analytics_overhead 2>/dev/null | grep -E 'round|ratios|stored'
+echo "== user misses beside a pre-warm"
+cargo bench -q -p api-gateway --bench prewarm_latency 2>/dev/null
+echo "== workload simulator (quick)"
+cargo run -q --release -p workload-sim -- --quick
