@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::http::{self, ApiError};
+use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
 use crate::service::{
     AnalyticsSource, Distributed, JobPublisher, NarrativeService, PrewarmRuns, RedisTallies,
@@ -38,6 +39,8 @@ pub struct AppState {
     /// shutdown so their last work (the final counter flush) is done.
     pub background_tasks: TaskTracker,
     pub prewarm_runs: PrewarmRuns,
+    /// Per-client rate limits, when configured.
+    pub rate_limiter: Option<RateLimiter>,
 }
 
 impl AppState {
@@ -168,8 +171,15 @@ impl App {
             model = service.generator().model(),
             "narrative service ready"
         );
-        Ok(Self {
+        if settings.client_keys.is_empty() {
+            tracing::warn!(
+                bind_addr = %settings.bind_addr,
+                "no API_KEYS: client routes are open to anyone who can reach the gateway"
+            );
+        }
+        let app = Self {
             state: Arc::new(AppState {
+                rate_limiter: settings.rate_limit.map(RateLimiter::new),
                 prewarm_runs: PrewarmRuns::new(settings.prewarm_interval),
                 settings,
                 service,
@@ -179,7 +189,10 @@ impl App {
                 background,
                 background_tasks,
             }),
-        })
+        };
+        app.state
+            .audit("startup", app.state.settings.audit_summary());
+        Ok(app)
     }
 
     pub fn state(&self) -> &Arc<AppState> {

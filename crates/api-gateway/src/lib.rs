@@ -10,6 +10,7 @@
 pub mod app;
 pub mod auth;
 mod http;
+pub mod limits;
 pub mod metrics;
 pub mod service;
 pub mod settings;

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub refresh_failures: IntCounter,
     pub cache_entries: Gauge,
     pub cache_bytes: Gauge,
+    rate_limited: IntCounterVec,
+    client_requests: IntCounterVec,
 }
 
 impl Metrics {
@@ -144,6 +146,22 @@ impl Metrics {
                 .expect("valid metric"),
             cache_bytes: Gauge::new("narrative_cache_bytes", "Bytes the cache holds")
                 .expect("valid metric"),
+            rate_limited: IntCounterVec::new(
+                Opts::new(
+                    "narrative_rate_limited_total",
+                    "Requests refused with 429, by client (names from API_KEYS)",
+                ),
+                &["client"],
+            )
+            .expect("valid metric"),
+            client_requests: IntCounterVec::new(
+                Opts::new(
+                    "narrative_client_requests_total",
+                    "Requests to client routes that passed authentication, by client",
+                ),
+                &["client"],
+            )
+            .expect("valid metric"),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -162,6 +180,8 @@ impl Metrics {
             Box::new(metrics.refresh_failures.clone()),
             Box::new(metrics.cache_entries.clone()),
             Box::new(metrics.cache_bytes.clone()),
+            Box::new(metrics.rate_limited.clone()),
+            Box::new(metrics.client_requests.clone()),
         ];
         for collector in collectors {
             metrics
@@ -185,6 +205,15 @@ impl Metrics {
 
     pub fn rejected(&self, code: &'static str) {
         self.rejected.with_label_values(&[code]).inc();
+    }
+
+    /// `client` is a configured client name, `admin` or `anonymous`: a bounded set.
+    pub fn rate_limited(&self, client: &str) {
+        self.rate_limited.with_label_values(&[client]).inc();
+    }
+
+    pub fn client_request(&self, client: &str) {
+        self.client_requests.with_label_values(&[client]).inc();
     }
 
     pub fn generation(&self, result: &'static str) {

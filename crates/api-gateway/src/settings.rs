@@ -9,7 +9,8 @@ use cache_core::config::{ConfigError, Vars};
 use cache_core::redis_backend::RedisConfig;
 use cache_core::{CacheKeySecret, EngineVersion, PromptHash, QuantizationStep};
 
-use crate::auth::BearerSecret;
+use crate::auth::{BearerSecret, ClientKeys};
+use crate::limits::RateLimit;
 use generator_worker::queue::QueueSettings;
 use generator_worker::settings::queue_settings_from;
 use generator_worker::{llm_settings_from, LlmSettings};
@@ -47,6 +48,11 @@ pub struct Settings {
     pub prewarm_interval: Duration,
     /// How far back popularity looks for a top-N pre-warm (`PREWARM_WINDOW`).
     pub prewarm_window: Duration,
+    /// `API_KEYS`: empty, client routes are open and the gateway serves loopback only
+    /// (unless `ALLOW_ANONYMOUS`).
+    pub client_keys: ClientKeys,
+    /// `RATE_LIMIT_RPS` and `RATE_LIMIT_BURST`: per client, per gateway; off unset.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Distributed mode's Redis: where, how patient, and how values are sealed.
@@ -58,11 +64,6 @@ pub struct RedisSettings {
     pub l1_ttl: Duration,
 }
 
-/// Settings that belong to capabilities this version does not have yet. Starting with
-/// one of them set would silently ignore it (a shared cache that is not shared, an API
-/// that is not protected), so start-up refuses instead.
-const NOT_YET_SUPPORTED: [&str; 1] = ["API_KEYS"];
-
 /// The shortest `ADMIN_TOKEN` accepted: a guessable admin token spends the LLM budget.
 pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
 
@@ -70,15 +71,6 @@ pub const MIN_SECRET_BYTES: usize = 16;
 
 impl Settings {
     pub fn from_vars(vars: &Vars) -> Result<Self, ConfigError> {
-        for var in NOT_YET_SUPPORTED {
-            if vars.get(var).is_some() {
-                return Err(ConfigError::new(
-                    var,
-                    "is set, but this version does not support it yet; unset it (authentication \
-                     arrives in a later release)",
-                ));
-            }
-        }
         let cache_key_secret = vars.parse_or("CACHE_KEY_SECRET", None, |text| {
             if text.len() < MIN_SECRET_BYTES {
                 Err(format!("must be at least {MIN_SECRET_BYTES} bytes"))
@@ -116,14 +108,45 @@ impl Settings {
                 "must be a number of generations per second, above 0 and at most 1000",
             ));
         }
+        let client_keys = vars.parse_or("API_KEYS", ClientKeys::default(), ClientKeys::parse)?;
+        let bind_addr: SocketAddr =
+            vars.from_str_or("BIND_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?;
+        let allow_anonymous = vars.parse_or("ALLOW_ANONYMOUS", false, parse_bool)?;
+        if client_keys.is_empty() && !bind_addr.ip().is_loopback() && !allow_anonymous {
+            return Err(ConfigError::new(
+                "BIND_ADDR",
+                "is not a loopback address and no API_KEYS are set: anyone who can reach it \
+                 could spend the LLM budget. Set API_KEYS, or ALLOW_ANONYMOUS=true to serve \
+                 everyone",
+            ));
+        }
+        let rate_limit = match vars.get("RATE_LIMIT_RPS") {
+            None => None,
+            Some(_) => {
+                let per_second = vars.from_str_or("RATE_LIMIT_RPS", 0.0f64)?;
+                if !(per_second.is_finite() && per_second > 0.0) {
+                    return Err(ConfigError::new(
+                        "RATE_LIMIT_RPS",
+                        "must be a positive number of requests per second",
+                    ));
+                }
+                let burst = vars.from_str_or("RATE_LIMIT_BURST", (per_second * 2.0).max(1.0))?;
+                if !(burst.is_finite() && burst >= 1.0) {
+                    return Err(ConfigError::new("RATE_LIMIT_BURST", "must be at least 1"));
+                }
+                Some(RateLimit { per_second, burst })
+            }
+        };
         Ok(Self {
+            client_keys,
+            rate_limit,
             admin_token,
             prewarm_interval: Duration::from_secs_f64(1.0 / prewarm_rate),
             prewarm_window: positive(
                 vars.duration_or("PREWARM_WINDOW", Duration::from_secs(30 * 86_400))?,
                 "PREWARM_WINDOW",
             )?,
-            bind_addr: vars.from_str_or("BIND_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
+            bind_addr,
             engine_version: vars.parse_or(
                 "ENGINE_VERSION",
                 EngineVersion::default(),
@@ -148,6 +171,26 @@ impl Settings {
                 Vec::new(),
                 parse_previous_versions,
             )?,
+        })
+    }
+}
+
+impl Settings {
+    /// What the audit log records at start-up: the settings that change who may do
+    /// what and what it costs, never a secret (only whether one is set).
+    pub fn audit_summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "bindAddr": self.bind_addr.to_string(),
+            "engineVersion": self.engine_version.to_string(),
+            "mode": if self.redis.is_some() { "distributed" } else { "embedded" },
+            "workers": self.queue.is_some(),
+            "postgres": self.analytics.is_some(),
+            "llm": self.llm.is_some(),
+            "clients": self.client_keys.names().collect::<Vec<_>>(),
+            "adminToken": self.admin_token.is_some(),
+            "rateLimit": self.rate_limit.map(|l| serde_json::json!({"perSecond": l.per_second, "burst": l.burst})),
+            "cacheTtlSecs": self.cache_ttl.as_secs(),
+            "staleAfterSecs": self.stale_after.as_secs(),
         })
     }
 }
@@ -213,6 +256,14 @@ fn parse_previous_versions(text: &str) -> Result<Vec<(EngineVersion, PromptHash)
         .collect()
 }
 
+fn parse_bool(text: &str) -> Result<bool, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" => Ok(true),
+        "0" | "false" | "no" => Ok(false),
+        _ => Err(format!("{text:?} must be true or false")),
+    }
+}
+
 fn positive(value: Duration, var: &'static str) -> Result<Duration, ConfigError> {
     if value.is_zero() {
         Err(ConfigError::new(var, "must be longer than zero"))
@@ -258,6 +309,10 @@ mod tests {
             ("CACHE_ENCRYPTION_KEY", "k1:short", &[SECRET, REDIS]),
             ("LOCK_TTL", "0s", &[SECRET, REDIS]),
             ("API_KEYS", "app:secret", &[]),
+            ("BIND_ADDR", "0.0.0.0:8080", &[]),
+            ("RATE_LIMIT_RPS", "0", &[]),
+            ("RATE_LIMIT_BURST", "0.5", &[("RATE_LIMIT_RPS", "10")]),
+            ("ALLOW_ANONYMOUS", "maybe", &[]),
             ("ADMIN_TOKEN", "short", &[]),
             ("PREWARM_RATE", "0", &[]),
             ("PREWARM_RATE", "fast", &[]),
@@ -268,6 +323,19 @@ mod tests {
             let err = Settings::from_vars(&Vars::from_pairs(pairs)).expect_err(var);
             assert_eq!(err.var, *var, "{err}");
         }
+    }
+
+    #[test]
+    fn without_client_keys_only_loopback_unless_told() {
+        let open = Vars::from_pairs([("BIND_ADDR", "0.0.0.0:8080")]);
+        assert_eq!(Settings::from_vars(&open).unwrap_err().var, "BIND_ADDR");
+        let told = Vars::from_pairs([("BIND_ADDR", "0.0.0.0:8080"), ("ALLOW_ANONYMOUS", "true")]);
+        assert!(Settings::from_vars(&told).is_ok());
+        let keyed = Vars::from_pairs([
+            ("BIND_ADDR", "0.0.0.0:8080"),
+            ("API_KEYS", "web:web-key-0123456789ab"),
+        ]);
+        assert!(!Settings::from_vars(&keyed).unwrap().client_keys.is_empty());
     }
 
     #[test]

@@ -1,13 +1,12 @@
 //! Admin routes: `POST /narrative/prewarm` starts a pre-warm run and
-//! `GET /narrative/prewarm/{run}` follows it. Both take `Authorization: Bearer
-//! <ADMIN_TOKEN>`; without `ADMIN_TOKEN` configured they are refused (403).
+//! `GET /narrative/prewarm/{run}` follows it. Both take the admin token
+//! ([`Admin`]).
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequestParts, Path, State};
-use axum::http::request::Parts;
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -16,6 +15,7 @@ use cache_core::{CanonicalProfile, KeyedProfile, ProfileError, ProfileInput};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::access::Admin;
 use super::narrative::json_body;
 use super::ApiError;
 use crate::app::AppState;
@@ -27,36 +27,6 @@ pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/narrative/prewarm", post(start_prewarm))
         .route("/narrative/prewarm/{run}", get(prewarm_progress))
-}
-
-/// A request that presented the admin token.
-#[derive(Debug)]
-pub struct Admin;
-
-impl FromRequestParts<Arc<AppState>> for Admin {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &Arc<AppState>,
-    ) -> Result<Self, Self::Rejection> {
-        let Some(expected) = &state.settings.admin_token else {
-            return Err(ApiError::Forbidden(
-                "admin routes are disabled: set ADMIN_TOKEN".to_owned(),
-            ));
-        };
-        let presented = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or(ApiError::Unauthorized)?;
-        if expected.matches(presented.trim()) {
-            Ok(Self)
-        } else {
-            Err(ApiError::Unauthorized)
-        }
-    }
 }
 
 /// `{"top": N}` or `{"profiles": [...]}`.

@@ -33,6 +33,8 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("missing or wrong bearer token")]
     Unauthorized,
+    #[error("rate limit exceeded: retry in {} s", retry_after.as_secs().max(1))]
+    RateLimited { retry_after: std::time::Duration },
     #[error("{0}")]
     Forbidden(String),
     /// A backend this route cannot do without is down (an admin route: client routes
@@ -64,6 +66,7 @@ impl ApiError {
             Self::NotCached => StatusCode::GATEWAY_TIMEOUT,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -81,6 +84,7 @@ impl ApiError {
             Self::NoRoute => "no_route",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Unauthorized => "unauthorized",
+            Self::RateLimited { .. } => "rate_limited",
             Self::Forbidden(_) => "forbidden",
             Self::Unavailable(_) => "unavailable",
         }
@@ -102,11 +106,25 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (self.status(), Json(body)).into_response();
-        if matches!(self, Self::Unauthorized) {
-            response.headers_mut().insert(
-                axum::http::header::WWW_AUTHENTICATE,
-                axum::http::HeaderValue::from_static("Bearer"),
-            );
+        let headers = response.headers_mut();
+        // An error is about this request alone: nothing between us and the client keeps it.
+        headers.insert(
+            axum::http::header::CACHE_CONTROL,
+            axum::http::HeaderValue::from_static("no-store"),
+        );
+        match &self {
+            Self::Unauthorized => {
+                headers.insert(
+                    axum::http::header::WWW_AUTHENTICATE,
+                    axum::http::HeaderValue::from_static("Bearer"),
+                );
+            }
+            Self::RateLimited { retry_after } => {
+                // Whole seconds, rounded up: a client retrying then finds a token.
+                let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                headers.insert(axum::http::header::RETRY_AFTER, seconds.into());
+            }
+            _ => {}
         }
         response
     }

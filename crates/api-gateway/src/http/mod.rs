@@ -1,6 +1,7 @@
 //! HTTP: one module per resource, each exposing `router()`; `error` is the JSON error
 //! every route answers with.
 
+mod access;
 mod admin;
 mod error;
 mod narrative;
@@ -9,6 +10,8 @@ mod ops;
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
+use axum::http::HeaderValue;
+use axum::response::Response;
 use axum::Router;
 
 pub use error::ApiError;
@@ -26,5 +29,25 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::map_response(security_headers))
         .with_state(state)
+}
+
+/// Every answer is JSON or plain text for programs, never a page: browsers are told
+/// not to sniff it into one, frame it, or send referrers from it.
+async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    for (name, value) in [
+        ("x-content-type-options", "nosniff"),
+        ("x-frame-options", "DENY"),
+        (
+            "content-security-policy",
+            "default-src 'none'; frame-ancestors 'none'",
+        ),
+        ("referrer-policy", "no-referrer"),
+        ("cross-origin-resource-policy", "same-origin"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
 }

@@ -16,6 +16,7 @@ use cache_core::{CacheKey, Envelope, KeyedProfile, ProfileInput};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+use super::access::Client;
 use super::{ApiError, MAX_BODY_BYTES};
 use crate::app::AppState;
 use crate::service::{Answer, Caller, Directives, Lookup, NotCached, Source};
@@ -46,12 +47,13 @@ const CACHE_NAME: &str = "narrative-cache";
 
 #[tracing::instrument(skip_all, fields(cache_key))]
 async fn post_narrative(
+    client: Client,
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let (keyed, caller) = state.reject_counted(parse_profile(&state, &headers, body))?;
+    let (keyed, caller) = state.reject_counted(parse_profile(&state, &headers, body, client))?;
     tracing::Span::current().record("cache_key", keyed.key.as_str());
     let directives = request_directives(&headers);
     // Cache-Control directives change what may be answered or stored, so a request
@@ -148,6 +150,7 @@ fn parse_profile(
     state: &AppState,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
+    Client(client): Client,
 ) -> Result<(KeyedProfile, Caller), ApiError> {
     let body = json_body(headers, body)?;
     let input = ProfileInput::from_json(&body)?;
@@ -157,7 +160,7 @@ fn parse_profile(
             .user_id
             .as_deref()
             .map(|id| state.service.deriver().user_hash(id)),
-        ..Caller::default()
+        client,
     };
     Ok((keyed, caller))
 }
@@ -255,6 +258,7 @@ fn rfc3339(unix_ms: i64) -> String {
 }
 
 async fn get_narrative(
+    _client: Client,
     State(state): State<Arc<AppState>>,
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -299,11 +303,12 @@ struct ExplainBody<'a> {
 }
 
 async fn explain_key(
+    client: Client,
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (keyed, _) = state.reject_counted(parse_profile(&state, &headers, body))?;
+    let (keyed, _) = state.reject_counted(parse_profile(&state, &headers, body, client))?;
     let canonical: &RawValue =
         serde_json::from_str(&keyed.canonical_json).map_err(|e| ApiError::InvalidParameter {
             field: "body",
@@ -350,7 +355,7 @@ struct TierHitsBody {
     l2: u64,
 }
 
-async fn stats(State(state): State<Arc<AppState>>) -> Json<StatsBody> {
+async fn stats(_client: Client, State(state): State<Arc<AppState>>) -> Json<StatsBody> {
     let service = &state.service;
     let stats = service.stats().await;
     let days = |d: std::time::Duration| (d.as_secs_f64() / 86_400.0 * 1000.0).round() / 1000.0;
@@ -399,6 +404,7 @@ struct RangeQuery {
 
 /// `?from=&to=`: RFC 3339 times or dates; the last 30 days by default.
 async fn analytics(
+    _client: Client,
     State(state): State<Arc<AppState>>,
     query: Result<Query<RangeQuery>, QueryRejection>,
 ) -> Result<Json<analytics::Summary>, ApiError> {

@@ -60,6 +60,15 @@ impl TestAnalytics {
 
 /// A gateway with Redis, RabbitMQ and Postgres, and one worker.
 pub(crate) async fn fleet(label: &str, database_url: &str) -> (TestApp, TestWorker, TestAnalytics) {
+    fleet_on(label, database_url, &test_kit::redis().url).await
+}
+
+/// The same on a Redis of the caller's choosing.
+async fn fleet_on(
+    label: &str,
+    database_url: &str,
+    redis: &str,
+) -> (TestApp, TestWorker, TestAnalytics) {
     let amqp = test_kit::rabbitmq().vhost(label);
     let analytics = TestAnalytics::start(database_url, &amqp).await;
     let sim = llm_sim::spawn(SimConfig {
@@ -68,12 +77,12 @@ pub(crate) async fn fleet(label: &str, database_url: &str) -> (TestApp, TestWork
     })
     .await
     .expect("simulator");
-    let worker = TestWorker::start(&amqp, &sim, &[]).await;
+    let worker = TestWorker::start(&amqp, &sim, &[("REDIS_URL", redis)]).await;
     let version = unique_version(label);
     let gateway = spawn_app_with(
         sim,
         &[
-            ("REDIS_URL", test_kit::redis().url.as_str()),
+            ("REDIS_URL", redis),
             ("AMQP_URL", amqp.as_str()),
             ("DATABASE_URL", database_url),
             ("ENGINE_VERSION", version.as_str()),
@@ -110,7 +119,10 @@ pub(crate) async fn events_reach(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn k_requests_become_k_events_and_the_endpoint_agrees() {
     let database = test_kit::postgres().database("analytics_k");
-    let (gateway, worker, analytics) = fleet("analytics-k", &database).await;
+    // Its own Redis: unique users are a HyperLogLog per day, shared by every test of
+    // this binary on the common server.
+    let redis = test_kit::RedisServer::start();
+    let (gateway, worker, analytics) = fleet_on("analytics-k", &database, &redis.url).await;
 
     // 20 profiles (misses the worker generates), then the same 20 again (hits).
     requests(&gateway, 0, 20).await;

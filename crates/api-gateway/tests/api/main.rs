@@ -1,5 +1,6 @@
 //! The gateway over real HTTP on a random port, with the LLM simulator on loopback.
 
+mod access;
 mod analytics;
 mod directives;
 mod distributed;

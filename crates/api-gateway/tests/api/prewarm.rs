@@ -162,7 +162,7 @@ async fn embedded_top_n_warms_the_most_requested_and_skips_the_cached() {
         panic!("embedded mode keeps analytics in memory");
     };
     let actions: Vec<String> = memory.audit_log().into_iter().map(|r| r.action).collect();
-    assert_eq!(actions, ["prewarm", "prewarm_finished"]);
+    assert_eq!(actions, ["startup", "prewarm", "prewarm_finished"]);
     app.shutdown().await;
 }
 

@@ -1,0 +1,102 @@
+//! Who may call what: `Client` for client routes, `Admin` for admin routes. Both read
+//! `Authorization: Bearer <token>`; `/metrics`, `/healthz` and `/readyz` need neither.
+//!
+//! - Client routes: with `API_KEYS` set, a client key (or the admin token) is required,
+//!   401 otherwise; without, anyone is `anonymous` (the gateway then binds loopback
+//!   only unless `ALLOW_ANONYMOUS`). The per-client rate limit applies either way.
+//! - Admin routes: the admin token only; a client key gets 403, anything else 401, and
+//!   with no `ADMIN_TOKEN` configured every caller gets 403.
+
+use std::sync::Arc;
+
+use axum::extract::FromRequestParts;
+use axum::http::header;
+use axum::http::request::Parts;
+
+use super::ApiError;
+use crate::app::AppState;
+
+/// A client route's caller, by name: a client of `API_KEYS`, `admin`, or `anonymous`.
+#[derive(Debug, Clone)]
+pub struct Client(pub String);
+
+/// A request that presented the admin token.
+#[derive(Debug)]
+pub struct Admin;
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+fn is_admin(state: &AppState, token: &str) -> bool {
+    state
+        .settings
+        .admin_token
+        .as_ref()
+        .is_some_and(|admin| admin.matches(token))
+}
+
+impl Client {
+    fn identify(parts: &Parts, state: &AppState) -> Result<Self, ApiError> {
+        let keys = &state.settings.client_keys;
+        if keys.is_empty() {
+            return Ok(Self("anonymous".to_owned()));
+        }
+        let token = bearer(parts).ok_or(ApiError::Unauthorized)?;
+        if let Some(name) = keys.identify(token) {
+            return Ok(Self(name.to_owned()));
+        }
+        if is_admin(state, token) {
+            return Ok(Self("admin".to_owned()));
+        }
+        Err(ApiError::Unauthorized)
+    }
+}
+
+impl FromRequestParts<Arc<AppState>> for Client {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let client = state.reject_counted(Self::identify(parts, state))?;
+        state.metrics.client_request(&client.0);
+        if let Some(limiter) = &state.rate_limiter {
+            if let Err(retry_after) = limiter.check(&client.0) {
+                state.metrics.rate_limited(&client.0);
+                return state.reject_counted(Err(ApiError::RateLimited { retry_after }));
+            }
+        }
+        Ok(client)
+    }
+}
+
+impl FromRequestParts<Arc<AppState>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let verdict = if state.settings.admin_token.is_none() {
+            Err(ApiError::Forbidden(
+                "admin routes are disabled: set ADMIN_TOKEN".to_owned(),
+            ))
+        } else {
+            match bearer(parts) {
+                Some(token) if is_admin(state, token) => Ok(Self),
+                Some(token) if state.settings.client_keys.identify(token).is_some() => Err(
+                    ApiError::Forbidden("a client key cannot use admin routes".to_owned()),
+                ),
+                _ => Err(ApiError::Unauthorized),
+            }
+        };
+        state.reject_counted(verdict)
+    }
+}
