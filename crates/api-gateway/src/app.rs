@@ -12,6 +12,7 @@ use cache_core::redis_backend::RedisBackend;
 use cache_core::signals::SignalBus;
 use cache_core::{CacheKeySecret, CacheStore, KeyDeriver, MemoryStore, RedisStore, TieredStore};
 use generator_worker::generator_from;
+use generator_worker::guard::{GuardMetrics, GuardedGenerator};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -142,11 +143,20 @@ impl App {
                 .map_err(|e| anyhow::anyhow!("DATABASE_URL: {e}"))?;
                 (
                     Arc::clone(&publisher) as Arc<dyn EventSink>,
-                    AnalyticsSource::Postgres { store, redis },
+                    AnalyticsSource::Postgres {
+                        store,
+                        redis: redis.clone(),
+                    },
                     Some(publisher),
                 )
             }
         };
+        let generator = Arc::new(GuardedGenerator::new(
+            generator,
+            settings.guard,
+            redis.clone(),
+            GuardMetrics::register(metrics.registry())?,
+        ));
         let service = Arc::new(NarrativeService::new(ServiceParts {
             deriver,
             store,

@@ -11,8 +11,9 @@ use cache_core::{CacheKeySecret, EngineVersion, PromptHash, QuantizationStep};
 
 use crate::auth::{BearerSecret, ClientKeys};
 use crate::limits::RateLimit;
+use generator_worker::guard::GuardSettings;
 use generator_worker::queue::QueueSettings;
-use generator_worker::settings::queue_settings_from;
+use generator_worker::settings::{guard_settings_from, queue_settings_from};
 use generator_worker::{llm_settings_from, LlmSettings};
 
 #[derive(Debug, Clone)]
@@ -53,6 +54,8 @@ pub struct Settings {
     pub client_keys: ClientKeys,
     /// `RATE_LIMIT_RPS` and `RATE_LIMIT_BURST`: per client, per gateway; off unset.
     pub rate_limit: Option<RateLimit>,
+    /// `LLM_MAX_CONCURRENCY` and `LLM_DAILY_BUDGET_USD`.
+    pub guard: GuardSettings,
 }
 
 /// Distributed mode's Redis: where, how patient, and how values are sealed.
@@ -138,6 +141,7 @@ impl Settings {
             }
         };
         Ok(Self {
+            guard: guard_settings_from(vars)?,
             client_keys,
             rate_limit,
             admin_token,
@@ -188,6 +192,8 @@ impl Settings {
             "llm": self.llm.is_some(),
             "clients": self.client_keys.names().collect::<Vec<_>>(),
             "adminToken": self.admin_token.is_some(),
+            "llmMaxConcurrency": self.guard.max_concurrency,
+            "llmDailyBudgetUsd": self.guard.daily_budget_usd,
             "rateLimit": self.rate_limit.map(|l| serde_json::json!({"perSecond": l.per_second, "burst": l.burst})),
             "cacheTtlSecs": self.cache_ttl.as_secs(),
             "staleAfterSecs": self.stale_after.as_secs(),
@@ -313,6 +319,9 @@ mod tests {
             ("RATE_LIMIT_RPS", "0", &[]),
             ("RATE_LIMIT_BURST", "0.5", &[("RATE_LIMIT_RPS", "10")]),
             ("ALLOW_ANONYMOUS", "maybe", &[]),
+            ("LLM_MAX_CONCURRENCY", "0", &[]),
+            ("LLM_DAILY_BUDGET_USD", "-5", &[]),
+            ("LLM_DAILY_BUDGET_USD", "lots", &[]),
             ("ADMIN_TOKEN", "short", &[]),
             ("PREWARM_RATE", "0", &[]),
             ("PREWARM_RATE", "fast", &[]),

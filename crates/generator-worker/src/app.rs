@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::consumer::{self, ConsumerSettings, Consuming};
 use crate::generator::generator_from;
+use crate::guard::{GuardMetrics, GuardedGenerator};
 use crate::settings::WorkerSettings;
 use crate::worker::{Worker, WorkerMetrics};
 
@@ -56,6 +57,12 @@ impl WorkerApp {
             None,
             EventMetrics::register(&metrics.registry)?,
         );
+        let generator = Arc::new(GuardedGenerator::new(
+            generator,
+            settings.guard,
+            Some(Arc::clone(&backend)),
+            GuardMetrics::register(&metrics.registry)?,
+        ));
         let worker = Arc::new(Worker {
             store,
             lock: FillLock::new(backend, settings.redis.lock_ttl),

@@ -89,6 +89,19 @@ pub fn generation_event(
 pub enum GenerateError {
     #[error(transparent)]
     Llm(#[from] LlmError),
+    /// Today's `LLM_DAILY_BUDGET_USD` is spent: no call was made.
+    #[error("the daily LLM budget is spent")]
+    BudgetExhausted,
+}
+
+impl GenerateError {
+    /// A short label for metrics: the LLM error's kind, or `budget`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Llm(error) => error.kind(),
+            Self::BudgetExhausted => "budget",
+        }
+    }
 }
 
 /// Writes narratives. Only complete, valid outputs come back as `Ok`.

@@ -3,7 +3,8 @@
 //! `prompt` renders the prompt template (a file in `prompts/`) from a canonical profile
 //! and computes `promptHash`; `llm` is the OpenAI-compatible client with timeouts and
 //! jittered retries; `template` writes a narrative without an LLM; `generator` puts
-//! them behind the [`NarrativeGenerator`] trait and reads the `LLM_*` settings.
+//! them behind the [`NarrativeGenerator`] trait and reads the `LLM_*` settings;
+//! `guard` caps concurrent calls and keeps to the daily budget.
 //! `queue` holds the RabbitMQ side: job messages, topology and confirmed publishing;
 //! `worker` is the worker's one step (a job in, an outcome out) and `consumer` the
 //! loop that feeds it and acks; `app` wires the `generator-worker` binary.
@@ -11,6 +12,7 @@
 pub mod app;
 pub mod consumer;
 pub mod generator;
+pub mod guard;
 pub mod llm;
 pub mod prompt;
 pub mod queue;

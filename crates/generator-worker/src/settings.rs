@@ -7,6 +7,7 @@ use std::time::Duration;
 use cache_core::config::{ConfigError, Vars};
 use cache_core::redis_backend::RedisConfig;
 
+use crate::guard::GuardSettings;
 use crate::llm::LlmSettings;
 use crate::queue::QueueSettings;
 
@@ -39,6 +40,40 @@ pub fn queue_settings_from(vars: &Vars) -> Result<Option<QueueSettings>, ConfigE
     }))
 }
 
+/// `LLM_MAX_CONCURRENCY` and `LLM_DAILY_BUDGET_USD`, both off unless set.
+pub fn guard_settings_from(vars: &Vars) -> Result<GuardSettings, ConfigError> {
+    let max_concurrency = match vars.get("LLM_MAX_CONCURRENCY") {
+        None => None,
+        Some(_) => {
+            let cap = vars.from_str_or("LLM_MAX_CONCURRENCY", 0usize)?;
+            if cap == 0 {
+                return Err(ConfigError::new(
+                    "LLM_MAX_CONCURRENCY",
+                    "must be at least 1",
+                ));
+            }
+            Some(cap)
+        }
+    };
+    let daily_budget_usd = match vars.get("LLM_DAILY_BUDGET_USD") {
+        None => None,
+        Some(_) => {
+            let budget = vars.from_str_or("LLM_DAILY_BUDGET_USD", -1.0f64)?;
+            if !(budget.is_finite() && budget > 0.0) {
+                return Err(ConfigError::new(
+                    "LLM_DAILY_BUDGET_USD",
+                    "must be a positive number of dollars",
+                ));
+            }
+            Some(budget)
+        }
+    };
+    Ok(GuardSettings {
+        max_concurrency,
+        daily_budget_usd,
+    })
+}
+
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
@@ -50,6 +85,7 @@ pub struct WorkerSettings {
     /// Pre-warm jobs in flight at once, on top of `prefetch`.
     pub prewarm_prefetch: u16,
     pub llm: Option<LlmSettings>,
+    pub guard: GuardSettings,
     pub cache_ttl: Duration,
 }
 
@@ -86,6 +122,7 @@ impl WorkerSettings {
             prefetch,
             prewarm_prefetch,
             llm: crate::generator::llm_settings_from(vars)?,
+            guard: guard_settings_from(vars)?,
             cache_ttl,
         })
     }

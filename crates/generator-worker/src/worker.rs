@@ -16,7 +16,7 @@ use cache_core::signals::{Signal, SignalBus};
 use cache_core::{CacheKey, CacheStore, CanonicalProfile, RedisStore};
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
 
-use crate::generator::{generation_event, NarrativeGenerator};
+use crate::generator::{generation_event, GenerateError, NarrativeGenerator};
 use crate::queue::Job;
 
 /// What became of a job, and so what the consumer does with its message.
@@ -32,6 +32,10 @@ pub enum Outcome {
     LockLost,
     /// The LLM failed for good (after its retries): dead-lettered, waiters told.
     Failed(String),
+    /// The daily budget is spent: no call made, waiters told (they answer the
+    /// template); acknowledged, since retrying today cannot help and the dead-letter
+    /// queue is for what an operator must look at.
+    OverBudget,
     /// Redis failed: handed back to the queue to try again.
     Retry(String),
     /// Not a job this worker can carry out: dead-lettered.
@@ -49,9 +53,11 @@ pub enum Disposition {
 impl Outcome {
     pub fn disposition(&self) -> Disposition {
         match self {
-            Self::Stored | Self::AlreadyCached | Self::HeldElsewhere | Self::LockLost => {
-                Disposition::Ack
-            }
+            Self::Stored
+            | Self::AlreadyCached
+            | Self::HeldElsewhere
+            | Self::LockLost
+            | Self::OverBudget => Disposition::Ack,
             Self::Retry(_) => Disposition::Requeue,
             Self::Failed(_) | Self::Rejected(_) => Disposition::DeadLetter,
         }
@@ -64,6 +70,7 @@ impl Outcome {
             Self::HeldElsewhere => "held_elsewhere",
             Self::LockLost => "lock_lost",
             Self::Failed(_) => "failed",
+            Self::OverBudget => "over_budget",
             Self::Retry(_) => "retry",
             Self::Rejected(_) => "rejected",
         }
@@ -200,6 +207,11 @@ impl Worker {
             .lock
             .hold_while(&key, &token, self.generator.generate(&profile))
             .await;
+        if generated.as_ref().err() == Some(&GenerateError::BudgetExhausted) {
+            self.signal(Signal::Failed, &key).await;
+            let _ = self.lock.release(&key, &token).await;
+            return Outcome::OverBudget;
+        }
         self.metrics
             .generation_seconds
             .observe(started.elapsed().as_secs_f64());

@@ -62,6 +62,8 @@ pub struct SimStats {
     pub failures: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// The most chat-completion requests it was serving at once.
+    pub max_in_flight: u64,
 }
 
 #[derive(Debug, Default)]
@@ -72,6 +74,25 @@ pub struct Simulator {
     failures: AtomicU64,
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+}
+
+/// Counts a request in flight for as long as it lives.
+struct InFlight<'a>(&'a Simulator);
+
+impl<'a> InFlight<'a> {
+    fn enter(sim: &'a Simulator) -> Self {
+        let now = sim.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        sim.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        Self(sim)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Simulator {
@@ -103,6 +124,7 @@ impl Simulator {
             failures: self.failures.load(Ordering::SeqCst),
             prompt_tokens: self.prompt_tokens.load(Ordering::SeqCst),
             completion_tokens: self.completion_tokens.load(Ordering::SeqCst),
+            max_in_flight: self.max_in_flight.load(Ordering::SeqCst),
         }
     }
 
@@ -113,6 +135,7 @@ impl Simulator {
             &self.failures,
             &self.prompt_tokens,
             &self.completion_tokens,
+            &self.max_in_flight,
         ] {
             counter.store(0, Ordering::SeqCst);
         }
@@ -195,6 +218,7 @@ async fn chat_completions(
     body: axum::body::Bytes,
 ) -> Response {
     let serial = sim.requests.fetch_add(1, Ordering::SeqCst) + 1;
+    let _in_flight = InFlight::enter(&sim);
     let config = sim.config();
     let (delay, fails) = {
         let mut rng = rand::rng();

@@ -612,6 +612,11 @@ impl NarrativeService {
         let started = Instant::now();
         let result = self.generator.generate(&keyed.profile).await;
         self.metrics.generations_in_flight.dec();
+        if let Err(GenerateError::BudgetExhausted) = &result {
+            // No call was made: nothing to time or record as a generation.
+            self.metrics.generation("budget");
+            return Err(GenerateError::BudgetExhausted.into());
+        }
         self.metrics
             .generation_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -625,8 +630,7 @@ impl NarrativeService {
         let generation = match result {
             Ok(generation) => generation,
             Err(error) => {
-                let GenerateError::Llm(llm) = &error;
-                self.metrics.generation(llm.kind());
+                self.metrics.generation(error.kind());
                 tracing::warn!(%error, cache_key = %keyed.key, "generation failed; nothing stored");
                 return Err(error.into());
             }

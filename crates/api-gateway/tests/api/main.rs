@@ -8,6 +8,7 @@ mod errors;
 mod failures;
 mod freshness;
 mod helpers;
+mod limits;
 mod lost_holders;
 mod narrative;
 mod ops;
