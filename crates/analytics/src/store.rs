@@ -249,6 +249,27 @@ impl PgStore {
         Ok(())
     }
 
+    /// Erases a user's events: deletes their request events (every partition) and
+    /// records the erasure, so that events of theirs still queued are stored without
+    /// their hash. Returns the rows deleted. Idempotent.
+    pub async fn erase_user(&self, user_hash: &str) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO erased_users (user_hash, erased_at) VALUES ($1, now()) \
+             ON CONFLICT (user_hash) DO UPDATE SET erased_at = now()",
+        )
+        .bind(user_hash)
+        .execute(&mut *tx)
+        .await?;
+        let deleted = sqlx::query("DELETE FROM request_events WHERE user_hash = $1")
+            .bind(user_hash)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
     /// The `n` most requested canonical profiles since `since` (days, UTC), whatever
     /// the engine version they were requested under.
     pub async fn top_profiles(
@@ -410,7 +431,12 @@ ins AS (
         classification, primary_system, client, user_hash, key_digest, profile_digest,
         entry_tokens, entry_cost_usd)
     SELECT id, at, outcome, latency_us, engine_version, prompt_hash, classification,
-        primary_system, client, user_hash, key_digest, profile_digest, entry_tokens,
+        primary_system, client,
+        -- A user erased after this event: it counts, but no longer as theirs.
+        CASE WHEN EXISTS (SELECT 1 FROM erased_users e
+                          WHERE e.user_hash = digested.user_hash AND digested.at <= e.erased_at)
+             THEN NULL ELSE user_hash END,
+        key_digest, profile_digest, entry_tokens,
         round(entry_cost::numeric, 10)
     FROM digested
     ON CONFLICT (id, at) DO NOTHING

@@ -329,3 +329,58 @@ async fn top_profiles_are_the_most_requested_across_versions_within_the_window()
         .expect("top profiles");
     assert_eq!(all.len(), 3, "Orion was requested before the window");
 }
+
+#[tokio::test]
+async fn an_erased_user_has_no_events_left_and_late_ones_arrive_without_them() {
+    let store = store("erase").await;
+    let now = OffsetDateTime::now_utc();
+    let mine = |at| {
+        let mut event = request(RequestOutcome::HitL1, "Sirius", at);
+        event.user_hash = Some("erase-me".to_owned());
+        event
+    };
+    let mut batch = Batch::new();
+    batch.requests.push(mine(now - time::Duration::days(2)));
+    batch.requests.push(mine(now - time::Duration::minutes(1)));
+    batch
+        .requests
+        .push(request(RequestOutcome::Miss, "Lyra", now));
+    store.insert(&batch).await.expect("insert");
+
+    assert_eq!(store.erase_user("erase-me").await.expect("erase"), 2);
+    assert_eq!(
+        count(
+            &store,
+            "SELECT count(*) FROM request_events WHERE user_hash = 'erase-me'"
+        )
+        .await,
+        0
+    );
+    // An event from before the erasure, still queued then, lands without the user.
+    let mut late = Batch::new();
+    late.requests.push(mine(now - time::Duration::seconds(30)));
+    store.insert(&late).await.expect("insert");
+    assert_eq!(
+        count(
+            &store,
+            "SELECT count(*) FROM request_events WHERE user_hash = 'erase-me'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(&store, "SELECT count(*) FROM request_events").await,
+        2
+    );
+    assert_eq!(
+        count(
+            &store,
+            "SELECT sum(requests)::int8 FROM request_rollup_minute"
+        )
+        .await,
+        4,
+        "the totals keep every request"
+    );
+    // Idempotent.
+    assert_eq!(store.erase_user("erase-me").await.expect("erase"), 0);
+}

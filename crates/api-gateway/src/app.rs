@@ -10,6 +10,7 @@ use cache_core::codec::ValueCodec;
 use cache_core::lock::FillLock;
 use cache_core::redis_backend::RedisBackend;
 use cache_core::signals::SignalBus;
+use cache_core::user_index::{MemoryUserIndex, RedisUserIndex, UserIndex};
 use cache_core::{CacheKeySecret, CacheStore, KeyDeriver, MemoryStore, RedisStore, TieredStore};
 use generator_worker::generator_from;
 use generator_worker::guard::{GuardMetrics, GuardedGenerator};
@@ -48,12 +49,17 @@ impl AppState {
     /// Records an admin action in the audit log and the structured log (target
     /// `audit`). The actor is the admin token's holder: there is one admin identity.
     pub fn audit(&self, action: &str, detail: serde_json::Value) {
-        tracing::info!(target: "audit", actor = "admin", action, %detail, "audit");
+        self.audit_about(action, None, detail);
+    }
+
+    /// The same, about a subject: for a user, the keyed hash of their id, never the id.
+    pub fn audit_about(&self, action: &str, subject: Option<String>, detail: serde_json::Value) {
+        tracing::info!(target: "audit", actor = "admin", action, subject = subject.as_deref().unwrap_or(""), %detail, "audit");
         self.analytics.audit(analytics::AuditRecord {
             at: time::OffsetDateTime::now_utc(),
             actor: "admin".to_owned(),
             action: action.to_owned(),
-            subject: None,
+            subject,
             detail,
         });
     }
@@ -151,6 +157,10 @@ impl App {
                 )
             }
         };
+        let user_index: Arc<dyn UserIndex> = match &redis {
+            Some(backend) => Arc::new(RedisUserIndex::new(Arc::clone(backend), settings.cache_ttl)),
+            None => Arc::new(MemoryUserIndex::default()),
+        };
         let generator = Arc::new(GuardedGenerator::new(
             generator,
             settings.guard,
@@ -168,6 +178,8 @@ impl App {
             previous_versions: settings.previous_versions.clone(),
             generation_wait: settings.generation_wait,
             distributed,
+            user_index,
+            erasure_tombstone: settings.erasure_tombstone,
         }));
         if service.distributed().is_some() {
             let flusher = Arc::clone(&service);

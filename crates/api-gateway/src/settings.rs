@@ -56,6 +56,9 @@ pub struct Settings {
     pub rate_limit: Option<RateLimit>,
     /// `LLM_MAX_CONCURRENCY` and `LLM_DAILY_BUDGET_USD`.
     pub guard: GuardSettings,
+    /// `ERASURE_TOMBSTONE_TTL`: how long an erased entry refuses work begun before
+    /// its erasure (a queued job, a waiting flight).
+    pub erasure_tombstone: Duration,
 }
 
 /// Distributed mode's Redis: where, how patient, and how values are sealed.
@@ -140,7 +143,16 @@ impl Settings {
                 Some(RateLimit { per_second, burst })
             }
         };
+        let erasure_tombstone =
+            vars.duration_or("ERASURE_TOMBSTONE_TTL", Duration::from_secs(3600))?;
+        if erasure_tombstone < Duration::from_secs(60) {
+            return Err(ConfigError::new(
+                "ERASURE_TOMBSTONE_TTL",
+                "must be at least 1m: it has to outlive the fill lock and a generation",
+            ));
+        }
         Ok(Self {
+            erasure_tombstone,
             guard: guard_settings_from(vars)?,
             client_keys,
             rate_limit,

@@ -148,6 +148,11 @@ impl CacheKey {
         format!("lock:{}", self.0)
     }
 
+    /// The key of this narrative's erasure tombstone; same hash tag, same slot.
+    pub fn tombstone_key(&self) -> String {
+        format!("tomb:{}", self.0)
+    }
+
     /// The `ENGINE_VERSION` segment.
     pub fn engine_version(&self) -> &str {
         self.0.split(':').nth(1).unwrap_or("")

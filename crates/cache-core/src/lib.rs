@@ -22,6 +22,7 @@ pub mod shutdown;
 pub mod signals;
 pub mod single_flight;
 pub mod store;
+pub mod user_index;
 pub mod vocabulary;
 
 pub use envelope::{now_ms, Envelope, EnvelopeError, UnixMillis};

@@ -41,18 +41,51 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0";
 
-/// KEYS: lock. ARGV: token, ttl ms. 1 when the lock is (now) ours, 0 when another's.
+/// KEYS: lock, tombstone. ARGV: token, ttl ms, when the job was enqueued (ms). 1 when
+/// the lock is (now) ours; 0 when another's, or when it is gone and the entry was
+/// erased after the job was enqueued (see [`FillLock::erase`]).
 const ADOPT: &str = r"
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
-if not holder then
+local erased = tonumber(redis.call('GET', KEYS[2]) or '0')
+if not holder and erased < tonumber(ARGV[3]) then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return 1
 end
 return 0";
+
+/// KEYS: lock, tombstone. ARGV: token, ttl ms, when the caller's work began (ms).
+/// 1 taken, 0 held by another, -1 erased since the work began.
+const ACQUIRE: &str = r"
+local erased = tonumber(redis.call('GET', KEYS[2]) or '0')
+if erased >= tonumber(ARGV[3]) then
+  return -1
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 1
+end
+return 0";
+
+/// KEYS: value, lock, tombstone. ARGV: tombstone ttl ms, the erasure's time (ms). 1
+/// when a value was deleted.
+const ERASE: &str = r"
+local deleted = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[2])
+redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[1])
+return deleted";
+
+/// What [`FillLock::try_acquire_since`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquired {
+    Taken(LockToken),
+    /// Someone holds the lock.
+    Held,
+    /// The entry was erased after the caller's work began: that work must not store.
+    Erased,
+}
 
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -111,6 +144,41 @@ impl FillLock {
             .max(1)
     }
 
+    /// Takes the lock for work that began at `since_ms` (Unix ms), unless the entry was
+    /// erased since: a request, flight or job older than the erasure must not bring
+    /// the entry back.
+    pub async fn try_acquire_since(
+        &self,
+        key: &CacheKey,
+        since_ms: i64,
+    ) -> Result<Acquired, StoreError> {
+        let token = LockToken::random();
+        let (lock, tomb, value, ttl) = (
+            key.lock_key(),
+            key.tombstone_key(),
+            token.0.clone(),
+            self.ttl_ms(),
+        );
+        let answer: i64 = self
+            .backend
+            .call(|mut conn| async move {
+                Script::new(ACQUIRE)
+                    .key(lock)
+                    .key(tomb)
+                    .arg(value)
+                    .arg(ttl)
+                    .arg(since_ms)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(match answer {
+            1 => Acquired::Taken(token),
+            -1 => Acquired::Erased,
+            _ => Acquired::Held,
+        })
+    }
+
     /// The lock's token if we took it, `None` if someone holds it.
     pub async fn try_acquire(&self, key: &CacheKey) -> Result<Option<LockToken>, StoreError> {
         let token = LockToken::random();
@@ -138,8 +206,63 @@ impl FillLock {
 
     /// Takes the lock for a token handed over in a job: `true` when it is ours (still,
     /// or again because it had expired), `false` when another holder has it.
-    pub async fn adopt(&self, key: &CacheKey, token: &LockToken) -> Result<bool, StoreError> {
-        self.token_script(ADOPT, key, token, true).await
+    /// Adopts the lock a job's publisher took at `enqueued_ms`, or takes it again if it
+    /// expired meanwhile (unless the entry was erased since the job was enqueued).
+    pub async fn adopt(
+        &self,
+        key: &CacheKey,
+        token: &LockToken,
+        enqueued_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let (lock, tomb, value, ttl) = (
+            key.lock_key(),
+            key.tombstone_key(),
+            token.0.clone(),
+            self.ttl_ms(),
+        );
+        let answer: i64 = self
+            .backend
+            .call(|mut conn| async move {
+                Script::new(ADOPT)
+                    .key(lock)
+                    .key(tomb)
+                    .arg(value)
+                    .arg(ttl)
+                    .arg(enqueued_ms)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(answer == 1)
+    }
+
+    /// Erases the entry, in one step: deletes the value, revokes the fill lock (a
+    /// generation in flight then finds its fenced write refused), and leaves a
+    /// tombstone holding the erasure's time for `tombstone_ttl`, so that work begun
+    /// before it (a waiting flight, a job still queued) cannot take the lock back.
+    /// Work begun after it takes a new lock and stores as usual. Times are the
+    /// instances' clocks, so they must agree to well within a request's duration.
+    /// `true` when a value was deleted.
+    pub async fn erase(&self, key: &CacheKey, tombstone_ttl: Duration) -> Result<bool, StoreError> {
+        let (value, lock, tomb) = (key.as_str().to_owned(), key.lock_key(), key.tombstone_key());
+        let erased_at = crate::envelope::now_ms();
+        let ttl_ms = u64::try_from(tombstone_ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let deleted: i64 = self
+            .backend
+            .call(|mut conn| async move {
+                Script::new(ERASE)
+                    .key(value)
+                    .key(lock)
+                    .key(tomb)
+                    .arg(ttl_ms)
+                    .arg(erased_at)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(deleted == 1)
     }
 
     /// Runs one of the lock scripts (KEYS: the lock; ARGV: the token, and the TTL in

@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cache_core::lock::{FencedWrite, FillLock, WriteMode};
+use cache_core::lock::{Acquired, FencedWrite, FillLock, WriteMode};
 use cache_core::redis_backend::{RedisBackend, RedisTarget, RedisTimeouts};
 use cache_core::signals::{Signal, SignalBus};
 use cache_core::CacheKey;
@@ -172,4 +172,55 @@ async fn signals_reach_waiters_on_other_instances_and_drop_their_l1_copies() {
         Some(Signal::Failed)
     );
     shutdown.cancel();
+}
+
+#[tokio::test]
+async fn an_erasure_revokes_the_lock_and_fences_work_begun_before_it() {
+    let lock = FillLock::new(backend(), Duration::from_secs(5));
+    let key = key(9);
+    let ttl = Duration::from_secs(60);
+    let before = cache_core::now_ms() - 1;
+    let Acquired::Taken(in_flight) = lock.try_acquire_since(&key, before).await.expect("redis")
+    else {
+        panic!("a free lock is taken");
+    };
+    // The erasure comes while that generation runs.
+    assert!(
+        !lock.erase(&key, ttl).await.expect("redis"),
+        "nothing stored yet"
+    );
+    assert_eq!(
+        lock.write_if_held(&key, &in_flight, b"old".to_vec(), ttl, WriteMode::IfAbsent)
+            .await
+            .expect("redis"),
+        FencedWrite::LockLost,
+        "the generation in flight cannot store"
+    );
+    assert_eq!(
+        lock.try_acquire_since(&key, before).await.expect("redis"),
+        Acquired::Erased,
+        "nor can work begun before the erasure take the lock again"
+    );
+    let stale_job = cache_core::lock::LockToken::from_job("queued-before".to_owned());
+    assert!(!lock.adopt(&key, &stale_job, before).await.expect("redis"));
+
+    // Work begun after it stores as usual.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let after = cache_core::now_ms();
+    let Acquired::Taken(fresh) = lock.try_acquire_since(&key, after).await.expect("redis") else {
+        panic!("work after the erasure takes the lock");
+    };
+    assert_eq!(
+        lock.write_if_held(&key, &fresh, b"new".to_vec(), ttl, WriteMode::IfAbsent)
+            .await
+            .expect("redis"),
+        FencedWrite::Written
+    );
+    assert!(lock.release(&key, &fresh).await.expect("redis"));
+    let new_job = cache_core::lock::LockToken::from_job("queued-after".to_owned());
+    assert!(lock.adopt(&key, &new_job, after).await.expect("redis"));
+    assert!(
+        lock.erase(&key, ttl).await.expect("redis"),
+        "a stored value is deleted"
+    );
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use analytics::EventSink;
-use cache_core::lock::{FencedWrite, FillLock, LockToken, WriteMode};
+use cache_core::lock::{Acquired, FencedWrite, FillLock, LockToken, WriteMode};
 use cache_core::signals::{Signal, SignalBus};
 use cache_core::{CacheKey, CacheStore, CanonicalProfile, RedisStore};
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
@@ -263,9 +263,20 @@ impl Worker {
         token: LockToken,
     ) -> Result<Option<LockToken>, cache_core::StoreError> {
         if job.trigger == crate::queue::Trigger::Prewarm {
-            return self.lock.try_acquire(key).await;
+            return Ok(
+                match self.lock.try_acquire_since(key, job.enqueued_at_ms).await? {
+                    Acquired::Taken(token) => Some(token),
+                    // Held by another, or erased since the job was enqueued: either way
+                    // this job has nothing to do.
+                    Acquired::Held | Acquired::Erased => None,
+                },
+            );
         }
-        Ok(self.lock.adopt(key, &token).await?.then_some(token))
+        Ok(self
+            .lock
+            .adopt(key, &token, job.enqueued_at_ms)
+            .await?
+            .then_some(token))
     }
 
     async fn signal(&self, signal: Signal, key: &CacheKey) {

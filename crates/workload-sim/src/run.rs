@@ -94,6 +94,8 @@ fn service(settings: &SimSettings, llm: Arc<SimulatedLlm>) -> Arc<NarrativeServi
         generation_wait: settings.generation_wait,
         distributed: None,
         previous_versions: Vec::new(),
+        user_index: Arc::new(cache_core::user_index::MemoryUserIndex::default()),
+        erasure_tombstone: Duration::from_secs(3600),
     }))
 }
 

@@ -9,7 +9,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use cache_core::{CanonicalProfile, KeyedProfile, ProfileError, ProfileInput};
 use serde::Deserialize;
@@ -19,6 +19,7 @@ use super::access::Admin;
 use super::narrative::json_body;
 use super::ApiError;
 use crate::app::AppState;
+use crate::service::AnalyticsSource;
 
 /// The most profiles one run may warm.
 pub const MAX_PREWARM: u64 = 10_000;
@@ -27,6 +28,54 @@ pub fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/narrative/prewarm", post(start_prewarm))
         .route("/narrative/prewarm/{run}", get(prewarm_progress))
+        .route("/narrative/user/{user_id}", delete(erase_user))
+}
+
+/// `DELETE /narrative/user/{userId}`: erases what is held for that user (see
+/// `NarrativeService::erase_user`), then their analytics events in Postgres. Answers
+/// `{"deleted": N}`, N the cache entries removed. Safe to repeat: a 503 (a backend
+/// down) says what is done, and a retry finishes the rest.
+async fn erase_user(
+    _admin: Admin,
+    State(state): State<Arc<AppState>>,
+    Path(user_id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let chars = user_id.chars().count();
+    if chars == 0 || chars > cache_core::profile::MAX_USER_ID_CHARS {
+        return Err(ApiError::InvalidParameter {
+            field: "userId",
+            message: format!(
+                "must be 1 to {} characters",
+                cache_core::profile::MAX_USER_ID_CHARS
+            ),
+        });
+    }
+    let user_hash = state.service.deriver().user_hash(&user_id);
+    let deleted = state
+        .service
+        .erase_user(&user_hash)
+        .await
+        .map_err(|error| {
+            tracing::warn!(%error, "erasure failed in the cache; nothing recorded as erased");
+            ApiError::Unavailable("the cache is unreachable: retry the erasure".to_owned())
+        })?;
+    let events = match &state.analytics {
+        AnalyticsSource::Postgres { store, .. } => {
+            Some(store.erase_user(&user_hash).await.map_err(|error| {
+                tracing::warn!(%error, "erasure of analytics events failed");
+                ApiError::Unavailable(format!(
+                    "{deleted} cache entries erased, but Postgres is unreachable: retry the erasure"
+                ))
+            })?)
+        }
+        AnalyticsSource::Memory(_) => None,
+    };
+    state.audit_about(
+        "erase_user",
+        Some(user_hash),
+        serde_json::json!({"deleted": deleted, "events": events}),
+    );
+    Ok(Json(serde_json::json!({"deleted": deleted})))
 }
 
 /// `{"top": N}` or `{"profiles": [...]}`.

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cache_core::lock::{FencedWrite, FillLock, LockToken, WriteMode};
+use cache_core::lock::{Acquired, FencedWrite, FillLock, LockToken, WriteMode};
 use cache_core::signals::{Signal, SignalBus};
 use cache_core::{now_ms, CacheStore, Envelope, KeyedProfile, RedisStore, TieredStore};
 use generator_worker::queue::{Job, JOB_VERSION};
@@ -43,17 +43,19 @@ impl NarrativeService {
         let key = &keyed.key;
         // Long enough for a holder elsewhere to finish one slow generation.
         let give_up = Instant::now() + self.generation_wait.max(shared.lock.ttl()) * 4;
+        // An erasure after this moment must not see this flight bring the entry back.
+        let flight_started = now_ms();
         let mut waiter = shared.bus.waiter(key);
         loop {
             if let Some(envelope) = self.value_that_will_do(shared, keyed, mode).await {
                 return Ok(envelope);
             }
-            match shared.lock.try_acquire(key).await {
+            match shared.lock.try_acquire_since(key, flight_started).await {
                 // Refreshes run here rather than as jobs: a worker would find the
                 // stale value and consider the job done.
                 // Pre-warms reach this with no workers configured (with workers they
                 // are jobs on their own queue, published by the run).
-                Ok(Some(token)) => match (&shared.jobs, mode) {
+                Ok(Acquired::Taken(token)) => match (&shared.jobs, mode) {
                     (None, _) | (_, FillMode::Replace { .. } | FillMode::Prewarm) => {
                         return self.fill_as_holder(shared, keyed, token, mode).await
                     }
@@ -75,11 +77,12 @@ impl NarrativeService {
                             // The job may still have been enqueued (a lost confirm): give up
                             // its token, so a worker that gets it finds another holder.
                             let _ = shared.lock.release(key, &token).await;
-                            match shared.lock.try_acquire(key).await {
-                                Ok(Some(fresh)) => {
+                            match shared.lock.try_acquire_since(key, flight_started).await {
+                                Ok(Acquired::Taken(fresh)) => {
                                     return self.fill_as_holder(shared, keyed, fresh, mode).await
                                 }
-                                Ok(None) => continue,
+                                Ok(Acquired::Held) => continue,
+                                Ok(Acquired::Erased) => return Err(FillError::Erased),
                                 Err(_) => {
                                     let envelope = self.generate(keyed, mode.trigger()).await?;
                                     shared.tiers.put_l1(key, Arc::clone(&envelope)).await;
@@ -89,7 +92,8 @@ impl NarrativeService {
                         }
                     }
                 },
-                Ok(None) => {}
+                Ok(Acquired::Held) => {}
+                Ok(Acquired::Erased) => return Err(FillError::Erased),
                 Err(error) => {
                     // Without the lock we cannot know who else generates, so the result
                     // stays in this instance's L1: it never overwrites a fenced value.

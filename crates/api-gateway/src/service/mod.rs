@@ -26,9 +26,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use analytics::{new_event_id, EventSink, RequestEvent, RequestOutcome, Trigger};
+use cache_core::signals::Signal;
+use cache_core::user_index::UserIndex;
 use cache_core::{
     now_ms, CacheKey, CacheStore, Envelope, Flight, Follower, KeyDeriver, KeyedProfile,
-    ProfileError, ProfileInput, SingleFlight, StoreStats, Tier,
+    ProfileError, ProfileInput, SingleFlight, StoreError, StoreStats, Tier,
 };
 use generator_worker::generator::generation_event;
 use generator_worker::template::{self, TEMPLATE_MODEL};
@@ -128,6 +130,8 @@ pub enum FillError {
     FailedElsewhere,
     #[error("no value appeared in time")]
     GaveUp,
+    #[error("the entry was erased while this request waited for it")]
+    Erased,
 }
 
 /// What a flight is for.
@@ -189,6 +193,13 @@ pub struct NarrativeService {
     /// `narr:<version>:<promptHash>:` of earlier versions, newest first.
     previous_prefixes: Vec<String>,
     counters: Counters,
+    /// Which keys each user asked for, for erasure.
+    user_index: Arc<dyn UserIndex>,
+    /// How long an erasure's tombstone keeps jobs enqueued before it from writing.
+    erasure_tombstone: Duration,
+    /// Embedded mode's fence: when each key was last erased here. A generation that
+    /// started before that stores nothing.
+    erased: std::sync::Mutex<std::collections::HashMap<CacheKey, Instant>>,
 }
 
 #[derive(Debug)]
@@ -205,6 +216,8 @@ pub struct ServiceParts {
     pub distributed: Option<Distributed>,
     /// Earlier versions whose entries answer a miss as stale during a rollout.
     pub previous_versions: Vec<(cache_core::EngineVersion, cache_core::PromptHash)>,
+    pub user_index: Arc<dyn UserIndex>,
+    pub erasure_tombstone: Duration,
 }
 
 impl NarrativeService {
@@ -220,6 +233,8 @@ impl NarrativeService {
             generation_wait,
             distributed,
             previous_versions,
+            user_index,
+            erasure_tombstone,
         } = parts;
         Self {
             deriver,
@@ -238,6 +253,9 @@ impl NarrativeService {
                 .map(|(version, hash)| format!("narr:{version}:{hash}:"))
                 .collect(),
             counters: Counters::default(),
+            user_index,
+            erasure_tombstone,
+            erased: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -586,12 +604,29 @@ impl NarrativeService {
                 return Ok(envelope);
             }
         }
+        let started = Instant::now();
         let envelope = self.generate(keyed, mode.trigger()).await?;
-        self.store_locally(keyed, &envelope).await;
+        self.store_locally(keyed, &envelope, started).await;
         Ok(envelope)
     }
 
-    async fn store_locally(&self, keyed: &KeyedProfile, envelope: &Arc<Envelope>) {
+    /// Stores a generation that started at `started`, unless the key was erased since.
+    async fn store_locally(
+        &self,
+        keyed: &KeyedProfile,
+        envelope: &Arc<Envelope>,
+        started: Instant,
+    ) {
+        let erased_since = self
+            .erased
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&keyed.key)
+            .is_some_and(|erased_at| *erased_at >= started);
+        if erased_since {
+            tracing::info!(cache_key = %keyed.key, "entry erased while it was generated; not stored");
+            return;
+        }
         if let Err(error) = self
             .store
             .put(&keyed.key, Arc::clone(envelope), self.ttl)
@@ -727,6 +762,9 @@ impl NarrativeService {
                 envelope.cost_usd,
             )
         });
+        if let Some(user) = &caller.user_hash {
+            self.user_index.record(user, &keyed.key);
+        }
         self.events.record_request(RequestEvent {
             id: new_event_id(),
             at: time::OffsetDateTime::now_utc(),
@@ -807,10 +845,59 @@ impl NarrativeService {
             if let Err(error) = self.counters.flush(backend).await {
                 tracing::debug!(%error, "hit counters not flushed; they are kept for the next try");
             }
+            if let Err(error) = self.user_index.flush().await {
+                tracing::debug!(%error, "user index not flushed; kept for the next try");
+            }
             if stopping {
                 return;
             }
         }
+    }
+
+    /// Erases what is cached for `user_hash`: every entry the user asked for, even if
+    /// others share it (they regenerate it). With Redis each is deleted with its fill
+    /// lock revoked and a tombstone left ([`cache_core::lock::FillLock::erase`]), and
+    /// every instance drops its L1 copy; the index is read again after a flush
+    /// interval, for pairs other gateways had not written yet. Returns the entries
+    /// deleted.
+    pub async fn erase_user(&self, user_hash: &str) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        for pass in 0..2 {
+            if pass == 1 {
+                if self.distributed.is_none() {
+                    break;
+                }
+                tokio::time::sleep(cache_core::user_index::FLUSH_INTERVAL * 3 / 2).await;
+            }
+            for key in self.user_index.take(user_hash).await? {
+                deleted += u64::from(self.erase_key(&key).await?);
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Embedded mode's fence: generations that began before now store nothing.
+    fn fence_locally(&self, key: &CacheKey) {
+        let now = Instant::now();
+        let mut erased = self
+            .erased
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        erased.retain(|_, at| now.duration_since(*at) < self.erasure_tombstone);
+        erased.insert(key.clone(), now);
+    }
+
+    async fn erase_key(&self, key: &CacheKey) -> Result<bool, StoreError> {
+        let Some(shared) = &self.distributed else {
+            self.fence_locally(key);
+            return self.store.delete(key).await;
+        };
+        let existed = shared.lock.erase(key, self.erasure_tombstone).await?;
+        shared.tiers.forget_l1(key);
+        if let Err(error) = shared.bus.publish(Signal::Invalidate, key).await {
+            tracing::warn!(%error, "could not tell other instances to drop an erased entry; their copies expire with L1_TTL");
+        }
+        Ok(existed)
     }
 
     /// Stops accepting generations and waits up to `grace` for those running to be

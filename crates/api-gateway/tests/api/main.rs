@@ -4,6 +4,7 @@ mod access;
 mod analytics;
 mod directives;
 mod distributed;
+mod erasure;
 mod errors;
 mod failures;
 mod freshness;

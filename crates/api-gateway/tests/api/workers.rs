@@ -63,7 +63,7 @@ impl TestWorker {
         }
     }
 
-    fn jobs(&self, outcome: &str) -> u64 {
+    pub(crate) fn jobs(&self, outcome: &str) -> u64 {
         self.app
             .worker
             .metrics
