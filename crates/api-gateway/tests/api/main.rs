@@ -9,6 +9,7 @@ mod errors;
 mod failures;
 mod freshness;
 mod helpers;
+mod hostile;
 mod limits;
 mod lost_holders;
 mod narrative;
