@@ -5,3 +5,6 @@ CREATE TABLE erased_users (
     user_hash  text        PRIMARY KEY,
     erased_at  timestamptz NOT NULL
 );
+
+-- An erasure finds a user's events without scanning every partition.
+CREATE INDEX request_events_user_hash ON request_events (user_hash) WHERE user_hash IS NOT NULL;

@@ -14,6 +14,9 @@ use crate::summary::{dollars, ratio, Range, RateBucket, Summary, SystemCount, TO
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
+/// The advisory lock that orders erasures after the inserts running when they start.
+const ERASURE_LOCK: i64 = 0x6e61_7272_6572_6173;
+
 /// The tables partitioned by day.
 pub const PARTITIONED: [&str; 2] = ["request_events", "generation_events"];
 
@@ -215,6 +218,11 @@ impl PgStore {
         let requests = if batch.requests.is_empty() {
             0
         } else {
+            // Shared with other inserts, exclusive to an erasure: see `erase_user`.
+            sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+                .bind(ERASURE_LOCK)
+                .execute(&mut *tx)
+                .await?;
             insert_requests(&mut tx, &batch.requests).await?
         };
         let generations = if batch.generations.is_empty() {
@@ -252,15 +260,23 @@ impl PgStore {
     /// Erases a user's events: deletes their request events (every partition) and
     /// records the erasure, so that events of theirs still queued are stored without
     /// their hash. Returns the rows deleted. Idempotent.
+    ///
+    /// The marker is committed first, so every insert that starts afterwards sees it;
+    /// then the delete waits (an exclusive advisory lock against the inserts' shared
+    /// one) for inserts already running, whose rows it then sees and deletes.
     pub async fn erase_user(&self, user_hash: &str) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO erased_users (user_hash, erased_at) VALUES ($1, now()) \
              ON CONFLICT (user_hash) DO UPDATE SET erased_at = now()",
         )
         .bind(user_hash)
-        .execute(&mut *tx)
+        .execute(&self.pool)
         .await?;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(ERASURE_LOCK)
+            .execute(&mut *tx)
+            .await?;
         let deleted = sqlx::query("DELETE FROM request_events WHERE user_hash = $1")
             .bind(user_hash)
             .execute(&mut *tx)

@@ -5,10 +5,12 @@
 //! [`MemoryUserIndex`] keeps the same in process for embedded mode.
 //!
 //! Recording never waits: the Redis index buffers `(user, key)` pairs, once each, and
-//! [`UserIndex::flush`] writes them every second in one pipeline (the gateway's
+//! [`UserIndex::flush`] writes them every second, a pipeline per user (the gateway's
 //! counter loop calls it). An erasure therefore reads the index twice, the second
 //! time after a flush interval, so a request answered just before it, whose pair was
-//! still buffered in some gateway, is erased too.
+//! still buffered in some gateway, is erased too. Keys leave the index only once they
+//! are erased ([`UserIndex::forget`]), so an erasure that fails half-way leaves the
+//! rest for its retry.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -20,6 +22,14 @@ use crate::store::StoreError;
 
 /// How often the Redis index's buffer is written.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// Users buffered between flushes at most; past it (Redis down for long) new users are
+/// not indexed, and a warning says so.
+pub const PENDING_USERS: usize = 100_000;
+/// At most this many users in process; past it the oldest-recorded are forgotten, with
+/// a warning: an embedded gateway is not a durable store.
+pub const MEMORY_USERS: usize = 100_000;
+/// At most this many keys per user, in process and in one buffered batch.
+pub const KEYS_PER_USER: usize = 1_000;
 
 #[async_trait::async_trait]
 pub trait UserIndex: Send + Sync + std::fmt::Debug + 'static {
@@ -27,15 +37,11 @@ pub trait UserIndex: Send + Sync + std::fmt::Debug + 'static {
     fn record(&self, user: &str, key: &CacheKey);
     /// Writes what is buffered (a no-op where nothing is).
     async fn flush(&self) -> Result<(), StoreError>;
-    /// The keys `user` asked for, removed from the index.
-    async fn take(&self, user: &str) -> Result<Vec<CacheKey>, StoreError>;
+    /// The keys `user` asked for; they stay indexed until [`UserIndex::forget`].
+    async fn keys(&self, user: &str) -> Result<Vec<CacheKey>, StoreError>;
+    /// Removes `keys`, now erased, from `user`'s index.
+    async fn forget(&self, user: &str, keys: &[CacheKey]) -> Result<(), StoreError>;
 }
-
-/// At most this many users in process; past it the oldest-recorded are forgotten (and
-/// counted): an embedded gateway is not a durable store.
-pub const MEMORY_USERS: usize = 100_000;
-/// At most this many keys per user, in process and in one buffered batch.
-pub const KEYS_PER_USER: usize = 1_000;
 
 #[derive(Debug, Default)]
 pub struct MemoryUserIndex {
@@ -58,10 +64,12 @@ impl UserIndex for MemoryUserIndex {
             }
             return;
         }
+        let mut forgotten = 0;
         while state.users.len() >= MEMORY_USERS {
             match state.order.pop_front() {
                 Some(oldest) => {
                     state.users.remove(&oldest);
+                    forgotten += 1;
                 }
                 None => break,
             }
@@ -70,20 +78,41 @@ impl UserIndex for MemoryUserIndex {
             .users
             .insert(user.to_owned(), HashSet::from([key.clone()]));
         state.order.push_back(user.to_owned());
+        drop(state);
+        if forgotten > 0 {
+            tracing::warn!(
+                forgotten,
+                "in-process user index full: the oldest users can no longer be erased by user"
+            );
+        }
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
         Ok(())
     }
 
-    async fn take(&self, user: &str) -> Result<Vec<CacheKey>, StoreError> {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        state.order.retain(|u| u != user);
+    async fn keys(&self, user: &str) -> Result<Vec<CacheKey>, StoreError> {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(state
             .users
-            .remove(user)
-            .map(|keys| keys.into_iter().collect())
+            .get(user)
+            .map(|keys| keys.iter().cloned().collect())
             .unwrap_or_default())
+    }
+
+    async fn forget(&self, user: &str, keys: &[CacheKey]) -> Result<(), StoreError> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let now_empty = state.users.get_mut(user).is_some_and(|held| {
+            for key in keys {
+                held.remove(key);
+            }
+            held.is_empty()
+        });
+        if now_empty {
+            state.users.remove(user);
+            state.order.retain(|u| u != user);
+        }
+        Ok(())
     }
 }
 
@@ -107,63 +136,79 @@ impl RedisUserIndex {
             pending: Mutex::new(HashMap::new()),
         }
     }
+
+    async fn write(&self, user: &str, members: Vec<String>, ttl: i64) -> Result<(), StoreError> {
+        let set = index_key(user);
+        self.backend
+            .call(|mut conn| {
+                let (set, members) = (set.clone(), members.clone());
+                async move {
+                    redis::pipe()
+                        .cmd("SADD")
+                        .arg(&set)
+                        .arg(members)
+                        .ignore()
+                        .cmd("EXPIRE")
+                        .arg(&set)
+                        .arg(ttl)
+                        .ignore()
+                        .query_async::<()>(&mut conn)
+                        .await
+                }
+            })
+            .await
+    }
 }
 
 #[async_trait::async_trait]
 impl UserIndex for RedisUserIndex {
     fn record(&self, user: &str, key: &CacheKey) {
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        match pending.get_mut(user) {
-            Some(keys) => {
-                if keys.len() < KEYS_PER_USER && !keys.contains(key.as_str()) {
-                    keys.insert(key.as_str().to_owned());
-                }
+        if let Some(keys) = pending.get_mut(user) {
+            if keys.len() < KEYS_PER_USER && !keys.contains(key.as_str()) {
+                keys.insert(key.as_str().to_owned());
             }
-            None => {
-                pending.insert(user.to_owned(), HashSet::from([key.as_str().to_owned()]));
-            }
+        } else if pending.len() < PENDING_USERS {
+            pending.insert(user.to_owned(), HashSet::from([key.as_str().to_owned()]));
+        } else {
+            drop(pending);
+            tracing::warn!("user index buffer full (Redis unreachable for long?): a request's user is not indexed for erasure");
         }
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
         let batch =
             std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
-        if batch.is_empty() {
-            return Ok(());
-        }
         let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX).max(1);
-        // One slot per user (the hash tag), so each user's pair of commands is its own
-        // pipeline entry; a Cluster client routes each command by its key.
-        let batch_for_retry = batch.clone();
-        let result = self
-            .backend
-            .call(|mut conn| {
-                let batch = batch.clone();
-                async move {
-                    let mut pipe = redis::pipe();
-                    for (user, keys) in &batch {
-                        let set = index_key(user);
-                        pipe.cmd("SADD")
-                            .arg(&set)
-                            .arg(keys.iter().collect::<Vec<_>>())
-                            .ignore();
-                        pipe.cmd("EXPIRE").arg(&set).arg(ttl).ignore();
-                    }
-                    pipe.query_async::<()>(&mut conn).await
-                }
-            })
-            .await;
-        if result.is_err() {
-            // Kept for the next flush: an erasure must not miss them for a Redis blip.
-            let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-            for (user, keys) in batch_for_retry {
+        let mut failure = None;
+        let mut unsent = HashMap::new();
+        for (user, keys) in batch {
+            if failure.is_some() {
+                unsent.insert(user, keys);
+                continue;
+            }
+            // One pipeline per user: each user's set is its own Cluster slot, and a
+            // pipeline may not span slots.
+            if let Err(error) = self.write(&user, keys.iter().cloned().collect(), ttl).await {
+                failure = Some(error);
+                unsent.insert(user, keys);
+            }
+        }
+        let Some(error) = failure else {
+            return Ok(());
+        };
+        // Kept for the next flush (an erasure must not miss them for a Redis blip),
+        // within the same bound as new ones.
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        for (user, keys) in unsent {
+            if pending.len() < PENDING_USERS || pending.contains_key(&user) {
                 pending.entry(user).or_default().extend(keys);
             }
         }
-        result
+        Err(error)
     }
 
-    async fn take(&self, user: &str) -> Result<Vec<CacheKey>, StoreError> {
+    async fn keys(&self, user: &str) -> Result<Vec<CacheKey>, StoreError> {
         // This gateway's own buffered pairs first, then the shared set.
         self.flush().await?;
         let set = index_key(user);
@@ -172,16 +217,10 @@ impl UserIndex for RedisUserIndex {
             .call(|mut conn| {
                 let set = set.clone();
                 async move {
-                    let (members,): (Vec<String>,) = redis::pipe()
-                        .atomic()
-                        .cmd("SMEMBERS")
+                    redis::cmd("SMEMBERS")
                         .arg(&set)
-                        .cmd("DEL")
-                        .arg(&set)
-                        .ignore()
                         .query_async(&mut conn)
-                        .await?;
-                    Ok(members)
+                        .await
                 }
             })
             .await?;
@@ -189,6 +228,26 @@ impl UserIndex for RedisUserIndex {
             .iter()
             .filter_map(|member| CacheKey::parse(member).ok())
             .collect())
+    }
+
+    async fn forget(&self, user: &str, keys: &[CacheKey]) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let set = index_key(user);
+        let members: Vec<String> = keys.iter().map(|k| k.as_str().to_owned()).collect();
+        self.backend
+            .call(|mut conn| {
+                let (set, members) = (set.clone(), members.clone());
+                async move {
+                    redis::cmd("SREM")
+                        .arg(&set)
+                        .arg(members)
+                        .query_async::<()>(&mut conn)
+                        .await
+                }
+            })
+            .await
     }
 }
 
@@ -201,16 +260,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn memory_index_gives_each_users_keys_once_and_forgets_them() {
+    async fn memory_index_keeps_keys_until_they_are_forgotten() {
         let index = MemoryUserIndex::default();
         index.record("u1", &key(1));
         index.record("u1", &key(2));
         index.record("u1", &key(1));
         index.record("u2", &key(1));
-        let mut taken = index.take("u1").await.unwrap();
-        taken.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-        assert_eq!(taken, [key(1), key(2)]);
-        assert!(index.take("u1").await.unwrap().is_empty());
-        assert_eq!(index.take("u2").await.unwrap(), [key(1)]);
+        let mut held = index.keys("u1").await.unwrap();
+        held.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        assert_eq!(held, [key(1), key(2)]);
+        // Only what was erased is forgotten.
+        index.forget("u1", &[key(1)]).await.unwrap();
+        assert_eq!(index.keys("u1").await.unwrap(), [key(2)]);
+        index.forget("u1", &[key(2)]).await.unwrap();
+        assert!(index.keys("u1").await.unwrap().is_empty());
+        assert_eq!(index.keys("u2").await.unwrap(), [key(1)]);
     }
 }

@@ -104,7 +104,9 @@ async fn consume(
             .await
             .map_err(broken)?;
         channels.push(channel);
-        streams.push(stream);
+        // The end of either queue's stream (the broker cancelled that consumer) ends
+        // the loop, which reconnects: one queue must not go unconsumed unnoticed.
+        streams.push(stream.map(Some).chain(futures::stream::iter([None])));
     }
     // Either queue's deliveries, as they come; each is settled on its own channel.
     let mut deliveries = futures::stream::select_all(streams);
@@ -128,12 +130,14 @@ async fn consume(
                 return Ok(());
             }
             delivery = deliveries.next() => match delivery {
-                Some(Ok(delivery)) => {
+                Some(Some(Ok(delivery))) => {
                     let worker = Arc::clone(worker);
                     in_flight.spawn(async move { handle(&worker, delivery).await });
                 }
-                Some(Err(error)) => return Err(broken(error)),
-                None => return Err(QueueError::Unreachable("consumer closed".to_owned())),
+                Some(Some(Err(error))) => return Err(broken(error)),
+                Some(None) | None => {
+                    return Err(QueueError::Unreachable("consumer closed".to_owned()))
+                }
             },
         }
     }

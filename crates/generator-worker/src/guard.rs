@@ -179,6 +179,13 @@ impl GuardedGenerator {
 #[async_trait::async_trait]
 impl NarrativeGenerator for GuardedGenerator {
     async fn generate(&self, profile: &CanonicalProfile) -> Result<Generation, GenerateError> {
+        // The budget is read once a permit is held, right before the call: calls that
+        // waited for a permit while it ran out do not start.
+        let _permit = match &self.permits {
+            // The semaphore is never closed.
+            Some(permits) => permits.acquire().await.ok(),
+            None => None,
+        };
         let today = OffsetDateTime::now_utc().date();
         if let Some(budget) = self.budget {
             let spent = self.spend.today(today).await;
@@ -188,11 +195,6 @@ impl NarrativeGenerator for GuardedGenerator {
                 return Err(GenerateError::BudgetExhausted);
             }
         }
-        let _permit = match &self.permits {
-            // The semaphore is never closed.
-            Some(permits) => permits.acquire().await.ok(),
-            None => None,
-        };
         let result = self.inner.generate(profile).await;
         if let Ok(generation) = &result {
             if self.budget.is_some() {

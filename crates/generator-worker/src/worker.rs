@@ -176,10 +176,14 @@ impl Worker {
         // Text written with another prompt or model must not land under this key.
         let prompt_hash = self.generator.prompt_hash();
         let token = LockToken::from_job(job.lock_token.clone());
+        // A pre-warm job holds no lock and has no one waiting: it must not signal.
+        let holds_lock = job.trigger != crate::queue::Trigger::Prewarm;
         if key.prompt_hash() != prompt_hash.as_str() {
             // Waiting gateways fall back now rather than waiting out the lock.
-            self.signal(Signal::Failed, &key).await;
-            let _ = self.lock.release(&key, &token).await;
+            if holds_lock {
+                self.signal(Signal::Failed, &key).await;
+                let _ = self.lock.release(&key, &token).await;
+            }
             return Outcome::Rejected(format!(
                 "key is for prompt {}, this worker writes {prompt_hash}: check LLM_MODEL and the prompt on both sides",
                 key.prompt_hash()
@@ -202,6 +206,12 @@ impl Worker {
             Ok(None) => return Outcome::HeldElsewhere,
             Err(error) => return Outcome::Retry(error.to_string()),
         };
+        // A pre-warm job took its lock just now: a user's miss may have stored the
+        // entry while the job waited.
+        if !holds_lock && matches!(self.store.get(&key).await, Ok(Some(_))) {
+            let _ = self.lock.release(&key, &token).await;
+            return Outcome::AlreadyCached;
+        }
         let started = Instant::now();
         let generated = self
             .lock

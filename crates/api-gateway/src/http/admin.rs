@@ -111,8 +111,9 @@ async fn start_prewarm(
             })
         }
     };
-    let requested = profiles.len() as u64;
     let (to_warm, skipped) = state.service.prewarm_plan(profiles).await;
+    // After duplicates are dropped, so that `queued` is what will be started.
+    let requested = to_warm.len() as u64 + skipped;
     let run = state.prewarm_runs.start(requested, skipped);
     state.audit(
         "prewarm",

@@ -67,7 +67,9 @@ impl NarrativeService {
                             lock_token: token.as_str().to_owned(),
                             trigger: mode.trigger(),
                             request_id: hex_id(),
-                            enqueued_at_ms: now_ms(),
+                            // The erasure fence's time: when this flight began, before
+                            // its lock was taken (see `FillLock::adopt`).
+                            enqueued_at_ms: flight_started,
                         };
                         // Once the broker confirms, a worker holds the key for us: we
                         // wait for its signal like any other waiter.

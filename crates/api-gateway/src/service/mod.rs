@@ -304,6 +304,9 @@ impl NarrativeService {
         directives: Directives,
         caller: &Caller,
     ) -> Result<Answer, NotCached> {
+        // Indexed before the answer: an erasure while this request's generation runs
+        // must find (and fence) its key.
+        self.index_user(keyed, caller);
         let answered = self.answer_with(keyed, started, directives).await;
         match &answered {
             Ok(answer) => self.account(answer, keyed, started, caller),
@@ -577,6 +580,7 @@ impl NarrativeService {
         started: Instant,
         caller: &Caller,
     ) -> Option<Answer> {
+        self.index_user(keyed, caller);
         if let Some((envelope, age, tier)) = self.cached(&keyed.key).await {
             let answer = self.answer_cached(keyed, envelope, age, tier);
             self.account(&answer, keyed, started, caller);
@@ -595,6 +599,9 @@ impl NarrativeService {
         if let Some(distributed) = &self.distributed {
             return self.fill_shared(distributed, keyed, mode).await;
         }
+        // The erasure fence counts from here: an erasure after the look below must
+        // not see this flight's value stored.
+        let started = Instant::now();
         if let Some((envelope, _, _)) = self.cached(&keyed.key).await {
             let will_do = match mode {
                 FillMode::Miss | FillMode::Prewarm => true,
@@ -604,7 +611,6 @@ impl NarrativeService {
                 return Ok(envelope);
             }
         }
-        let started = Instant::now();
         let envelope = self.generate(keyed, mode.trigger()).await?;
         self.store_locally(keyed, &envelope, started).await;
         Ok(envelope)
@@ -617,13 +623,7 @@ impl NarrativeService {
         envelope: &Arc<Envelope>,
         started: Instant,
     ) {
-        let erased_since = self
-            .erased
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&keyed.key)
-            .is_some_and(|erased_at| *erased_at >= started);
-        if erased_since {
+        if self.erased_since(&keyed.key, started) {
             tracing::info!(cache_key = %keyed.key, "entry erased while it was generated; not stored");
             return;
         }
@@ -635,6 +635,18 @@ impl NarrativeService {
             self.metrics.store_errors.inc();
             tracing::warn!(%error, store = self.store.name(), "cache write failed; the narrative is served but not shared");
         }
+        // An erasure between the check and the put: take the value back out.
+        if self.erased_since(&keyed.key, started) {
+            let _ = self.store.delete(&keyed.key).await;
+        }
+    }
+
+    fn erased_since(&self, key: &CacheKey, started: Instant) -> bool {
+        self.erased
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .is_some_and(|erased_at| *erased_at >= started)
     }
 
     /// Calls the generator and accounts for it. Only complete outputs come back.
@@ -762,9 +774,6 @@ impl NarrativeService {
                 envelope.cost_usd,
             )
         });
-        if let Some(user) = &caller.user_hash {
-            self.user_index.record(user, &keyed.key);
-        }
         self.events.record_request(RequestEvent {
             id: new_event_id(),
             at: time::OffsetDateTime::now_utc(),
@@ -781,6 +790,12 @@ impl NarrativeService {
             entry_tokens,
             entry_cost_usd,
         });
+    }
+
+    fn index_user(&self, keyed: &KeyedProfile, caller: &Caller) {
+        if let Some(user) = &caller.user_hash {
+            self.user_index.record(user, &keyed.key);
+        }
     }
 
     pub async fn lookup(&self, key: &CacheKey) -> Lookup {
@@ -869,8 +884,25 @@ impl NarrativeService {
                 }
                 tokio::time::sleep(cache_core::user_index::FLUSH_INTERVAL * 3 / 2).await;
             }
-            for key in self.user_index.take(user_hash).await? {
-                deleted += u64::from(self.erase_key(&key).await?);
+            let keys = self.user_index.keys(user_hash).await?;
+            let mut erased = Vec::with_capacity(keys.len());
+            let mut failure = None;
+            for key in keys {
+                match self.erase_key(&key).await {
+                    Ok(existed) => {
+                        deleted += u64::from(existed);
+                        erased.push(key);
+                    }
+                    Err(error) => {
+                        failure = Some(error);
+                        break;
+                    }
+                }
+            }
+            // What was erased leaves the index; the rest stays for the retry.
+            self.user_index.forget(user_hash, &erased).await?;
+            if let Some(error) = failure {
+                return Err(error);
             }
         }
         Ok(deleted)

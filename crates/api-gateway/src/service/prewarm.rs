@@ -32,6 +32,8 @@ use super::{FillMode, NarrativeService, Trigger};
 
 /// Runs whose progress stays queryable.
 pub const RUNS_KEPT: usize = 32;
+/// Pre-warm generations in process at once (without workers).
+pub const IN_PROCESS_AT_ONCE: usize = 2;
 
 /// What became of one profile of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,6 +203,11 @@ impl NarrativeService {
     ) {
         let mut generating = JoinSet::new();
         for keyed in profiles {
+            // In process, at most this many pre-warm generations at once, however fast
+            // the pace: they share the LLM (and LLM_MAX_CONCURRENCY) with user misses.
+            while generating.len() >= IN_PROCESS_AT_ONCE {
+                generating.join_next().await;
+            }
             tokio::select! {
                 () = stop.cancelled() => break,
                 () = pacer.wait() => {}

@@ -72,6 +72,28 @@ async fn embedded_erasure_removes_the_users_entries_and_fences_the_one_in_flight
     let pending = respond_async(&app, &as_user(3, "alice")).await;
     assert_eq!(pending.status, 202);
     let in_flight = pending.key();
+    // And her first request for profile 4, still waiting for its generation.
+    let waiting = {
+        let (client, url) = (app.client.clone(), app.url("/narrative"));
+        tokio::spawn(async move {
+            reply(
+                client
+                    .post(url)
+                    .json(&as_user(4, "alice"))
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
+        })
+    };
+    let second = app.post_json("/narrative/key", &anonymous(4)).await.key();
+    test_kit::eventually(
+        "both generations running",
+        Duration::from_secs(5),
+        || async { app.state.service.stats().await.in_flight == 2 },
+    )
+    .await;
 
     let erased = erase(&app, "alice").await;
     assert_eq!(erased.status, 200, "{}", erased.body);
@@ -82,6 +104,14 @@ async fn embedded_erasure_removes_the_users_entries_and_fences_the_one_in_flight
         app.get(&path).await.status,
         404,
         "the generation in flight stored nothing"
+    );
+    // The waiting request is still answered, and nothing of it is kept.
+    assert_eq!(waiting.await.unwrap().source(), "generated");
+    let path = format!("/narrative/{}", second.to_path_segment());
+    assert_eq!(
+        app.get(&path).await.status,
+        404,
+        "nor did the one a request waited on"
     );
 
     // Shared entries go too: bob's profile 1 is generated again.
