@@ -153,24 +153,16 @@ impl FillLock {
         since_ms: i64,
     ) -> Result<Acquired, StoreError> {
         let token = LockToken::random();
-        let (lock, tomb, value, ttl) = (
-            key.lock_key(),
-            key.tombstone_key(),
-            token.0.clone(),
-            self.ttl_ms(),
-        );
-        let answer: i64 = self
-            .backend
-            .call(|mut conn| async move {
-                Script::new(ACQUIRE)
-                    .key(lock)
-                    .key(tomb)
-                    .arg(value)
-                    .arg(ttl)
-                    .arg(since_ms)
-                    .invoke_async(&mut conn)
-                    .await
-            })
+        let answer = self
+            .eval(
+                ACQUIRE,
+                [key.lock_key(), key.tombstone_key()],
+                [
+                    token.0.clone(),
+                    self.ttl_ms().to_string(),
+                    since_ms.to_string(),
+                ],
+            )
             .await?;
         Ok(match answer {
             1 => Acquired::Taken(token),
@@ -204,34 +196,26 @@ impl FillLock {
         self.token_script(EXTEND, key, token, true).await
     }
 
-    /// Takes the lock for a token handed over in a job: `true` when it is ours (still,
-    /// or again because it had expired), `false` when another holder has it.
-    /// Adopts the lock a job's publisher took at `enqueued_ms`, or takes it again if it
-    /// expired meanwhile (unless the entry was erased since the job was enqueued).
+    /// Takes the lock for a token handed over in a job, whose publisher took it at
+    /// `enqueued_ms`: `true` when it is ours (still, or again because it had expired),
+    /// `false` when another holder has it, or when it had gone and the entry was
+    /// erased since the job was enqueued.
     pub async fn adopt(
         &self,
         key: &CacheKey,
         token: &LockToken,
         enqueued_ms: i64,
     ) -> Result<bool, StoreError> {
-        let (lock, tomb, value, ttl) = (
-            key.lock_key(),
-            key.tombstone_key(),
-            token.0.clone(),
-            self.ttl_ms(),
-        );
-        let answer: i64 = self
-            .backend
-            .call(|mut conn| async move {
-                Script::new(ADOPT)
-                    .key(lock)
-                    .key(tomb)
-                    .arg(value)
-                    .arg(ttl)
-                    .arg(enqueued_ms)
-                    .invoke_async(&mut conn)
-                    .await
-            })
+        let answer = self
+            .eval(
+                ADOPT,
+                [key.lock_key(), key.tombstone_key()],
+                [
+                    token.0.clone(),
+                    self.ttl_ms().to_string(),
+                    enqueued_ms.to_string(),
+                ],
+            )
             .await?;
         Ok(answer == 1)
     }
@@ -244,25 +228,40 @@ impl FillLock {
     /// instances' clocks, so they must agree to well within a request's duration.
     /// `true` when a value was deleted.
     pub async fn erase(&self, key: &CacheKey, tombstone_ttl: Duration) -> Result<bool, StoreError> {
-        let (value, lock, tomb) = (key.as_str().to_owned(), key.lock_key(), key.tombstone_key());
-        let erased_at = crate::envelope::now_ms();
         let ttl_ms = u64::try_from(tombstone_ttl.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
-        let deleted: i64 = self
-            .backend
-            .call(|mut conn| async move {
-                Script::new(ERASE)
-                    .key(value)
-                    .key(lock)
-                    .key(tomb)
-                    .arg(ttl_ms)
-                    .arg(erased_at)
-                    .invoke_async(&mut conn)
-                    .await
-            })
+        let deleted = self
+            .eval(
+                ERASE,
+                [key.as_str().to_owned(), key.lock_key(), key.tombstone_key()],
+                [ttl_ms.to_string(), crate::envelope::now_ms().to_string()],
+            )
             .await?;
         Ok(deleted == 1)
+    }
+
+    /// Runs one of the scripts over an entry's keys (they share its hash tag, so one
+    /// Cluster slot) and reads its integer answer.
+    async fn eval<const K: usize, const A: usize>(
+        &self,
+        script: &'static str,
+        keys: [String; K],
+        args: [String; A],
+    ) -> Result<i64, StoreError> {
+        self.backend
+            .call(|mut conn| async move {
+                let script = Script::new(script);
+                let mut invocation = script.prepare_invoke();
+                for key in keys {
+                    invocation.key(key);
+                }
+                for arg in args {
+                    invocation.arg(arg);
+                }
+                invocation.invoke_async(&mut conn).await
+            })
+            .await
     }
 
     /// Runs one of the lock scripts (KEYS: the lock; ARGV: the token, and the TTL in
@@ -274,19 +273,13 @@ impl FillLock {
         token: &LockToken,
         with_ttl: bool,
     ) -> Result<bool, StoreError> {
-        let (lock, value, ttl) = (key.lock_key(), token.0.clone(), self.ttl_ms());
-        let answer: i64 = self
-            .backend
-            .call(|mut conn| async move {
-                let script = Script::new(script);
-                let mut invocation = script.key(lock);
-                invocation.arg(value);
-                if with_ttl {
-                    invocation.arg(ttl);
-                }
-                invocation.invoke_async(&mut conn).await
-            })
-            .await?;
+        let (lock, value) = (key.lock_key(), token.0.clone());
+        let answer = if with_ttl {
+            self.eval(script, [lock], [value, self.ttl_ms().to_string()])
+                .await?
+        } else {
+            self.eval(script, [lock], [value]).await?
+        };
         Ok(answer == 1)
     }
 
