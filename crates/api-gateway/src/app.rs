@@ -49,15 +49,26 @@ impl AppState {
     /// Records an admin action in the audit log and the structured log (target
     /// `audit`). The actor is the admin token's holder: there is one admin identity.
     pub fn audit(&self, action: &str, detail: serde_json::Value) {
-        self.audit_about(action, None, detail);
+        self.audit_by("admin", action, None, detail);
     }
 
     /// The same, about a subject: for a user, the keyed hash of their id, never the id.
     pub fn audit_about(&self, action: &str, subject: Option<String>, detail: serde_json::Value) {
-        tracing::info!(target: "audit", actor = "admin", action, subject = subject.as_deref().unwrap_or(""), %detail, "audit");
+        self.audit_by("admin", action, subject, detail);
+    }
+
+    /// `actor` is `admin` (the admin token's holder) or `system` (start-up).
+    fn audit_by(
+        &self,
+        actor: &'static str,
+        action: &str,
+        subject: Option<String>,
+        detail: serde_json::Value,
+    ) {
+        tracing::info!(target: "audit", actor, action, subject = subject.as_deref().unwrap_or(""), %detail, "audit");
         self.analytics.audit(analytics::AuditRecord {
             at: time::OffsetDateTime::now_utc(),
-            actor: "admin".to_owned(),
+            actor: actor.to_owned(),
             action: action.to_owned(),
             subject,
             detail,
@@ -212,8 +223,12 @@ impl App {
                 background_tasks,
             }),
         };
-        app.state
-            .audit("startup", app.state.settings.audit_summary());
+        app.state.audit_by(
+            "system",
+            "startup",
+            None,
+            app.state.settings.audit_summary(),
+        );
         Ok(app)
     }
 
