@@ -169,7 +169,7 @@ impl App {
             }
         };
         let user_index: Arc<dyn UserIndex> = match &redis {
-            Some(backend) => Arc::new(RedisUserIndex::new(Arc::clone(backend), settings.cache_ttl)),
+            Some(backend) => Arc::new(RedisUserIndex::new(Arc::clone(backend))),
             None => Arc::new(MemoryUserIndex::default()),
         };
         let generator = Arc::new(GuardedGenerator::new(

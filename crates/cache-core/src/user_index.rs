@@ -1,11 +1,13 @@
 //! Which cache keys each user asked for: what an erasure by user removes.
 //!
 //! Users appear only as the keyed hash of their id. [`RedisUserIndex`] keeps a set per
-//! user (`useridx:{<hash>}`, living as long as a cache entry), shared by the fleet;
+//! user (`useridx:{<hash>}`), shared by the fleet. The sets have no TTL on purpose:
+//! under `volatile-lfu` Redis evicts only keys with one, and a rarely touched index
+//! would go long before the popular narratives it lists, leaving them unerasable;
 //! [`MemoryUserIndex`] keeps the same in process for embedded mode.
 //!
 //! Recording never waits: the Redis index buffers `(user, key)` pairs, once each, and
-//! [`UserIndex::flush`] writes them every second, a pipeline per user (the gateway's
+//! [`UserIndex::flush`] writes them every second, a call per user (the gateway's
 //! counter loop calls it). An erasure therefore reads the index twice, the second
 //! time after a flush interval, so a request answered just before it, whose pair was
 //! still buffered in some gateway, is erased too. Keys leave the index only once they
@@ -119,8 +121,6 @@ impl UserIndex for MemoryUserIndex {
 #[derive(Debug)]
 pub struct RedisUserIndex {
     backend: Arc<RedisBackend>,
-    /// How long a user's set lives after its last addition: a cache entry's TTL.
-    ttl: Duration,
     pending: Mutex<HashMap<String, HashSet<String>>>,
 }
 
@@ -129,29 +129,22 @@ fn index_key(user: &str) -> String {
 }
 
 impl RedisUserIndex {
-    pub fn new(backend: Arc<RedisBackend>, ttl: Duration) -> Self {
+    pub fn new(backend: Arc<RedisBackend>) -> Self {
         Self {
             backend,
-            ttl,
             pending: Mutex::new(HashMap::new()),
         }
     }
 
-    async fn write(&self, user: &str, members: Vec<String>, ttl: i64) -> Result<(), StoreError> {
+    async fn write(&self, user: &str, members: Vec<String>) -> Result<(), StoreError> {
         let set = index_key(user);
         self.backend
             .call(|mut conn| {
                 let (set, members) = (set.clone(), members.clone());
                 async move {
-                    redis::pipe()
-                        .cmd("SADD")
+                    redis::cmd("SADD")
                         .arg(&set)
                         .arg(members)
-                        .ignore()
-                        .cmd("EXPIRE")
-                        .arg(&set)
-                        .arg(ttl)
-                        .ignore()
                         .query_async::<()>(&mut conn)
                         .await
                 }
@@ -179,7 +172,6 @@ impl UserIndex for RedisUserIndex {
     async fn flush(&self) -> Result<(), StoreError> {
         let batch =
             std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
-        let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX).max(1);
         let mut failure = None;
         let mut unsent = HashMap::new();
         for (user, keys) in batch {
@@ -187,9 +179,9 @@ impl UserIndex for RedisUserIndex {
                 unsent.insert(user, keys);
                 continue;
             }
-            // One pipeline per user: each user's set is its own Cluster slot, and a
+            // One call per user: each user's set is its own Cluster slot, and a
             // pipeline may not span slots.
-            if let Err(error) = self.write(&user, keys.iter().cloned().collect(), ttl).await {
+            if let Err(error) = self.write(&user, keys.iter().cloned().collect()).await {
                 failure = Some(error);
                 unsent.insert(user, keys);
             }
