@@ -183,7 +183,7 @@ impl NarrativeService {
             if !seen.insert(keyed.key.clone()) {
                 continue;
             }
-            if self.cached(&keyed.key).await.is_some() {
+            if self.is_stored(&keyed.key).await {
                 cached += 1;
             } else {
                 to_warm.push(keyed);
@@ -223,8 +223,30 @@ impl NarrativeService {
         while generating.join_next().await.is_some() {}
     }
 
+    /// Whether an entry is stored, without reading it: with Redis an `EXISTS`, so that
+    /// planning thousands of profiles neither decodes them nor copies them into L1
+    /// (which would evict the entries users are hitting). An error counts as absent:
+    /// the worker or flight looks again before generating.
+    async fn is_stored(&self, key: &cache_core::CacheKey) -> bool {
+        let Some(shared) = &self.distributed else {
+            return self.cached(key).await.is_some();
+        };
+        let name = key.as_str().to_owned();
+        shared
+            .redis
+            .backend()
+            .call(|mut conn| async move {
+                redis::cmd("EXISTS")
+                    .arg(name)
+                    .query_async::<bool>(&mut conn)
+                    .await
+            })
+            .await
+            .unwrap_or(false)
+    }
+
     async fn prewarm_start(self: &Arc<Self>, keyed: &KeyedProfile) -> Started {
-        if self.cached(&keyed.key).await.is_some() {
+        if self.is_stored(&keyed.key).await {
             return Started::Done(Step::Skipped);
         }
         let jobs = self
