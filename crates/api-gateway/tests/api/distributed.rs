@@ -8,7 +8,9 @@ use llm_sim::SimConfig;
 use redis::AsyncCommands;
 use test_kit::RedisServer;
 
-use crate::helpers::{profile, spawn_app_with, unique_version, TestApp};
+use crate::helpers::{
+    assert_served_without_fallback, profile, spawn_app_with, unique_version, TestApp,
+};
 
 async fn sim(latency_ms: u64) -> llm_sim::SimHandle {
     llm_sim::spawn(SimConfig {
@@ -54,11 +56,7 @@ async fn six_hundred_identical_misses_across_two_instances_make_one_llm_call() {
         1,
         "exactly one completion reached the simulator"
     );
-    assert!(replies.iter().all(|r| r.status == 200), "all 200");
-    assert!(
-        replies.iter().all(|r| r.source() == "generated"),
-        "none fell back"
-    );
+    assert_served_without_fallback(&replies);
     let first = &replies[0].body["narrative"];
     assert!(
         replies.iter().all(|r| &r.body["narrative"] == first),
@@ -89,9 +87,7 @@ async fn distinct_profiles_across_two_instances_make_one_call_each() {
         }
     }))
     .await;
-    assert!(replies
-        .iter()
-        .all(|r| r.status == 200 && r.source() == "generated"));
+    assert_served_without_fallback(&replies);
     assert_eq!(sim.sim.stats().requests, 100);
 }
 
@@ -396,12 +392,7 @@ async fn the_stampede_holds_on_a_redis_cluster() {
         }
     }))
     .await;
-    assert!(
-        replies
-            .iter()
-            .all(|r| r.status == 200 && r.source() == "generated"),
-        "all 200, none fallback"
-    );
+    assert_served_without_fallback(&replies);
     assert_eq!(
         sim.sim.stats().requests,
         3,

@@ -189,3 +189,26 @@ pub async fn reply(response: reqwest::Response) -> Reply {
         body,
     }
 }
+
+/// Concurrent requests for keys being generated: every one is answered 200 with the
+/// generated narrative, either by waiting on the generation or, for a request that
+/// reached the gateway after it was stored (opening hundreds of connections can
+/// outlast a short generation on a loaded machine), from the cache. None fell back.
+pub fn assert_served_without_fallback(replies: &[Reply]) {
+    let mut sources = std::collections::BTreeMap::new();
+    for reply in replies {
+        *sources
+            .entry((reply.status, reply.source().to_owned()))
+            .or_insert(0) += 1;
+    }
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.status == 200 && matches!(r.source(), "generated" | "cache")),
+        "all 200, generated or stored by the one generation: {sources:?}"
+    );
+    assert!(
+        sources.contains_key(&(200, "generated".to_owned())),
+        "some waited on the generation: {sources:?}"
+    );
+}

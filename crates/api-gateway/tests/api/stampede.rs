@@ -1,7 +1,7 @@
 use futures::future::join_all;
 use llm_sim::SimConfig;
 
-use crate::helpers::{profile, spawn_app};
+use crate::helpers::{assert_served_without_fallback, profile, spawn_app};
 
 /// 500 concurrent identical misses at one gateway: one completion at the simulator,
 /// every answer 200 and generated (the 1 s generation fits the 4.5 s wait).
@@ -23,14 +23,7 @@ async fn five_hundred_identical_misses_make_one_llm_call() {
         1,
         "exactly one completion reached the simulator"
     );
-    assert!(
-        replies.iter().all(|r| r.status == 200),
-        "every response is 200"
-    );
-    assert!(
-        replies.iter().all(|r| r.source() == "generated"),
-        "none fell back"
-    );
+    assert_served_without_fallback(&replies);
     let collapsed = replies
         .iter()
         .filter(|r| r.header("cache-status").ends_with("collapsed"))
@@ -64,9 +57,7 @@ async fn distinct_keys_are_generated_independently() {
             .map(|b| app.post_narrative(b)),
     )
     .await;
-    assert!(replies
-        .iter()
-        .all(|r| r.status == 200 && r.source() == "generated"));
+    assert_served_without_fallback(&replies);
     assert_eq!(app.llm_calls(), 20);
     assert_eq!(app.stats().await["keys"], 20);
 }
