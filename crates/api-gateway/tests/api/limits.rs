@@ -110,9 +110,11 @@ async fn no_more_than_the_cap_of_llm_calls_run_at_once() {
     assert!(replies.iter().all(|r| r.source() == "generated"));
     let stats = app.sim.sim.stats();
     assert_eq!(stats.requests, 8);
-    assert_eq!(
-        stats.max_in_flight, 2,
-        "eight misses at once, two calls at a time"
+    // Without the cap all eight would be in flight at once.
+    assert!(
+        (1..=2).contains(&stats.max_in_flight),
+        "eight misses at once, at most two calls at a time: {}",
+        stats.max_in_flight
     );
     app.shutdown().await;
 }
