@@ -7,8 +7,8 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::HeaderMap;
+use axum::response::Response;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use cache_core::{CanonicalProfile, KeyedProfile, ProfileError, ProfileInput};
@@ -147,11 +147,7 @@ async fn start_prewarm(
         "failed": 0,
         "location": location,
     });
-    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
-    if let Ok(value) = HeaderValue::from_str(&location) {
-        response.headers_mut().insert(header::LOCATION, value);
-    }
-    Ok(response)
+    Ok(super::accepted(&location, body))
 }
 
 async fn prewarm_progress(

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::HeaderValue;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 
 pub use error::ApiError;
@@ -31,6 +31,17 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(state)
+}
+
+/// 202 Accepted with `body`, and where to follow the work in `Location`.
+pub(crate) fn accepted(location: &str, body: serde_json::Value) -> Response {
+    let mut response = (axum::http::StatusCode::ACCEPTED, axum::Json(body)).into_response();
+    if let Ok(value) = HeaderValue::from_str(location) {
+        response
+            .headers_mut()
+            .insert(axum::http::header::LOCATION, value);
+    }
+    response
 }
 
 /// Every answer is JSON or plain text for programs, never a page: browsers are told

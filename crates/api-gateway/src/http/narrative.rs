@@ -135,10 +135,7 @@ fn pending_response(key: &CacheKey) -> Response {
     let location = format!("/narrative/{}", key.to_path_segment());
     let body =
         serde_json::json!({"status": "pending", "cacheKey": key.as_str(), "location": location});
-    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
-    if let Ok(value) = HeaderValue::from_str(&location) {
-        response.headers_mut().insert(header::LOCATION, value);
-    }
+    let mut response = super::accepted(&location, body);
     response
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
