@@ -38,6 +38,8 @@ pub struct Breaker {
     open_until: AtomicU64,
     /// While half-open: until when the probe in flight has the floor; 0 when none.
     probe_until: AtomicU64,
+    /// When the current run of failures began; 0 while the last call succeeded.
+    failing_since: AtomicU64,
 }
 
 fn epoch() -> Instant {
@@ -59,6 +61,7 @@ impl Breaker {
             consecutive_failures: AtomicU32::new(0),
             open_until: AtomicU64::new(0),
             probe_until: AtomicU64::new(0),
+            failing_since: AtomicU64::new(0),
         }
     }
 
@@ -91,9 +94,16 @@ impl Breaker {
         self.consecutive_failures.store(0, Ordering::Release);
         self.open_until.store(0, Ordering::Release);
         self.probe_until.store(0, Ordering::Release);
+        self.failing_since.store(0, Ordering::Release);
     }
 
     pub fn record_failure(&self) {
+        let _ = self.failing_since.compare_exchange(
+            0,
+            now_nanos(),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
         let failures = self.consecutive_failures.fetch_add(1, Ordering::AcqRel) + 1;
         let half_open = self.open_until.load(Ordering::Acquire) != 0;
         if failures >= self.threshold || half_open {
@@ -102,6 +112,15 @@ impl Breaker {
                 Ordering::Release,
             );
             self.probe_until.store(0, Ordering::Release);
+        }
+    }
+
+    /// How long calls have been failing with no success between: `None` while the
+    /// last call succeeded. Refused calls do not end the run.
+    pub fn failing_for(&self) -> Option<Duration> {
+        match self.failing_since.load(Ordering::Acquire) {
+            0 => None,
+            since => Some(Duration::from_nanos(now_nanos().saturating_sub(since))),
         }
     }
 
@@ -160,6 +179,22 @@ mod tests {
         breaker.record_success();
         assert_eq!(breaker.state(), BreakerState::Closed);
         assert!(breaker.allow() && breaker.allow());
+    }
+
+    #[test]
+    fn failing_for_counts_from_the_first_failure_of_a_run() {
+        let breaker = Breaker::new(3, COOL_DOWN);
+        assert_eq!(breaker.failing_for(), None);
+        breaker.record_failure();
+        std::thread::sleep(PAST_COOL_DOWN);
+        breaker.record_failure();
+        let failing = breaker.failing_for().expect("failing");
+        assert!(
+            failing >= PAST_COOL_DOWN,
+            "from the first failure: {failing:?}"
+        );
+        breaker.record_success();
+        assert_eq!(breaker.failing_for(), None, "a success ends the run");
     }
 
     #[test]

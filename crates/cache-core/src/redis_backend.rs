@@ -135,6 +135,10 @@ pub struct RedisTimeouts {
     pub connect: Duration,
     /// How long the breaker stays open before probing.
     pub cool_down: Duration,
+    /// How long a fill waits for failing Redis to come back before it generates
+    /// without the fill lock (`REDIS_FAILOVER_WAIT`): long enough for a Cluster
+    /// failover, whose extra LLM calls it saves.
+    pub failover_wait: Duration,
 }
 
 impl Default for RedisTimeouts {
@@ -143,6 +147,7 @@ impl Default for RedisTimeouts {
             call: Duration::from_millis(250),
             connect: Duration::from_millis(500),
             cool_down: Duration::from_secs(3),
+            failover_wait: Duration::from_secs(10),
         }
     }
 }
@@ -191,6 +196,11 @@ impl RedisBackend {
 
     pub fn state(&self) -> BreakerState {
         self.breaker.state()
+    }
+
+    /// How long Redis calls have been failing with no success between.
+    pub fn failing_for(&self) -> Option<Duration> {
+        self.breaker.failing_for()
     }
 
     /// Runs one call: refused at once while the breaker is open, bounded by the call
@@ -312,7 +322,7 @@ fn is_unreachable(error: &RedisError) -> bool {
 }
 
 /// The Redis settings every process that shares the cache reads, from the environment:
-/// `REDIS_URL`, `REDIS_CLUSTER`, `REDIS_TIMEOUT_MS`, `REDIS_RETRY_AFTER`,
+/// `REDIS_URL`, `REDIS_CLUSTER`, `REDIS_TIMEOUT_MS`, `REDIS_RETRY_AFTER`, `REDIS_FAILOVER_WAIT`,
 /// `CACHE_ENCRYPTION_KEY` and `LOCK_TTL`.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
@@ -341,6 +351,7 @@ impl RedisConfig {
         })?;
         let call = vars.millis_or("REDIS_TIMEOUT_MS", Duration::from_millis(250))?;
         let cool_down = vars.duration_or("REDIS_RETRY_AFTER", Duration::from_secs(3))?;
+        let failover_wait = vars.duration_or("REDIS_FAILOVER_WAIT", Duration::from_secs(10))?;
         let lock_ttl = vars.duration_or("LOCK_TTL", Duration::from_secs(15))?;
         if lock_ttl.is_zero() {
             return Err(ConfigError::new("LOCK_TTL", "must be longer than zero"));
@@ -357,6 +368,7 @@ impl RedisConfig {
             call,
             connect: call.max(Duration::from_millis(500)),
             cool_down,
+            failover_wait,
         };
         Ok(Some(Self {
             target,

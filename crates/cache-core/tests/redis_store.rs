@@ -17,6 +17,7 @@ fn backend(url: &str) -> Arc<RedisBackend> {
         call: Duration::from_millis(200),
         connect: Duration::from_millis(200),
         cool_down: Duration::from_millis(300),
+        ..RedisTimeouts::default()
     };
     Arc::new(RedisBackend::new(
         RedisTarget::parse(url, false).expect("url"),

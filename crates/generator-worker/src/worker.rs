@@ -6,14 +6,20 @@
 //! fill lock with the job's token (or finds another holder and leaves the key to it),
 //! generates while extending the lock, writes only if the lock is still its own, and
 //! signals `done` or `failed` so waiting gateways answer at once.
+//!
+//! While Redis fails (a Cluster failover, a restart) the job's Redis calls are retried
+//! for up to `REDIS_FAILOVER_WAIT`, holding the message: handing it back at once would
+//! spend its deliveries (`RABBITMQ_DELIVERY_LIMIT`) in seconds, and after the LLM call
+//! would throw away a narrative already paid for.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use analytics::EventSink;
 use cache_core::lock::{Acquired, FencedWrite, FillLock, LockToken, WriteMode};
 use cache_core::signals::{Signal, SignalBus};
-use cache_core::{CacheKey, CacheStore, CanonicalProfile, RedisStore};
+use cache_core::{CacheKey, CacheStore, CanonicalProfile, RedisStore, StoreError};
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
 
 use crate::generator::{generation_event, GenerateError, NarrativeGenerator};
@@ -191,17 +197,17 @@ impl Worker {
         }
         // An entry that does not open (a rotated-out key, a corrupt value) is replaced.
         let mut write_mode = WriteMode::IfAbsent;
-        match self.store.get(&key).await {
+        match self.patiently(|| self.store.get(&key)).await {
             Ok(Some(_)) => {
                 self.signal(Signal::Done, &key).await;
                 let _ = self.lock.release(&key, &token).await;
                 return Outcome::AlreadyCached;
             }
             Ok(None) => {}
-            Err(cache_core::StoreError::Corrupt(_)) => write_mode = WriteMode::Replace,
+            Err(StoreError::Corrupt(_)) => write_mode = WriteMode::Replace,
             Err(error) => return Outcome::Retry(error.to_string()),
         }
-        let token = match self.take_lock(job, &key, token).await {
+        let token = match self.patiently(|| self.take_lock(job, &key, &token)).await {
             Ok(Some(token)) => token,
             Ok(None) => return Outcome::HeldElsewhere,
             Err(error) => return Outcome::Retry(error.to_string()),
@@ -242,11 +248,11 @@ impl Worker {
                 let envelope =
                     Arc::new(generation.into_envelope(key.engine_version(), &prompt_hash));
                 let value = self.store.encode(&key, &envelope).await;
-                match self
-                    .lock
-                    .write_if_held(&key, &token, value, self.ttl, write_mode)
-                    .await
-                {
+                let write = || {
+                    self.lock
+                        .write_if_held(&key, &token, value.clone(), self.ttl, write_mode)
+                };
+                match self.patiently(write).await {
                     Ok(FencedWrite::Written) => {
                         self.signal(Signal::Done, &key).await;
                         Outcome::Stored
@@ -270,8 +276,8 @@ impl Worker {
         &self,
         job: &Job,
         key: &CacheKey,
-        token: LockToken,
-    ) -> Result<Option<LockToken>, cache_core::StoreError> {
+        token: &LockToken,
+    ) -> Result<Option<LockToken>, StoreError> {
         if job.trigger == crate::queue::Trigger::Prewarm {
             return Ok(
                 match self.lock.try_acquire_since(key, job.enqueued_at_ms).await? {
@@ -284,9 +290,35 @@ impl Worker {
         }
         Ok(self
             .lock
-            .adopt(key, &token, job.enqueued_at_ms)
+            .adopt(key, token, job.enqueued_at_ms)
             .await?
-            .then_some(token))
+            .then(|| token.clone()))
+    }
+
+    /// Runs a Redis call again, with growing pauses, while it fails because Redis is
+    /// unreachable and has been for less than `REDIS_FAILOVER_WAIT`. Errors Redis
+    /// answered with (a script error, a corrupt value) are returned at once.
+    async fn patiently<T, F, Fut>(&self, mut call: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let backend = self.store.backend();
+        let patience = backend.timeouts().failover_wait;
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let result = call().await;
+            let unreachable = matches!(
+                result,
+                Err(StoreError::Timeout | StoreError::Unavailable(_))
+            ) && backend.failing_for().is_some();
+            if !unreachable || started.elapsed() + pause >= patience {
+                return result;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
     }
 
     async fn signal(&self, signal: Signal, key: &CacheKey) {

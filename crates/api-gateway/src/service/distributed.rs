@@ -6,8 +6,10 @@
 //! holds the lock, it waits for that instance's signal, re-checking the store on every
 //! signal and every poll interval (in case a signal is lost); a lock that disappears
 //! without a value (its holder died) is taken over on the next round. If Redis itself
-//! fails, the instance generates on its own: one call per instance instead of one in
-//! all, and the request is still answered.
+//! fails, the flight waits for it (a Cluster failover is over in seconds) for up to
+//! `REDIS_FAILOVER_WAIT` of failing; after that the instance generates on its own: one
+//! call per instance instead of one in all. The request is answered either way (the
+//! template once `GENERATION_WAIT_MS` is up, while the flight goes on).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,6 +48,7 @@ impl NarrativeService {
         // An erasure after this moment must not see this flight bring the entry back.
         let flight_started = now_ms();
         let mut waiter = shared.bus.waiter(key);
+        let mut redis_failed_at: Option<Instant> = None;
         loop {
             if let Some(envelope) = self.value_that_will_do(shared, keyed, mode).await {
                 return Ok(envelope);
@@ -97,13 +100,21 @@ impl NarrativeService {
                 Ok(Acquired::Held) => {}
                 Ok(Acquired::Erased) => return Err(FillError::Erased),
                 Err(error) => {
-                    // Without the lock we cannot know who else generates, so the result
-                    // stays in this instance's L1: it never overwrites a fenced value.
                     self.metrics.store_errors.inc();
-                    tracing::warn!(%error, "fill lock unavailable; generating in this instance alone");
-                    let envelope = self.generate(keyed, mode.trigger()).await?;
-                    shared.tiers.put_l1(key, Arc::clone(&envelope)).await;
-                    return Ok(envelope);
+                    let failed_at = *redis_failed_at.get_or_insert_with(|| {
+                        tracing::warn!(%error, "fill lock unavailable; waiting for redis");
+                        Instant::now()
+                    });
+                    if redis_outage_outlasts(shared, failed_at) {
+                        // Without the lock we cannot know who else generates, so the
+                        // result stays in this instance's L1: it never overwrites a
+                        // fenced value.
+                        tracing::warn!(%error, "redis still failing; generating in this instance alone");
+                        let envelope = self.generate(keyed, mode.trigger()).await?;
+                        shared.tiers.put_l1(key, Arc::clone(&envelope)).await;
+                        return Ok(envelope);
+                    }
+                    // Otherwise polled below, like a key held elsewhere.
                 }
             }
             let now = Instant::now();
@@ -221,6 +232,15 @@ impl NarrativeService {
             }
         }
     }
+}
+
+/// Whether Redis has failed for longer than `REDIS_FAILOVER_WAIT`, for this flight
+/// (since `failed_at`) or for the whole instance: once an outage is known to be long,
+/// new flights stop waiting for it.
+fn redis_outage_outlasts(shared: &Distributed, failed_at: Instant) -> bool {
+    let backend = shared.redis.backend();
+    let patience = backend.timeouts().failover_wait;
+    failed_at.elapsed() >= patience || backend.failing_for().is_some_and(|d| d >= patience)
 }
 
 fn hex_id() -> String {

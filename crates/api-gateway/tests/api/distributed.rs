@@ -157,8 +157,9 @@ async fn a_lock_left_by_a_dead_leader_expires_and_the_next_request_generates() {
     );
 }
 
-/// Redis killed under load: no 5xx, L1 hits still served, misses generated in process;
-/// Redis back: entries are written to it again without restarting the gateway.
+/// A long outage (past `REDIS_FAILOVER_WAIT`, here zero): no 5xx, L1 hits still
+/// served, misses generated in process; Redis back: entries are written to it again
+/// without restarting the gateway.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_dying_under_load_degrades_and_recovers() {
     let mut server = RedisServer::start();
@@ -168,7 +169,10 @@ async fn redis_dying_under_load_degrades_and_recovers() {
         &sim,
         &server.url,
         &version,
-        &[("REDIS_RETRY_AFTER", "300ms")],
+        &[
+            ("REDIS_RETRY_AFTER", "300ms"),
+            ("REDIS_FAILOVER_WAIT", "0s"),
+        ],
     )
     .await;
     let warm = app.post_narrative(&profile(4)).await;
@@ -225,6 +229,90 @@ async fn redis_dying_under_load_degrades_and_recovers() {
     assert!(written, "entries reach Redis again once it is back");
 }
 
+/// A short outage (a failover, a restart) costs latency, not LLM calls: misses of one
+/// key on two gateways while Redis is down are answered with the template, wait for
+/// Redis instead of generating alone, and make one call in all once it is back.
+/// With `REDIS_FAILOVER_WAIT=0s` each gateway pays for the key (two calls).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misses_during_a_short_redis_outage_wait_for_it_and_make_one_call() {
+    let server = RedisServer::start();
+    let port = server.port();
+    let (sim, version) = (sim(20).await, unique_version("failover"));
+    let settings = [
+        ("REDIS_TIMEOUT_MS", "100"),
+        ("REDIS_RETRY_AFTER", "200ms"),
+        ("REDIS_FAILOVER_WAIT", "60s"),
+        ("GENERATION_WAIT_MS", "300"),
+    ];
+    let (a, b) = (
+        instance(&sim, &server.url, &version, &settings).await,
+        instance(&sim, &server.url, &version, &settings).await,
+    );
+    // Both gateways have talked to Redis before it goes.
+    assert_eq!(a.post_narrative(&profile(7)).await.source(), "generated");
+    assert_eq!(b.post_narrative(&profile(7)).await.source(), "cache");
+
+    drop(server);
+    let body = profile(8);
+    let during = join_all((0..10).map(|i| {
+        let app = if i % 2 == 0 { &a } else { &b };
+        app.post_narrative(&body)
+    }))
+    .await;
+    assert!(
+        during
+            .iter()
+            .all(|r| r.status == 200 && r.source() == "fallback"),
+        "answered with the template while Redis is down: {:?}",
+        during
+            .iter()
+            .map(|r| (r.status, r.source()))
+            .collect::<Vec<_>>()
+    );
+    let key = during[0].key();
+    for app in [&a, &b] {
+        test_kit::eventually(
+            "the gateway to see Redis down",
+            Duration::from_secs(10),
+            || async { app.get("/readyz").await.body["backends"]["cache"]["state"] == "down" },
+        )
+        .await;
+    }
+    // No signal marks a call that is not made: hold the outage for a while. Without the
+    // wait, each flight generates on its next look (every 250 ms) once Redis is down.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        sim.sim.stats().requests,
+        1,
+        "no generation while Redis is down"
+    );
+
+    let server = RedisServer::start_on(port);
+    let mut redis = redis::Client::open(server.url.as_str())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    test_kit::eventually(
+        "the waiting flights fill the key once Redis is back",
+        Duration::from_secs(30),
+        || {
+            let mut redis = redis.clone();
+            let key = key.clone();
+            async move { redis.exists::<_, bool>(key.as_str()).await.unwrap_or(false) }
+        },
+    )
+    .await;
+    for app in [&a, &b] {
+        assert_eq!(app.post_narrative(&body).await.source(), "cache");
+    }
+    assert_eq!(
+        sim.sim.stats().requests,
+        2,
+        "one call for profile 7, one for profile 8"
+    );
+}
+
 /// `hitRate` is the fleet's: one instance's misses and another's hits add up.
 #[tokio::test]
 async fn hit_rate_counts_every_instance() {
@@ -255,7 +343,16 @@ async fn a_gateway_started_before_redis_serves_and_then_uses_it() {
     let port = test_kit::free_port();
     let url = format!("redis://127.0.0.1:{port}");
     let (sim, version) = (sim(10).await, unique_version("late-redis"));
-    let app = instance(&sim, &url, &version, &[("REDIS_RETRY_AFTER", "200ms")]).await;
+    let app = instance(
+        &sim,
+        &url,
+        &version,
+        &[
+            ("REDIS_RETRY_AFTER", "200ms"),
+            ("REDIS_FAILOVER_WAIT", "0s"),
+        ],
+    )
+    .await;
     let reply = app.post_narrative(&profile(6)).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.source(), "generated", "generated in process");
