@@ -319,6 +319,12 @@ fn is_unreachable(error: &RedisError) -> bool {
         || error.is_connection_dropped()
         || error.is_connection_refusal()
         || error.is_cluster_error()
+        // A Cluster client whose node for the slot is gone (a master killed, before
+        // its replica is promoted), or a replica that lost its master.
+        || matches!(
+            error.kind(),
+            redis::ErrorKind::ClusterConnectionNotFound | redis::ErrorKind::MasterDown
+        )
 }
 
 /// The Redis settings every process that shares the cache reads, from the environment:
