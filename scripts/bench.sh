@@ -41,7 +41,7 @@ gateway() { # name, extra env...
   env BIND_ADDR=127.0.0.1:$port LLM_BASE_URL=http://127.0.0.1:$sim_port/v1 LLM_API_KEY=sk-sim \
     CACHE_KEY_SECRET=bench-secret-0123456789 RUST_LOG=warn "${@:2}" target/release/api-gateway &
   pids+=($!)
-  eval "$1=$port"
+  printf -v "$1" '%s' "$port"
 }
 gateway embedded
 gateway with_l1 REDIS_URL=redis://127.0.0.1:$redis_port
@@ -54,6 +54,7 @@ cat > "$work/profile.json" <<'JSON'
    "centers":["Sacral","Throat","Root"],"channels":["34-20"],"gates":[34,20,5,15]},
  "userId":"bench-user"}
 JSON
+# shellcheck disable=SC2154 # embedded, with_l1 and l2_only are set by gateway()
 for port in "$embedded" "$with_l1" "$l2_only"; do
   for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
   curl -fs -H 'content-type: application/json' --data-binary @"$work/profile.json" "http://127.0.0.1:$port/narrative" >/dev/null

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine: installs the servers the tests start
 # (redis-server with redis-cli, rabbitmq-server, postgresql; the tests run their own on
-# loopback ports, nothing is mocked) and promtool (Debian's prometheus package), then
-# runs every test.
+# loopback ports, nothing is mocked) and promtool (Debian's prometheus package),
+# validates the deploy files (scripts/validate-deploy.sh), then runs every test.
 #
 #   scripts/test.sh [extra cargo test args]
 set -euo pipefail
@@ -21,6 +21,9 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+
+# The deploy files (Dockerfile, Compose, Kubernetes, shell scripts), before the build.
+scripts/validate-deploy.sh
 
 # One process per test binary, so each binary shares one set of servers (test-kit).
 log=$(mktemp)
