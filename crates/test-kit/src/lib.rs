@@ -270,8 +270,9 @@ fn start_redis(port: u16) -> Result<RedisServer, String> {
     Err(format!("no PONG on port {port} within 10 s"))
 }
 
-/// A three-master Redis Cluster on loopback (no replicas), created with
-/// `redis-cli --cluster create`.
+/// A three-master Redis Cluster on loopback, created with `redis-cli --cluster
+/// create`: without replicas for the shared one, with them for
+/// [`RedisCluster::start_with_replicas`].
 #[derive(Debug)]
 pub struct RedisCluster {
     pub nodes: Vec<ServerProcess>,
@@ -285,7 +286,7 @@ pub fn redis_cluster() -> &'static RedisCluster {
     CLUSTER.get_or_init(|| {
         let mut last_error = String::new();
         for _ in 0..3 {
-            match start_cluster() {
+            match start_cluster(0) {
                 Ok(cluster) => return cluster,
                 Err(error) => last_error = error,
             }
@@ -304,9 +305,30 @@ fn free_cluster_port() -> u16 {
     }
 }
 
-fn start_cluster() -> Result<RedisCluster, String> {
+impl RedisCluster {
+    /// A cluster of its own: three masters with `replicas` replicas each, and a node
+    /// timeout of 2 s, so a replica of a killed master is promoted within seconds.
+    pub fn start_with_replicas(replicas: usize) -> Self {
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            match start_cluster(replicas) {
+                Ok(cluster) => return cluster,
+                Err(error) => last_error = error,
+            }
+        }
+        panic!("redis cluster would not start: {last_error}")
+    }
+}
+
+/// Sends one inline command to the Redis node on `port` and returns the raw reply
+/// (empty when it does not answer within 300 ms).
+pub fn redis_inline(port: u16, command: &str) -> String {
+    redis_command(port, command)
+}
+
+fn start_cluster(replicas: usize) -> Result<RedisCluster, String> {
     let mut nodes = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..3 * (1 + replicas) {
         let port = free_cluster_port();
         let dir = scratch_dir("redis-cluster");
         let mut command = redis_server_command(port, &dir);
@@ -326,7 +348,7 @@ fn start_cluster() -> Result<RedisCluster, String> {
     let created = Command::new(find_binary("redis-cli"))
         .args(["--cluster", "create"])
         .args(&addresses)
-        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
         .stdin(Stdio::null())
         .output()
         .map_err(|e| e.to_string())?;
