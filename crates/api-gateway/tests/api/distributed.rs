@@ -288,7 +288,7 @@ async fn misses_during_a_short_redis_outage_wait_for_it_and_make_one_call() {
     );
 
     let server = RedisServer::start_on(port);
-    let mut redis = redis::Client::open(server.url.as_str())
+    let redis = redis::Client::open(server.url.as_str())
         .expect("url")
         .get_multiplexed_async_connection()
         .await
