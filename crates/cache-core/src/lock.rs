@@ -21,7 +21,8 @@ use crate::store::StoreError;
 pub struct LockToken(String);
 
 impl LockToken {
-    fn random() -> Self {
+    /// A fresh token, for [`FillLock::try_acquire_as`].
+    pub fn random() -> Self {
         Self(hex::encode(rand::random::<[u8; 16]>()))
     }
 
@@ -58,13 +59,18 @@ end
 return 0";
 
 /// KEYS: lock, tombstone. ARGV: token, ttl ms, when the caller's work began (ms).
-/// 1 taken, 0 held by another, -1 erased since the work began.
+/// 1 taken (or already held with this token), 0 held by another, -1 erased since the
+/// work began.
 const ACQUIRE: &str = r"
 local erased = tonumber(redis.call('GET', KEYS[2]) or '0')
 if erased >= tonumber(ARGV[3]) then
   return -1
 end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 1
+end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
 return 0";
@@ -152,7 +158,19 @@ impl FillLock {
         key: &CacheKey,
         since_ms: i64,
     ) -> Result<Acquired, StoreError> {
-        let token = LockToken::random();
+        self.try_acquire_as(key, LockToken::random(), since_ms)
+            .await
+    }
+
+    /// [`Self::try_acquire_since`] with the caller's token, so that it can be asked
+    /// again after an error: a call that timed out may have taken the lock, and the
+    /// retry with the same token then finds it ours instead of held by a stranger.
+    pub async fn try_acquire_as(
+        &self,
+        key: &CacheKey,
+        token: LockToken,
+        since_ms: i64,
+    ) -> Result<Acquired, StoreError> {
         let answer = self
             .eval(
                 ACQUIRE,

@@ -232,7 +232,7 @@ impl RedisBackend {
             }
             Ok(Err(error)) => {
                 self.breaker.record_success();
-                Err(StoreError::Unavailable(error.to_string()))
+                Err(StoreError::Refused(error.to_string()))
             }
             Err(_) => {
                 self.breaker.record_failure();

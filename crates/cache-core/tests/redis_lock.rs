@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cache_core::lock::{Acquired, FencedWrite, FillLock, WriteMode};
+use cache_core::lock::{Acquired, FencedWrite, FillLock, LockToken, WriteMode};
 use cache_core::redis_backend::{RedisBackend, RedisTarget, RedisTimeouts};
 use cache_core::signals::{Signal, SignalBus};
 use cache_core::CacheKey;
@@ -223,4 +223,30 @@ async fn an_erasure_revokes_the_lock_and_fences_work_begun_before_it() {
         lock.erase(&key, ttl).await.expect("redis"),
         "a stored value is deleted"
     );
+}
+
+/// An acquire asked again with the same token (after a call that timed out but may
+/// have landed) finds the lock its own; another token still finds it held.
+#[tokio::test]
+async fn acquiring_again_with_the_same_token_is_idempotent() {
+    let lock = FillLock::new(backend(), Duration::from_secs(5));
+    let key = key(9);
+    let since = cache_core::now_ms();
+    let token = LockToken::random();
+    for attempt in 0..2 {
+        assert_eq!(
+            lock.try_acquire_as(&key, token.clone(), since)
+                .await
+                .expect("redis"),
+            Acquired::Taken(token.clone()),
+            "attempt {attempt}"
+        );
+    }
+    assert_eq!(
+        lock.try_acquire_as(&key, LockToken::random(), since)
+            .await
+            .expect("redis"),
+        Acquired::Held
+    );
+    assert!(lock.release(&key, &token).await.expect("redis"));
 }

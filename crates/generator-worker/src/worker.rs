@@ -181,9 +181,14 @@ impl Worker {
         };
         // Text written with another prompt or model must not land under this key.
         let prompt_hash = self.generator.prompt_hash();
-        let token = LockToken::from_job(job.lock_token.clone());
-        // A pre-warm job holds no lock and has no one waiting: it must not signal.
+        // A pre-warm job holds no lock and has no one waiting: it must not signal. It
+        // takes the lock with a token of its own, the same on every retry.
         let holds_lock = job.trigger != crate::queue::Trigger::Prewarm;
+        let token = if holds_lock {
+            LockToken::from_job(job.lock_token.clone())
+        } else {
+            LockToken::random()
+        };
         if key.prompt_hash() != prompt_hash.as_str() {
             // Waiting gateways fall back now rather than waiting out the lock.
             if holds_lock {
@@ -223,6 +228,9 @@ impl Worker {
             .lock
             .hold_while(&key, &token, self.generator.generate(&profile))
             .await;
+        // Nothing extends the lock from here: the write may wait for Redis only while
+        // the lock surely lives (the last extension was at most a third of its TTL ago).
+        let write_deadline = Instant::now() + self.lock.ttl() / 2;
         if generated.as_ref().err() == Some(&GenerateError::BudgetExhausted) {
             self.signal(Signal::Failed, &key).await;
             let _ = self.lock.release(&key, &token).await;
@@ -252,7 +260,7 @@ impl Worker {
                     self.lock
                         .write_if_held(&key, &token, value.clone(), self.ttl, write_mode)
                 };
-                match self.patiently(write).await {
+                match self.patiently_until(write_deadline, write).await {
                     Ok(FencedWrite::Written) => {
                         self.signal(Signal::Done, &key).await;
                         Outcome::Stored
@@ -280,7 +288,11 @@ impl Worker {
     ) -> Result<Option<LockToken>, StoreError> {
         if job.trigger == crate::queue::Trigger::Prewarm {
             return Ok(
-                match self.lock.try_acquire_since(key, job.enqueued_at_ms).await? {
+                match self
+                    .lock
+                    .try_acquire_as(key, token.clone(), job.enqueued_at_ms)
+                    .await?
+                {
                     Acquired::Taken(token) => Some(token),
                     // Held by another, or erased since the job was enqueued: either way
                     // this job has nothing to do.
@@ -296,24 +308,40 @@ impl Worker {
     }
 
     /// Runs a Redis call again, with growing pauses, while it fails because Redis is
-    /// unreachable and has been for less than `REDIS_FAILOVER_WAIT`. Errors Redis
-    /// answered with (a script error, a corrupt value) are returned at once.
-    async fn patiently<T, F, Fut>(&self, mut call: F) -> Result<T, StoreError>
+    /// unreachable, for up to `REDIS_FAILOVER_WAIT`. Errors Redis answered with (a
+    /// script error, a corrupt value) are returned at once.
+    async fn patiently<T, F, Fut>(&self, call: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let patience = self.store.backend().timeouts().failover_wait;
+        self.patiently_until(Instant::now() + patience, call).await
+    }
+
+    /// [`Self::patiently`], giving up at `deadline` or after `REDIS_FAILOVER_WAIT`,
+    /// whichever comes first.
+    async fn patiently_until<T, F, Fut>(
+        &self,
+        deadline: Instant,
+        mut call: F,
+    ) -> Result<T, StoreError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
         let backend = self.store.backend();
-        let patience = backend.timeouts().failover_wait;
-        let started = Instant::now();
+        let deadline = deadline.min(Instant::now() + backend.timeouts().failover_wait);
         let mut pause = Duration::from_millis(50);
         loop {
             let result = call().await;
+            // Timeouts and refused connections, not what Redis answered: the breaker
+            // is shared, and a success elsewhere says nothing about this call's node.
             let unreachable = matches!(
                 result,
                 Err(StoreError::Timeout | StoreError::Unavailable(_))
-            ) && backend.failing_for().is_some();
-            if !unreachable || started.elapsed() + pause >= patience {
+            );
+            if !unreachable || Instant::now() + pause >= deadline {
                 return result;
             }
             tokio::time::sleep(pause).await;

@@ -48,12 +48,24 @@ impl NarrativeService {
         // An erasure after this moment must not see this flight bring the entry back.
         let flight_started = now_ms();
         let mut waiter = shared.bus.waiter(key);
+        // While Redis fails: since when, and the token of the attempt whose outcome is
+        // unknown (a timed-out call may have taken the lock; asking again with the same
+        // token finds it ours).
         let mut redis_failed_at: Option<Instant> = None;
+        let mut uncertain_token: Option<LockToken> = None;
         loop {
             if let Some(envelope) = self.value_that_will_do(shared, keyed, mode).await {
                 return Ok(envelope);
             }
-            match shared.lock.try_acquire_since(key, flight_started).await {
+            let token = uncertain_token.take().unwrap_or_else(LockToken::random);
+            let acquired = shared
+                .lock
+                .try_acquire_as(key, token.clone(), flight_started)
+                .await;
+            if acquired.is_ok() {
+                redis_failed_at = None;
+            }
+            match acquired {
                 // Refreshes run here rather than as jobs: a worker would find the
                 // stale value and consider the job done.
                 // Pre-warms reach this with no workers configured (with workers they
@@ -100,8 +112,10 @@ impl NarrativeService {
                 Ok(Acquired::Held) => {}
                 Ok(Acquired::Erased) => return Err(FillError::Erased),
                 Err(error) => {
-                    self.metrics.store_errors.inc();
+                    uncertain_token = Some(token);
                     let failed_at = *redis_failed_at.get_or_insert_with(|| {
+                        // Once per outage seen by this flight, not once per look.
+                        self.metrics.store_errors.inc();
                         tracing::warn!(%error, "fill lock unavailable; waiting for redis");
                         Instant::now()
                     });

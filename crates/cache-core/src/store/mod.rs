@@ -27,6 +27,10 @@ pub enum StoreError {
     /// A stored value could not be read back; treat as a miss.
     #[error("stored value unreadable: {0}")]
     Corrupt(String),
+    /// Redis answered the call with an error (a wrong type, a script error): it is up,
+    /// and asking again will not help.
+    #[error("cache backend refused the call: {0}")]
+    Refused(String),
 }
 
 /// Counts that `GET /narrative/stats` reports.
