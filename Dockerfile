@@ -4,9 +4,9 @@
 #
 #   docker build -t narrative-cache:latest .
 #
-# CI runs this file's build stage without Docker (scripts/dockerfile-build.sh), so the
-# binaries in the image are built by the same commands from the same lock file as the
-# ones the test suite runs.
+# CI runs this file's build stage without Docker (scripts/dockerfile-build.py), so the
+# image's binaries are built by the same commands from the same lock file as the code
+# the test suite runs (in release, where the tests use the test profile).
 
 ARG RUST_VERSION=1.95
 
@@ -25,6 +25,7 @@ COPY crates/generator-worker/Cargo.toml crates/generator-worker/
 COPY crates/llm-sim/Cargo.toml crates/llm-sim/
 COPY crates/loadgen/Cargo.toml crates/loadgen/
 COPY crates/prewarm-cli/Cargo.toml crates/prewarm-cli/
+COPY crates/rehearsal/Cargo.toml crates/rehearsal/
 COPY crates/test-kit/Cargo.toml crates/test-kit/
 COPY crates/workload-sim/Cargo.toml crates/workload-sim/
 COPY deploy/docker/stub-workspace.sh deploy/docker/

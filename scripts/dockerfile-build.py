@@ -29,6 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Instructions of the runtime stage whose effect needs no check here (image set-up).
+LATER_STAGE_INSTRUCTIONS = {"RUN", "COPY", "USER", "EXPOSE", "STOPSIGNAL", "CMD", "ENTRYPOINT", "ENV", "WORKDIR", "LABEL"}
+
 
 def instructions(text):
     """(line number, INSTRUCTION, argument text) with continuations joined."""
@@ -110,9 +113,24 @@ def main():
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     source_root.mkdir(parents=True, exist_ok=True)
 
+    # Every workspace member's manifest must be in the dependency layer: cargo
+    # --locked quietly builds a workspace with a member missing.
+    first_run = next(i for i, step in enumerate(build["steps"]) if step[1] == "RUN")
+    copied = {
+        source
+        for _, word, rest in build["steps"][:first_run]
+        if word == "COPY"
+        for source in copy_args(rest)[1]
+    }
+    for manifest in sorted(ROOT.glob("crates/*/Cargo.toml")):
+        relative = str(manifest.relative_to(ROOT))
+        if relative not in copied:
+            sys.exit(f"{dockerfile.name}: {relative} is not copied before the dependency build")
+
     workdir_in_image = None
-    values = dict(global_args)
-    env = dict(os.environ)
+    # Global ARGs are visible in a stage only once redeclared there, as in Docker.
+    values = {}
+    env = {k: v for k, v in os.environ.items() if k not in ("CARGO_TARGET_DIR", "RUSTFLAGS", "CARGO_BUILD_TARGET")}
     for number, word, rest in build["steps"]:
         where = f"{dockerfile.name}:{number}"
         if word == "WORKDIR":
@@ -122,7 +140,7 @@ def main():
             values[key] = env[key] = substitute(val, values)
         elif word == "ARG":
             key, _, val = rest.partition("=")
-            values.setdefault(key, val.strip('"'))
+            values.setdefault(key, global_args.get(key, val.strip('"')).strip('"'))
             env[key] = values[key]
         elif word == "COPY":
             flags, sources, dest = copy_args(rest)
@@ -135,11 +153,12 @@ def main():
                     sys.exit(f"{where}: COPY {pattern}: not in the build context")
                 for match in matches:
                     match = Path(match)
-                    into = target / match.name if dest.endswith("/") or len(matches) > 1 else target
                     if match.is_dir():
-                        into = target if dest.endswith("/") and len(sources) == 1 else into
-                        shutil.copytree(match, into, dirs_exist_ok=True, copy_function=shutil.copy2)
+                        # As in Docker: a directory's contents, not the directory.
+                        shutil.copytree(match, target, dirs_exist_ok=True, copy_function=shutil.copy2)
                     else:
+                        several = dest.endswith("/") or len(sources) > 1 or len(matches) > 1
+                        into = target / match.name if several else target
                         into.parent.mkdir(parents=True, exist_ok=True)
                         shutil.copy2(match, into)
             print(f"{where}: COPY {' '.join(sources)} {dest}")
@@ -158,9 +177,13 @@ def main():
     checked = 0
     for stage in later:
         for number, word, rest in stage["steps"]:
+            if word not in LATER_STAGE_INSTRUCTIONS:
+                sys.exit(f"{dockerfile.name}:{number}: {word} in a later stage is not checked")
             if word != "COPY":
                 continue
             flags, sources, _ = copy_args(rest)
+            if set(flags) - {"from"}:
+                sys.exit(f"{dockerfile.name}:{number}: COPY flags {flags} are not checked")
             for source in sources:
                 if flags.get("from") == build["name"]:
                     relative = os.path.relpath(source, workdir_in_image)
