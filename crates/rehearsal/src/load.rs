@@ -104,7 +104,7 @@ impl Tally {
 }
 
 /// One answer, or none.
-pub enum Sent {
+enum Sent {
     Answered {
         status: u16,
         body: Value,
@@ -114,20 +114,12 @@ pub enum Sent {
 }
 
 /// Sends one request through the balancer, moving on after connection failures.
-pub async fn send(
-    client: &reqwest::Client,
-    balancer: &Balancer,
-    body: &Value,
-    cache_control: Option<&str>,
-) -> Sent {
+async fn send(client: &reqwest::Client, balancer: &Balancer, body: &Value) -> Sent {
     for attempt in 0..balancer.urls.len() * 3 {
         let i = balancer.pick();
-        let mut request = client
+        let request = client
             .post(format!("{}/narrative", balancer.urls[i]))
             .json(body);
-        if let Some(directives) = cache_control {
-            request = request.header("cache-control", directives);
-        }
         let answer = match request.send().await {
             Ok(response) => response,
             Err(_) => {
@@ -201,7 +193,7 @@ pub async fn drive(
                 let index = popularity.pick(&mut rng);
                 let started = Instant::now();
                 tally.sent += 1;
-                match send(&client, &balancer, &profiles[index], None).await {
+                match send(&client, &balancer, &profiles[index]).await {
                     Sent::Answered {
                         status,
                         body,
