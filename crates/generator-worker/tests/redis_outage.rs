@@ -3,37 +3,17 @@
 //! `REDIS_FAILOVER_WAIT` instead of handing them back. Once Redis answers again the
 //! five narratives are stored, and nothing is paid for twice.
 
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use cache_core::codec::ValueCodec;
-use cache_core::lock::FillLock;
 use cache_core::redis_backend::{RedisBackend, RedisTarget, RedisTimeouts};
-use cache_core::{
-    CacheKeySecret, CacheStore, EngineVersion, KeyDeriver, ProfileInput, QuantizationStep,
-    RedisStore,
-};
-use generator_worker::queue::{self, Job, QueueSettings, Trigger};
-use generator_worker::{prompt, GenerationParams};
+use cache_core::{CacheStore, RedisStore};
+use common::{enqueue_misses, Process};
 use llm_sim::SimConfig;
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn signal(pid: u32, name: &str) {
-    let status = Command::new("kill")
-        .args(["-s", name, &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill -s {name} {pid}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_redis_does_not_cost_a_second_llm_call() {
@@ -45,15 +25,6 @@ async fn a_frozen_redis_does_not_cost_a_second_llm_call() {
     .await
     .expect("sim");
     let amqp = test_kit::rabbitmq().vhost("redis-outage");
-    let version = test_kit::unique_prefix("outage")
-        .trim_end_matches(':')
-        .to_owned();
-    let deriver = KeyDeriver::new(
-        &CacheKeySecret::new(b"test-secret-0123456789".to_vec()),
-        EngineVersion::parse(&version).expect("version"),
-        GenerationParams::new("gpt-4o-mini").prompt_hash(prompt::TEMPLATE),
-        QuantizationStep::DEFAULT,
-    );
     let backend = Arc::new(RedisBackend::new(
         RedisTarget::parse(&redis.url, false).expect("url"),
         RedisTimeouts {
@@ -61,51 +32,9 @@ async fn a_frozen_redis_does_not_cost_a_second_llm_call() {
             ..RedisTimeouts::default()
         },
     ));
-    // Long enough that the locks outlive the outage: this test is about the worker
-    // keeping its jobs, not about locks expiring.
-    let lock = FillLock::new(Arc::clone(&backend), Duration::from_secs(30));
-    let settings = QueueSettings {
-        url: amqp.clone(),
-        quorum: false,
-        delivery_limit: 5,
-        confirm_timeout: Duration::from_secs(5),
-    };
-    let connection = queue::connect(&amqp, Duration::from_secs(5))
-        .await
-        .expect("connect");
-    let channel = queue::publishing_channel(&connection, &settings)
-        .await
-        .expect("channel");
-
-    let mut keys = Vec::new();
-    for n in 0..5u32 {
-        let json = format!(
-            r#"{{"classification":"primary","primary":"Vega","percentages":{{"Vega":{},"Lyra":{}}},"hdData":{{"type":"Manifestor","authority":"Splenic","profile":"4/1"}}}}"#,
-            60 + n,
-            40 - n
-        );
-        let keyed = deriver
-            .derive(&ProfileInput::from_json(json.as_bytes()).expect("parses"))
-            .expect("valid");
-        let token = lock
-            .try_acquire(&keyed.key)
-            .await
-            .expect("redis")
-            .expect("lock");
-        let job = Job {
-            version: queue::JOB_VERSION,
-            key: keyed.key.to_string(),
-            canonical: keyed.canonical_json.clone(),
-            lock_token: token.as_str().to_owned(),
-            trigger: Trigger::Miss,
-            request_id: format!("outage-{n}"),
-            enqueued_at_ms: cache_core::now_ms(),
-        };
-        queue::publish(&channel, &job, Duration::from_secs(5))
-            .await
-            .expect("confirmed");
-        keys.push(keyed.key);
-    }
+    // Locks that outlive the outage: this test is about the worker keeping its jobs,
+    // not about locks expiring.
+    let keys = enqueue_misses(&amqp, &backend, "outage", 5, Duration::from_secs(30)).await;
 
     let _worker = Process(
         Command::new(env!("CARGO_BIN_EXE_generator-worker"))
@@ -131,7 +60,7 @@ async fn a_frozen_redis_does_not_cost_a_second_llm_call() {
         || async { sim.sim.stats().requests == 5 },
     )
     .await;
-    signal(redis.process.pid, "STOP");
+    test_kit::signal(redis.process.pid, "STOP");
     test_kit::eventually(
         "the LLM to answer all five",
         Duration::from_secs(30),
@@ -142,7 +71,7 @@ async fn a_frozen_redis_does_not_cost_a_second_llm_call() {
     // that hands a job back (after 1 s) gets it again, finds no value once Redis is
     // back, and pays for it a second time.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    signal(redis.process.pid, "CONT");
+    test_kit::signal(redis.process.pid, "CONT");
 
     let store = RedisStore::new(backend, ValueCodec::default());
     for key in &keys {

@@ -116,6 +116,16 @@ fn is_zombie(pid: u32) -> bool {
         .unwrap_or(true)
 }
 
+/// Sends signal `name` (STOP, CONT, TERM, KILL) to process `pid`, as `kill -s` does:
+/// to freeze, thaw or stop a server or service a test started.
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args(["-s", name, &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -s {name} {pid}");
+}
+
 /// A port nobody listens on right now. Another process could take it before the
 /// server binds it, so callers retry the start on failure.
 pub fn free_port() -> u16 {

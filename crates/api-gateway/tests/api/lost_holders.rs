@@ -22,15 +22,6 @@ impl Drop for Process {
     }
 }
 
-fn signal(pid: u32, name: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{name}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("kill runs");
-    assert!(status.success(), "kill -{name} {pid}");
-}
-
 /// A real `api-gateway` process sharing `redis_url`, with a short lock TTL and wait.
 async fn gateway_process(
     sim: &llm_sim::SimHandle,
@@ -179,7 +170,7 @@ async fn a_thawed_holder_neither_releases_the_new_lock_nor_overwrites_the_value(
     let a_token: String = redis.get(key.lock_key()).await.expect("A holds the lock");
 
     // Freeze A: it can no longer extend its lock, which expires.
-    signal(a_pid, "STOP");
+    test_kit::signal(a_pid, "STOP");
     sim.sim.set_config(SimConfig {
         latency_ms: 4000,
         sign_completions: true,
@@ -214,7 +205,7 @@ async fn a_thawed_holder_neither_releases_the_new_lock_nor_overwrites_the_value(
     let b_token: String = redis.get(key.lock_key()).await.expect("B holds the lock");
 
     // Thaw A while B is still generating: A's LLM reply is waiting for it.
-    signal(a_pid, "CONT");
+    test_kit::signal(a_pid, "CONT");
     test_kit::eventually(
         "A to finish its generation",
         Duration::from_secs(10),
