@@ -219,17 +219,12 @@ pub async fn drive(
             tally
         })
     });
+    // Spawned first, awaited after: all clients run at once. A client that panicked
+    // would take its requests out of the count, so its panic ends the run instead.
+    let handles: Vec<_> = loops.collect();
     let mut total = Tally::default();
-    for handle in futures_join(loops.collect()).await {
-        total.merge(handle);
+    for handle in handles {
+        total.merge(handle.await.expect("a client loop panicked"));
     }
     total
-}
-
-async fn futures_join(handles: Vec<tokio::task::JoinHandle<Tally>>) -> Vec<Tally> {
-    let mut out = Vec::with_capacity(handles.len());
-    for handle in handles {
-        out.push(handle.await.unwrap_or_default());
-    }
-    out
 }

@@ -157,51 +157,35 @@ async fn main() -> anyhow::Result<()> {
         format!("http://127.0.0.1:{sim_port}/v1"),
     )])
     .collect();
-    let with = |extra: Vec<(&str, String)>| {
+    // A service of the fleet on a port of its own, with the shared settings.
+    let service = |name: &str, binary: &str, extra: Vec<(&str, String)>| {
+        let port = port();
         let mut env = shared.clone();
+        env.push(("BIND_ADDR".to_owned(), format!("127.0.0.1:{port}")));
         env.extend(extra.into_iter().map(|(k, v)| (k.to_owned(), v)));
-        env
+        Service::new(name, bin(binary), port, env, &logs)
     };
 
-    let analytics_port = port();
-    let mut analytics = Service::new(
+    let mut analytics = service(
         "analytics",
-        bin("analytics"),
-        analytics_port,
-        with(vec![
-            ("BIND_ADDR", format!("127.0.0.1:{analytics_port}")),
-            ("DATABASE_URL", database.clone()),
-        ]),
-        &logs,
+        "analytics",
+        vec![("DATABASE_URL", database.clone())],
     );
     analytics.start()?;
     analytics.wait_ready(&client, "/readyz").await?;
 
     let mut workers: Vec<Service> = (1..=3)
-        .map(|i| {
-            let p = port();
-            Service::new(
-                &format!("worker-{i}"),
-                bin("generator-worker"),
-                p,
-                with(vec![("BIND_ADDR", format!("127.0.0.1:{p}"))]),
-                &logs,
-            )
-        })
+        .map(|i| service(&format!("worker-{i}"), "generator-worker", vec![]))
         .collect();
     let mut gateways: Vec<Service> = (1..=3)
         .map(|i| {
-            let p = port();
-            Service::new(
+            service(
                 &format!("gateway-{i}"),
-                bin("api-gateway"),
-                p,
-                with(vec![
-                    ("BIND_ADDR", format!("127.0.0.1:{p}")),
+                "api-gateway",
+                vec![
                     ("DATABASE_URL", database.clone()),
                     ("ADMIN_TOKEN", "rehearsal-admin-token-0123456789".into()),
-                ]),
-                &logs,
+                ],
             )
         })
         .collect();
