@@ -24,8 +24,12 @@ COPY crates/cache-core/Cargo.toml crates/cache-core/
 COPY crates/generator-worker/Cargo.toml crates/generator-worker/
 COPY crates/llm-sim/Cargo.toml crates/llm-sim/
 COPY crates/loadgen/Cargo.toml crates/loadgen/
+COPY crates/narrative-fill/Cargo.toml crates/narrative-fill/
+COPY crates/narrative-gen/Cargo.toml crates/narrative-gen/
+COPY crates/narrative-queue/Cargo.toml crates/narrative-queue/
 COPY crates/prewarm-cli/Cargo.toml crates/prewarm-cli/
 COPY crates/rehearsal/Cargo.toml crates/rehearsal/
+COPY crates/system-tests/Cargo.toml crates/system-tests/
 COPY crates/test-kit/Cargo.toml crates/test-kit/
 COPY crates/workload-sim/Cargo.toml crates/workload-sim/
 COPY deploy/docker/stub-workspace.sh deploy/docker/

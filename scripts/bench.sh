@@ -91,13 +91,13 @@ echo "== redis memory per entry (100,000 entries)"
 cargo bench -q -p api-gateway --bench redis_memory 2>/dev/null | grep -E 'compressed'
 
 echo "== misses through RabbitMQ workers, and worker throughput (simulator 500 ms)"
-cargo bench -q -p api-gateway --bench queue_miss 2>/dev/null | grep -E 'round|prefetch'
+cargo bench -q -p system-tests --bench queue_miss 2>/dev/null | grep -E 'round|prefetch'
 
 echo "== analytics: event ingest into Postgres"
 cargo bench -q -p analytics --bench ingest 2>/dev/null | grep -E 'machine|events_per_s'
 echo "== analytics: cached-hit throughput, on vs off"
-BENCH_SECONDS=$seconds BENCH_ROUNDS=$rounds cargo bench -q -p api-gateway --bench analytics_overhead 2>/dev/null | grep -E 'round|ratios|stored'
+BENCH_SECONDS=$seconds BENCH_ROUNDS=$rounds cargo bench -q -p system-tests --bench analytics_overhead 2>/dev/null | grep -E 'round|ratios|stored'
 echo "== user misses beside a pre-warm"
-cargo bench -q -p api-gateway --bench prewarm_latency 2>/dev/null
+cargo bench -q -p system-tests --bench prewarm_latency 2>/dev/null
 echo "== workload simulator (quick)"
 cargo run -q --release -p workload-sim -- --quick

@@ -15,7 +15,6 @@
 
 use std::time::{Duration, Instant};
 
-use analytics::amqp::{self, EXCHANGE, ROUTING_KEY};
 use analytics::app::{run, AnalyticsApp};
 use analytics::event::{GenerationOutcome, RequestOutcome, Trigger};
 use analytics::settings::AnalyticsSettings;
@@ -23,6 +22,8 @@ use analytics::{new_event_id, Batch, GenerationEvent, PgStore, RequestEvent};
 use cache_core::config::Vars;
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
+use narrative_queue::amqp;
+use narrative_queue::topology::EVENTS;
 use time::OffsetDateTime;
 
 const SYSTEMS: [&str; 20] = [
@@ -131,7 +132,8 @@ async fn end_to_end(url: &str) {
         .await
         .expect("connect");
     let channel = connection.create_channel().await.expect("channel");
-    amqp::declare_topology(&channel, false)
+    EVENTS
+        .declare(&channel, false, None)
         .await
         .expect("topology");
     let batches = 600;
@@ -141,8 +143,8 @@ async fn end_to_end(url: &str) {
         total += batch.len() as u64;
         channel
             .basic_publish(
-                EXCHANGE,
-                ROUTING_KEY,
+                EVENTS.exchange,
+                EVENTS.routing_key,
                 BasicPublishOptions::default(),
                 &batch.to_bytes(),
                 BasicProperties::default().with_delivery_mode(2),

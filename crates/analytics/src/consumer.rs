@@ -20,9 +20,9 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp;
 use crate::event::Batch;
 use crate::store::{PgStore, StoreError};
+use narrative_queue::{amqp, topology};
 
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
@@ -156,13 +156,15 @@ impl Consumer {
         };
         let setup = async {
             let channel = connection.create_channel().await?;
-            amqp::declare_topology(&channel, self.settings.quorum).await?;
+            topology::EVENTS
+                .declare(&channel, self.settings.quorum, None)
+                .await?;
             channel
                 .basic_qos(self.settings.prefetch, BasicQosOptions::default())
                 .await?;
             let consumer = channel
                 .basic_consume(
-                    amqp::QUEUE,
+                    topology::EVENTS.queue,
                     "analytics",
                     BasicConsumeOptions::default(),
                     FieldTable::default(),
@@ -176,7 +178,7 @@ impl Consumer {
             Err(_) => return SessionEnd::BrokerLost("channel setup timed out".to_owned()),
         };
         self.health.broker.store(true, Ordering::Relaxed);
-        tracing::info!(queue = amqp::QUEUE, "consuming analytics events");
+        tracing::info!(queue = topology::EVENTS.queue, "consuming analytics events");
         loop {
             let first = tokio::select! {
                 biased;

@@ -65,27 +65,8 @@ impl RequestOutcome {
     }
 }
 
-/// What a generation was for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Trigger {
-    /// A request found nothing.
-    Miss,
-    /// A stale entry (or `no-cache`) asked for a new one.
-    Refresh,
-    /// Pre-warming ahead of demand.
-    Prewarm,
-}
-
-impl Trigger {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Miss => "miss",
-            Self::Refresh => "refresh",
-            Self::Prewarm => "prewarm",
-        }
-    }
-}
+/// What a generation was for: the same values jobs carry.
+pub use narrative_queue::Trigger;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

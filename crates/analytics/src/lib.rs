@@ -16,7 +16,6 @@
 //! - [`store`]: Postgres (migrations in `migrations/`), partitions, inserts, queries.
 //! - [`consumer`], [`queues`], [`app`], [`settings`]: the `analytics` service.
 
-pub mod amqp;
 pub mod app;
 pub mod consumer;
 pub mod event;

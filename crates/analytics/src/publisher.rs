@@ -4,50 +4,39 @@
 //! buffer, or, when the buffer is full (RabbitMQ down for long enough), drops it and
 //! counts the drop in `narrative_events_dropped_total`. A background task
 //! ([`PublisherTask::run`]) takes up to `max_batch` events at a time (waiting at most
-//! `linger` for a batch to fill), and publishes each batch as one persistent message
-//! with a publisher confirm, retrying with backoff until the broker takes it. A batch
-//! is published at least once; the consumer's insert is idempotent by event id.
+//! `linger` for a batch to fill), and publishes each batch through the process's
+//! [`ConfirmedPublisher`], retrying with backoff until the broker takes it. A batch is
+//! published at least once; the consumer's insert is idempotent by event id.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::publisher_confirm::Confirmation;
-use lapin::types::ShortString;
-use lapin::{BasicProperties, Channel, Connection};
+use narrative_queue::{topology, ConfirmedPublisher, Message, PublishError};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp;
 use crate::event::{Batch, GenerationEvent, RequestEvent};
 use crate::EventSink;
 
 #[derive(Debug, Clone)]
 pub struct PublisherSettings {
-    pub amqp_url: String,
-    /// Must match the fleet's `RABBITMQ_QUORUM`.
-    pub quorum: bool,
     /// Events held while RabbitMQ is slow or down; beyond it they are dropped.
     pub capacity: usize,
     pub max_batch: usize,
     /// How long a batch may wait to fill.
     pub linger: Duration,
-    pub confirm_timeout: Duration,
     /// How long the last batches get at shutdown.
     pub drain_timeout: Duration,
 }
 
-impl PublisherSettings {
-    pub fn new(amqp_url: String, quorum: bool) -> Self {
+impl Default for PublisherSettings {
+    fn default() -> Self {
         Self {
-            amqp_url,
-            quorum,
             capacity: 100_000,
             max_batch: 1_000,
             linger: Duration::from_millis(200),
-            confirm_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
         }
     }
@@ -130,11 +119,12 @@ pub struct PublisherTask {
     settings: PublisherSettings,
     observer: Option<Arc<dyn BatchObserver>>,
     metrics: EventMetrics,
-    link: Option<(Connection, Channel)>,
+    broker: Arc<ConfirmedPublisher>,
 }
 
 impl EventPublisher {
     pub fn new(
+        broker: Arc<ConfirmedPublisher>,
         settings: PublisherSettings,
         observer: Option<Arc<dyn BatchObserver>>,
         metrics: EventMetrics,
@@ -152,7 +142,7 @@ impl EventPublisher {
                 settings,
                 observer,
                 metrics,
-                link: None,
+                broker,
             },
         )
     }
@@ -181,7 +171,6 @@ impl EventSink for EventPublisher {
 
 const MIN_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl PublisherTask {
     /// Publishes batches until `stop`, then gives what is buffered `drain_timeout`.
@@ -248,7 +237,6 @@ impl PublisherTask {
                     return true;
                 }
                 Err(error) => {
-                    self.link = None;
                     self.metrics.publish_failures.inc();
                     tracing::warn!(%error, events = batch.len(), retry_in = ?backoff, "event batch not published; retrying");
                 }
@@ -300,50 +288,16 @@ impl PublisherTask {
         }
     }
 
-    async fn publish(&mut self, batch: &Batch) -> Result<(), String> {
-        if self.link.is_none() {
-            let connection = amqp::connect(&self.settings.amqp_url, CONNECT_TIMEOUT).await?;
-            let setup = async {
-                let channel = connection.create_channel().await?;
-                amqp::declare_topology(&channel, self.settings.quorum).await?;
-                channel
-                    .confirm_select(ConfirmSelectOptions::default())
-                    .await?;
-                Ok::<_, lapin::Error>(channel)
-            };
-            let channel = tokio::time::timeout(CONNECT_TIMEOUT, setup)
-                .await
-                .map_err(|_| "channel setup timed out".to_owned())?
-                .map_err(|e| e.to_string())?;
-            self.link = Some((connection, channel));
-        }
-        let Some((_, channel)) = &self.link else {
-            return Err("no channel".to_owned());
-        };
-        let properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type(ShortString::from("application/json"));
+    async fn publish(&self, batch: &Batch) -> Result<(), PublishError> {
         let body = batch.to_bytes();
-        let publish = async {
-            let confirm = channel
-                .basic_publish(
-                    amqp::EXCHANGE,
-                    amqp::ROUTING_KEY,
-                    BasicPublishOptions::default(),
-                    &body,
-                    properties,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            match confirm.await.map_err(|e| e.to_string())? {
-                Confirmation::Ack(_) => Ok(()),
-                Confirmation::Nack(_) => Err("the broker refused the batch".to_owned()),
-                Confirmation::NotRequested => Err("channel not in confirm mode".to_owned()),
-            }
-        };
-        tokio::time::timeout(self.settings.confirm_timeout, publish)
+        self.broker
+            .publish(Message {
+                to: topology::EVENTS,
+                body: &body,
+                content_type: "application/json",
+                correlation_id: None,
+            })
             .await
-            .map_err(|_| "no confirm in time".to_owned())?
     }
 }
 

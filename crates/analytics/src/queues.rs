@@ -11,16 +11,10 @@ use lapin::Connection;
 use prometheus::{IntGaugeVec, Opts, Registry};
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp;
+use narrative_queue::{amqp, topology};
 
-/// The queues watched (the job queue's names are the worker's; they are part of the
-/// documented topology).
-pub const WATCHED: [&str; 4] = [
-    "narrative.generate",
-    "narrative.generate.dead",
-    amqp::QUEUE,
-    amqp::DEAD_QUEUE,
-];
+/// The queues watched: every one that holds messages.
+pub const WATCHED: [&str; 5] = topology::ALL_QUEUES;
 
 const EVERY: Duration = Duration::from_secs(10);
 

@@ -22,13 +22,7 @@ pub struct AnalyticsSettings {
 
 /// `RABBITMQ_QUORUM`, shared by everything that declares queues.
 pub fn quorum_from(vars: &Vars) -> Result<bool, ConfigError> {
-    vars.parse_or("RABBITMQ_QUORUM", false, |text| {
-        match text.to_ascii_lowercase().as_str() {
-            "1" | "true" | "yes" => Ok(true),
-            "0" | "false" | "no" => Ok(false),
-            _ => Err(format!("{text:?} must be true or false")),
-        }
-    })
+    vars.bool_or("RABBITMQ_QUORUM", false)
 }
 
 /// `DATABASE_URL`, checked for its scheme; `None` when unset.

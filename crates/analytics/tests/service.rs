@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use analytics::amqp::{self, DEAD_QUEUE, EXCHANGE, ROUTING_KEY};
 use analytics::app::{run, AnalyticsApp};
 use analytics::event::RequestOutcome;
 use analytics::settings::AnalyticsSettings;
@@ -12,6 +11,8 @@ use cache_core::config::Vars;
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
+use narrative_queue::amqp;
+use narrative_queue::topology::EVENTS;
 use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
@@ -109,8 +110,8 @@ async fn publish_raw(amqp_url: &str, bodies: &[Vec<u8>]) {
     for body in bodies {
         channel
             .basic_publish(
-                EXCHANGE,
-                ROUTING_KEY,
+                EVENTS.exchange,
+                EVENTS.routing_key,
                 BasicPublishOptions::default(),
                 body,
                 BasicProperties::default().with_delivery_mode(2),
@@ -173,7 +174,7 @@ async fn an_unreadable_batch_is_dead_lettered_and_the_rest_flow() {
     let channel = connection.create_channel().await.expect("channel");
     let dead = channel
         .queue_declare(
-            DEAD_QUEUE,
+            EVENTS.dead_queue,
             QueueDeclareOptions {
                 passive: true,
                 ..QueueDeclareOptions::default()
@@ -189,7 +190,7 @@ async fn an_unreadable_batch_is_dead_lettered_and_the_rest_flow() {
         "the dead letters in metrics",
         Duration::from_secs(30),
         || {
-            let seen = depths.get(DEAD_QUEUE);
+            let seen = depths.get(EVENTS.dead_queue);
             async move { seen == 2 }
         },
     )

@@ -97,7 +97,7 @@ async fn measure(label: &str, codec: ValueCodec, entries: usize) {
     for chunk in (0..entries).collect::<Vec<_>>().chunks(500) {
         let writes = chunk.iter().map(|&n| {
             let keyed = deriver.derive(&profile(n)).expect("valid");
-            let body = generator_worker::template::render(&keyed.profile);
+            let body = narrative_gen::template::render(&keyed.profile);
             raw_bytes += body.len();
             keys.insert(keyed.key.clone());
             let envelope = Envelope {

@@ -12,18 +12,18 @@ use cache_core::redis_backend::RedisBackend;
 use cache_core::signals::SignalBus;
 use cache_core::user_index::{MemoryUserIndex, RedisUserIndex, UserIndex};
 use cache_core::{CacheKeySecret, CacheStore, KeyDeriver, MemoryStore, RedisStore, TieredStore};
-use generator_worker::generator_from;
-use generator_worker::guard::{GuardMetrics, GuardedGenerator};
+use narrative_fill::Holder;
+use narrative_gen::{generator_from, GuardMetrics, GuardedGenerator};
+use narrative_queue::ConfirmedPublisher;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::http::{self, ApiError};
+use crate::http;
 use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
 use crate::service::{
-    AnalyticsSource, Distributed, JobPublisher, NarrativeService, PrewarmRuns, RedisTallies,
-    ServiceParts,
+    AnalyticsSource, Distributed, NarrativeService, PrewarmRuns, RedisTallies, ServiceParts,
 };
 use crate::settings::{RedisSettings, Settings};
 
@@ -74,14 +74,6 @@ impl AppState {
             detail,
         });
     }
-
-    /// Counts a rejected request by its error code, and passes the result on.
-    pub(crate) fn reject_counted<T>(&self, result: Result<T, ApiError>) -> Result<T, ApiError> {
-        if let Err(error) = &result {
-            self.metrics.rejected(error.code());
-        }
-        result
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -109,13 +101,26 @@ impl App {
         );
         let background = CancellationToken::new();
         let background_tasks = TaskTracker::new();
+        let metrics = Arc::new(Metrics::new());
+        // One confirmed publisher for the process: jobs, pre-warm jobs, event batches.
+        let broker = settings
+            .queue
+            .clone()
+            .map(|queue| Arc::new(ConfirmedPublisher::new(queue, BROKER_FAIL_FAST)));
         let (store, distributed): (Arc<dyn CacheStore>, _) = match &settings.redis {
             None => (
                 Arc::new(MemoryStore::new(settings.memory_cache_max_bytes)),
                 None,
             ),
             Some(redis) => {
-                let shared = distributed(redis, &settings, &background, &background_tasks);
+                let shared = distributed(
+                    redis,
+                    &settings,
+                    &metrics,
+                    broker.clone(),
+                    &background,
+                    &background_tasks,
+                );
                 (
                     Arc::clone(&shared.tiers) as Arc<dyn CacheStore>,
                     Some(shared),
@@ -127,10 +132,9 @@ impl App {
         } else {
             "embedded"
         };
-        let metrics = Arc::new(Metrics::new());
         let redis = distributed
             .as_ref()
-            .map(|shared: &Distributed| Arc::clone(shared.redis.backend()));
+            .map(|shared: &Distributed| Arc::clone(shared.redis().backend()));
         let (sink, analytics, events): (Arc<dyn EventSink>, _, _) = match &settings.analytics {
             None => {
                 let memory = Arc::new(InMemoryAnalytics::new());
@@ -144,7 +148,13 @@ impl App {
                 let observer = redis.clone().map(|redis| {
                     Arc::new(RedisTallies { redis }) as Arc<dyn analytics::BatchObserver>
                 });
+                let broker = broker.clone().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "DATABASE_URL needs AMQP_URL: events reach Postgres through RabbitMQ"
+                    )
+                })?;
                 let (publisher, task) = EventPublisher::new(
+                    broker,
                     config.events.clone(),
                     observer,
                     EventMetrics::register(metrics.registry())?,
@@ -191,6 +201,7 @@ impl App {
             distributed,
             user_index,
             erasure_tombstone: settings.erasure_tombstone,
+            max_pending_generations: settings.max_pending_generations,
         }));
         if service.distributed().is_some() {
             let flusher = Arc::clone(&service);
@@ -241,11 +252,17 @@ impl App {
     }
 }
 
+/// How long publishing fails at once after the broker failed, before trying it again:
+/// a broker that is down then costs a miss nothing but its in-process generation.
+const BROKER_FAIL_FAST: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The Redis tiers, lock and signal bus; connections are made lazily, so this succeeds
 /// while Redis is down.
 fn distributed(
     redis: &RedisSettings,
     settings: &Settings,
+    metrics: &Metrics,
+    jobs: Option<Arc<ConfirmedPublisher>>,
     background: &CancellationToken,
     tasks: &TaskTracker,
 ) -> Distributed {
@@ -269,14 +286,16 @@ fn distributed(
     let (subscriber, stop) = (Arc::clone(&bus), background.clone());
     tasks.spawn(async move { subscriber.run(stop).await });
     Distributed {
-        redis: l2,
+        holder: Holder::new(
+            l2,
+            FillLock::new(backend, redis.shared.lock_ttl),
+            bus,
+            settings.cache_ttl,
+            metrics.unreadable_entries.clone(),
+        ),
         tiers,
-        lock: FillLock::new(backend, redis.shared.lock_ttl),
-        bus,
-        jobs: settings
-            .queue
-            .clone()
-            .map(|queue| Arc::new(JobPublisher::new(queue))),
+        jobs,
+        job_wait_limit: settings.job_wait_limit,
     }
 }
 

@@ -14,7 +14,6 @@ pub mod limits;
 pub mod metrics;
 pub mod service;
 pub mod settings;
-pub mod telemetry;
 
 pub use app::{run, App, AppState};
 pub use http::{ApiError, MAX_BODY_BYTES};

@@ -2,12 +2,12 @@
 
 use std::process::ExitCode;
 
-use api_gateway::{run, telemetry, App, Settings};
+use api_gateway::{run, App, Settings};
 use cache_core::config::Vars;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    telemetry::init();
+    cache_core::telemetry::init();
     match serve().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -13,6 +13,8 @@ pub enum Outcome {
     Generated,
     Fallback,
     Stale,
+    /// `Prefer: respond-async` on a miss: answered 202 while the generation runs.
+    Pending,
 }
 
 impl Outcome {
@@ -22,6 +24,7 @@ impl Outcome {
             Self::Generated => "generated",
             Self::Fallback => "fallback",
             Self::Stale => "stale",
+            Self::Pending => "pending",
         }
     }
 }
@@ -35,8 +38,8 @@ const LATENCY_BUCKETS: &[f64] = &[
 #[derive(Debug, Clone)]
 pub struct Metrics {
     registry: Registry,
-    requests: [IntCounter; 4],
-    latency: [Histogram; 4],
+    requests: [IntCounter; 5],
+    latency: [Histogram; 5],
     pub collapsed: IntCounter,
     rejected: IntCounterVec,
     generations: IntCounterVec,
@@ -48,6 +51,11 @@ pub struct Metrics {
     pub cost_saved_usd: Counter,
     pub store_errors: IntCounter,
     pub refresh_failures: IntCounter,
+    /// Stored entries found unreadable, replaced by the next generation.
+    pub unreadable_entries: IntCounter,
+    /// Misses answered with the template without starting a generation, because
+    /// `MAX_PENDING_GENERATIONS` were already running.
+    pub generations_shed: IntCounter,
     pub cache_entries: Gauge,
     pub cache_bytes: Gauge,
     rate_limited: IntCounterVec,
@@ -80,6 +88,7 @@ impl Metrics {
             Outcome::Generated,
             Outcome::Fallback,
             Outcome::Stale,
+            Outcome::Pending,
         ];
         let metrics = Self {
             requests: outcomes.map(|o| requests.with_label_values(&[by_outcome(o)])),
@@ -142,6 +151,16 @@ impl Metrics {
                 "Background refreshes of stale entries that failed (the stale entry stays)",
             )
             .expect("valid metric"),
+            unreadable_entries: IntCounter::new(
+                "narrative_unreadable_entries_total",
+                "Stored entries that could not be read (corrupt, unknown key or format), replaced by the next generation",
+            )
+            .expect("valid metric"),
+            generations_shed: IntCounter::new(
+                "narrative_generations_shed_total",
+                "Misses answered with the template without a generation: MAX_PENDING_GENERATIONS were running",
+            )
+            .expect("valid metric"),
             cache_entries: Gauge::new("narrative_cache_entries", "Narrative entries in the cache")
                 .expect("valid metric"),
             cache_bytes: Gauge::new("narrative_cache_bytes", "Bytes the cache holds")
@@ -178,6 +197,8 @@ impl Metrics {
             Box::new(metrics.cost_saved_usd.clone()),
             Box::new(metrics.store_errors.clone()),
             Box::new(metrics.refresh_failures.clone()),
+            Box::new(metrics.unreadable_entries.clone()),
+            Box::new(metrics.generations_shed.clone()),
             Box::new(metrics.cache_entries.clone()),
             Box::new(metrics.cache_bytes.clone()),
             Box::new(metrics.rate_limited.clone()),

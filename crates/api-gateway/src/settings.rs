@@ -11,10 +11,8 @@ use cache_core::{CacheKeySecret, EngineVersion, PromptHash, QuantizationStep};
 
 use crate::auth::{BearerSecret, ClientKeys};
 use crate::limits::RateLimit;
-use generator_worker::guard::GuardSettings;
-use generator_worker::queue::QueueSettings;
-use generator_worker::settings::{guard_settings_from, queue_settings_from};
-use generator_worker::{llm_settings_from, LlmSettings};
+use narrative_gen::{guard_settings_from, llm_settings_from, GuardSettings, LlmSettings};
+use narrative_queue::{queue_settings_from, QueueSettings};
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -40,6 +38,12 @@ pub struct Settings {
     pub previous_versions: Vec<(EngineVersion, PromptHash)>,
     /// Set with `AMQP_URL`: misses become jobs for `generator-worker`s.
     pub queue: Option<QueueSettings>,
+    /// `JOB_WAIT_LIMIT`: how long a flight keeps its queued job's fill lock alive,
+    /// waiting for a worker to take it (the queue's longest plausible backlog).
+    pub job_wait_limit: Duration,
+    /// `MAX_PENDING_GENERATIONS`: generations started and not finished, at most; past
+    /// it a miss answers the template without starting one.
+    pub max_pending_generations: usize,
     /// Set with `DATABASE_URL`: events go to RabbitMQ for the `analytics` service, and
     /// `/narrative/analytics` reads Postgres. Unset, both stay in process.
     pub analytics: Option<AnalyticsSettings>,
@@ -117,7 +121,7 @@ impl Settings {
         let client_keys = vars.parse_or("API_KEYS", ClientKeys::default(), ClientKeys::parse)?;
         let bind_addr: SocketAddr =
             vars.from_str_or("BIND_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?;
-        let allow_anonymous = vars.parse_or("ALLOW_ANONYMOUS", false, parse_bool)?;
+        let allow_anonymous = vars.bool_or("ALLOW_ANONYMOUS", false)?;
         if client_keys.is_empty() && !bind_addr.ip().is_loopback() && !allow_anonymous {
             return Err(ConfigError::new(
                 "BIND_ADDR",
@@ -151,8 +155,20 @@ impl Settings {
                 "must be at least 1m: it has to outlive the fill lock and a generation",
             ));
         }
+        let max_pending_generations = vars.from_str_or("MAX_PENDING_GENERATIONS", 1024usize)?;
+        if max_pending_generations == 0 {
+            return Err(ConfigError::new(
+                "MAX_PENDING_GENERATIONS",
+                "must be at least 1",
+            ));
+        }
         Ok(Self {
             erasure_tombstone,
+            max_pending_generations,
+            job_wait_limit: positive(
+                vars.duration_or("JOB_WAIT_LIMIT", Duration::from_secs(600))?,
+                "JOB_WAIT_LIMIT",
+            )?,
             guard: guard_settings_from(vars)?,
             client_keys,
             rate_limit,
@@ -232,15 +248,16 @@ fn analytics_settings(
     let Some(database_url) = database_url_from(vars)? else {
         return Ok(None);
     };
-    let queue = queue.ok_or_else(|| {
+    queue.ok_or_else(|| {
         ConfigError::new(
             "DATABASE_URL",
             "needs AMQP_URL too: events reach Postgres through RabbitMQ and the analytics service",
         )
     })?;
-    let mut events = PublisherSettings::new(queue.url.clone(), queue.quorum);
-    events.capacity = capacity;
-    events.confirm_timeout = queue.confirm_timeout.max(events.confirm_timeout);
+    let events = PublisherSettings {
+        capacity,
+        ..PublisherSettings::default()
+    };
     Ok(Some(AnalyticsSettings {
         database_url,
         events,
@@ -272,14 +289,6 @@ fn parse_previous_versions(text: &str) -> Result<Vec<(EngineVersion, PromptHash)
             ))
         })
         .collect()
-}
-
-fn parse_bool(text: &str) -> Result<bool, String> {
-    match text.to_ascii_lowercase().as_str() {
-        "1" | "true" | "yes" => Ok(true),
-        "0" | "false" | "no" => Ok(false),
-        _ => Err(format!("{text:?} must be true or false")),
-    }
 }
 
 fn positive(value: Duration, var: &'static str) -> Result<Duration, ConfigError> {

@@ -82,6 +82,17 @@ impl Vars {
         })
     }
 
+    /// `true`/`false` (also `1`/`0`, `yes`/`no`, in any case).
+    pub fn bool_or(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+        self.parse_or(name, default, |text| {
+            match text.to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" => Ok(true),
+                "0" | "false" | "no" => Ok(false),
+                _ => Err(format!("{text:?} must be true or false")),
+            }
+        })
+    }
+
     /// A human-readable duration (`30d`, `7d`, `90s`, `250ms`).
     pub fn duration_or(
         &self,

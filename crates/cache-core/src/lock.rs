@@ -7,6 +7,7 @@
 //! lock another instance has since taken, cannot overwrite the newer value. The lock
 //! and the value share the key's hash tag, so the script runs on one Cluster slot.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -309,14 +310,24 @@ impl FillLock {
         token: &LockToken,
         work: F,
     ) -> F::Output {
-        let extender = AbortOnDrop(tokio::spawn(keep_extended(
+        let alive = self.keep_alive(key, token);
+        let output = work.await;
+        drop(alive);
+        output
+    }
+
+    /// Extends the lock every third of its TTL until the returned guard is dropped, or
+    /// until the lock turns out not to be ours any more ([`KeepAlive::lost`]): released
+    /// by whoever it was handed to, revoked by an erasure, or expired.
+    pub fn keep_alive(&self, key: &CacheKey, token: &LockToken) -> KeepAlive {
+        let lost = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(keep_extended(
             self.clone(),
             key.clone(),
             token.clone(),
-        )));
-        let output = work.await;
-        drop(extender);
-        output
+            Arc::clone(&lost),
+        ));
+        KeepAlive { task, lost }
     }
 
     /// Deletes the lock if it is still ours; `false` when it was not.
@@ -367,22 +378,35 @@ impl FillLock {
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// A lock kept alive by [`FillLock::keep_alive`]; dropping it stops the extensions.
+#[derive(Debug)]
+pub struct KeepAlive {
+    task: tokio::task::JoinHandle<()>,
+    lost: Arc<AtomicBool>,
+}
 
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+impl KeepAlive {
+    /// Whether an extension found the lock no longer ours.
+    pub fn lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
     }
 }
 
-async fn keep_extended(lock: FillLock, key: CacheKey, token: LockToken) {
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn keep_extended(lock: FillLock, key: CacheKey, token: LockToken, lost: Arc<AtomicBool>) {
     let every = lock.ttl() / 3;
     loop {
         tokio::time::sleep(every).await;
         match lock.extend(&key, &token).await {
             Ok(true) => {}
             Ok(false) => {
-                tracing::warn!(cache_key = %key, "fill lock lost while generating");
+                tracing::debug!(cache_key = %key, "fill lock no longer ours; not extending it");
+                lost.store(true, Ordering::Release);
                 return;
             }
             Err(error) => tracing::warn!(%error, "could not extend the fill lock"),

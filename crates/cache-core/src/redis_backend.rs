@@ -214,7 +214,26 @@ impl RedisBackend {
         if !self.breaker.allow() {
             return Err(StoreError::Unavailable("redis circuit open".to_owned()));
         }
-        let conn = match self.connection().await {
+        self.run(op, false).await
+    }
+
+    /// One call past an open breaker (and past a recent failure to connect): what
+    /// decides, before an instance pays the LLM on its own, whether Redis is in fact
+    /// back. Its success closes the breaker at once. Callers make one, not a stream.
+    pub async fn probe<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(RedisConn) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        self.run(op, true).await
+    }
+
+    async fn run<T, F, Fut>(&self, op: F, probing: bool) -> Result<T, StoreError>
+    where
+        F: FnOnce(RedisConn) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let conn = match self.connection(probing).await {
             Ok(conn) => conn,
             Err(error) => {
                 self.breaker.record_failure();
@@ -248,7 +267,7 @@ impl RedisBackend {
             .clone()
     }
 
-    async fn connection(&self) -> Result<RedisConn, StoreError> {
+    async fn connection(&self, probing: bool) -> Result<RedisConn, StoreError> {
         if let Some(conn) = self.current() {
             return Ok(conn);
         }
@@ -264,7 +283,7 @@ impl RedisBackend {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .is_some_and(|at| at.elapsed() < self.timeouts.cool_down);
-        if failed_recently {
+        if failed_recently && !probing {
             return Err(StoreError::Unavailable("redis unreachable".to_owned()));
         }
         let connect = self.connect();
@@ -345,13 +364,7 @@ impl RedisConfig {
         vars: &crate::config::Vars,
     ) -> Result<Option<Self>, crate::config::ConfigError> {
         use crate::config::ConfigError;
-        let cluster = vars.parse_or("REDIS_CLUSTER", false, |text| {
-            match text.to_ascii_lowercase().as_str() {
-                "1" | "true" | "yes" => Ok(true),
-                "0" | "false" | "no" => Ok(false),
-                _ => Err(format!("{text:?} must be true or false")),
-            }
-        })?;
+        let cluster = vars.bool_or("REDIS_CLUSTER", false)?;
         let encryption = vars.parse_or("CACHE_ENCRYPTION_KEY", None, |text| {
             crate::codec::EncryptionKeys::parse(text).map(Some)
         })?;

@@ -6,6 +6,10 @@
 //! generation finishes and is cached). The result travels on a `watch` channel;
 //! a leader dropped without completing (a panic, a cancelled task) closes the channel,
 //! and its followers see `None` instead of waiting forever.
+//!
+//! Before its result, a leader may *claim* the work ([`Leader::claim`]): say that it is
+//! now visible beyond this process (a fill lock taken, a job queued), so that a caller
+//! answering "pending" ([`Follower::claimed`]) is not ahead of the truth.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -15,7 +19,15 @@ use tokio::sync::watch;
 
 #[derive(Debug)]
 pub struct SingleFlight<K, V> {
-    flights: Arc<Mutex<HashMap<K, watch::Receiver<Option<V>>>>>,
+    flights: Arc<Mutex<HashMap<K, watch::Receiver<Stage<V>>>>>,
+}
+
+/// Where a flight is.
+#[derive(Debug, Clone)]
+enum Stage<V> {
+    Started,
+    Claimed,
+    Done(V),
 }
 
 impl<K, V> Clone for SingleFlight<K, V> {
@@ -55,7 +67,7 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
                 receiver: receiver.clone(),
             });
         }
-        let (sender, receiver) = watch::channel(None);
+        let (sender, receiver) = watch::channel(Stage::Started);
         flights.insert(key.clone(), receiver);
         Flight::Leader(Leader {
             flights: self.clone(),
@@ -83,7 +95,7 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
         self.len() == 0
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<K, watch::Receiver<Option<V>>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<K, watch::Receiver<Stage<V>>>> {
         // The map is only ever left consistent; a panic elsewhere does not taint it.
         self.flights.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -93,7 +105,7 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
 pub struct Leader<K: Eq + Hash, V> {
     flights: SingleFlight<K, V>,
     key: K,
-    sender: watch::Sender<Option<V>>,
+    sender: watch::Sender<Stage<V>>,
 }
 
 impl<K: Eq + Hash + Clone, V: Clone> Leader<K, V> {
@@ -108,8 +120,20 @@ impl<K: Eq + Hash + Clone, V: Clone> Leader<K, V> {
     /// result where later requests look first *before* completing, so that nobody can
     /// find neither the flight nor the result.
     pub fn complete(self, value: V) {
-        self.sender.send_replace(Some(value));
+        self.sender.send_replace(Stage::Done(value));
         // Dropping `self` ends the flight.
+    }
+
+    /// Tells followers waiting in [`Follower::claimed`] that the work is visible
+    /// beyond this process now. Idempotent; a no-op once complete.
+    pub fn claim(&self) {
+        self.sender.send_if_modified(|stage| match stage {
+            Stage::Started => {
+                *stage = Stage::Claimed;
+                true
+            }
+            Stage::Claimed | Stage::Done(_) => false,
+        });
     }
 }
 
@@ -125,17 +149,30 @@ impl<K: Eq + Hash, V> Drop for Leader<K, V> {
 
 #[derive(Debug, Clone)]
 pub struct Follower<V> {
-    receiver: watch::Receiver<Option<V>>,
+    receiver: watch::Receiver<Stage<V>>,
 }
 
 impl<V: Clone> Follower<V> {
     /// The leader's result, or `None` if the leader was dropped without one.
     pub async fn wait(mut self) -> Option<V> {
-        self.receiver
-            .wait_for(Option::is_some)
+        match self
+            .receiver
+            .wait_for(|stage| matches!(stage, Stage::Done(_)))
             .await
-            .ok()
-            .and_then(|value| value.clone())
+            .as_deref()
+        {
+            Ok(Stage::Done(value)) => Some(value.clone()),
+            _ => None,
+        }
+    }
+
+    /// Waits until the leader has claimed the work or finished it; `false` if the
+    /// leader was dropped first.
+    pub async fn claimed(&mut self) -> bool {
+        self.receiver
+            .wait_for(|stage| !matches!(stage, Stage::Started))
+            .await
+            .is_ok()
     }
 }
 
@@ -188,5 +225,28 @@ mod tests {
         let own = leader.follower();
         leader.complete(3);
         assert_eq!(own.wait().await, Some(3));
+    }
+
+    #[tokio::test]
+    async fn a_claim_is_seen_before_the_result_and_a_result_counts_as_claimed() {
+        let flights: SingleFlight<&str, u32> = SingleFlight::new();
+        let Flight::Leader(leader) = flights.join(&"k") else {
+            panic!("leads")
+        };
+        let mut early = leader.follower();
+        let waiting = tokio::spawn(async move { early.claimed().await });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "nothing claimed yet");
+        leader.claim();
+        assert!(waiting.await.expect("joined"));
+        let mut late = leader.follower();
+        leader.complete(1);
+        assert!(late.claimed().await, "done counts as claimed");
+        let Flight::Leader(dropped) = flights.join(&"j") else {
+            panic!("leads")
+        };
+        let mut orphan = dropped.follower();
+        drop(dropped);
+        assert!(!orphan.claimed().await, "a dropped leader claimed nothing");
     }
 }

@@ -15,12 +15,14 @@ use cache_core::lock::FillLock;
 use cache_core::redis_backend::RedisBackend;
 use cache_core::signals::SignalBus;
 use cache_core::RedisStore;
+use narrative_fill::Holder;
+use narrative_gen::{generator_from, GuardMetrics, GuardedGenerator};
+use narrative_queue::ConfirmedPublisher;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::consumer::{self, ConsumerSettings, Consuming};
-use crate::generator::generator_from;
-use crate::guard::{GuardMetrics, GuardedGenerator};
+
 use crate::settings::WorkerSettings;
 use crate::worker::{Worker, WorkerMetrics};
 
@@ -52,8 +54,13 @@ impl WorkerApp {
         let metrics = WorkerMetrics::new();
         // Workers always report their generations: the queue keeps the events until the
         // `analytics` service takes them.
+        let broker = Arc::new(ConfirmedPublisher::new(
+            settings.queue.clone(),
+            std::time::Duration::ZERO,
+        ));
         let (events, publisher) = EventPublisher::new(
-            PublisherSettings::new(settings.queue.url.clone(), settings.queue.quorum),
+            broker,
+            PublisherSettings::default(),
             None,
             EventMetrics::register(&metrics.registry)?,
         );
@@ -63,12 +70,16 @@ impl WorkerApp {
             Some(Arc::clone(&backend)),
             GuardMetrics::register(&metrics.registry)?,
         ));
-        let worker = Arc::new(Worker {
+        let holder = Holder::new(
             store,
-            lock: FillLock::new(backend, settings.redis.lock_ttl),
+            FillLock::new(backend, settings.redis.lock_ttl),
             bus,
+            settings.cache_ttl,
+            metrics.unreadable.clone(),
+        );
+        let worker = Arc::new(Worker {
+            holder,
             generator,
-            ttl: settings.cache_ttl,
             metrics,
             events: Arc::new(events),
         });
@@ -145,7 +156,7 @@ async fn readyz(State(app): State<WorkerApp>) -> (StatusCode, Json<serde_json::V
         "status": if consuming { "ready" } else { "not consuming" },
         "backends": {
             "queue": {"kind": "rabbitmq", "state": if consuming { "up" } else { "down" }},
-            "cache": {"kind": "redis", "state": app.worker.store.backend().state().as_str()},
+            "cache": {"kind": "redis", "state": app.worker.holder.store().backend().state().as_str()},
         },
     });
     (status, Json(body))

@@ -2,9 +2,10 @@
 //! outcome is settled (stored and signalled), at most `prefetch` user jobs and
 //! `prewarm_prefetch` pre-warm jobs in flight (each queue on a channel of its own, so
 //! pre-warm jobs never take a user miss's place),
-//! reconnecting by itself when the broker goes away (delivery tags of a lost channel
-//! are void; the broker redelivers those jobs), and on shutdown: stop consuming,
-//! finish the jobs in flight, then close.
+//! reconnecting by itself when the broker goes away (after the jobs in flight have
+//! finished: delivery tags of a lost channel are void, and the broker redelivers those
+//! jobs, which then find their values), and on shutdown: stop consuming, finish the
+//! jobs in flight, then close.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -19,8 +20,9 @@ use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::queue::{self, Job, QueueError, QueueSettings, PREWARM_QUEUE, QUEUE};
 use crate::worker::{Disposition, Outcome, Worker};
+use narrative_queue::topology::{self, JOBS, PREWARM};
+use narrative_queue::{amqp, Job, QueueSettings};
 
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
@@ -76,20 +78,24 @@ async fn consume(
     settings: &ConsumerSettings,
     consuming: &Consuming,
     shutdown: &CancellationToken,
-) -> Result<(), QueueError> {
-    let broken = |e: lapin::Error| QueueError::Unreachable(e.to_string());
-    let connection = queue::connect(&settings.queue.url, Duration::from_secs(5)).await?;
+) -> Result<(), String> {
+    let broken = |e: lapin::Error| e.to_string();
+    let connection = amqp::connect(&settings.queue.url, Duration::from_secs(5)).await?;
     let tag = format!("generator-worker-{}", std::process::id());
     let mut channels = Vec::new();
     let mut streams = Vec::new();
     for (queue_name, prefetch) in [
-        (QUEUE, settings.prefetch),
-        (PREWARM_QUEUE, settings.prewarm_prefetch),
+        (JOBS.queue, settings.prefetch),
+        (PREWARM.queue, settings.prewarm_prefetch),
     ] {
         let channel = connection.create_channel().await.map_err(broken)?;
-        queue::declare_topology(&channel, &settings.queue)
-            .await
-            .map_err(broken)?;
+        topology::declare_all(
+            &channel,
+            settings.queue.quorum,
+            settings.queue.delivery_limit,
+        )
+        .await
+        .map_err(broken)?;
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await
@@ -117,30 +123,35 @@ async fn consume(
         "consuming generation jobs"
     );
     let in_flight = TaskTracker::new();
-    loop {
+    let ended = loop {
         tokio::select! {
             () = shutdown.cancelled() => {
                 for channel in &channels {
                     let _ = channel.basic_cancel(&tag, BasicCancelOptions::default()).await;
                 }
-                consuming.0.store(false, Ordering::Release);
-                in_flight.close();
-                in_flight.wait().await;
-                let _ = connection.close(200, "worker shutting down").await;
-                return Ok(());
+                break Ok(());
             }
             delivery = deliveries.next() => match delivery {
                 Some(Some(Ok(delivery))) => {
                     let worker = Arc::clone(worker);
                     in_flight.spawn(async move { handle(&worker, delivery).await });
                 }
-                Some(Some(Err(error))) => return Err(broken(error)),
-                Some(None) | None => {
-                    return Err(QueueError::Unreachable("consumer closed".to_owned()))
-                }
+                Some(Some(Err(error))) => break Err(broken(error)),
+                Some(None) | None => break Err("consumer closed".to_owned()),
             },
         }
+    };
+    consuming.0.store(false, Ordering::Release);
+    // Whether stopping or broken: the jobs in flight finish first. After a broken
+    // channel their acks fail and the broker redelivers them, but by then their values
+    // are stored, and the redelivery finds them; consuming again at once would start
+    // each a second time while the first still runs, and take more than `prefetch`.
+    in_flight.close();
+    in_flight.wait().await;
+    if ended.is_ok() {
+        let _ = connection.close(200, "worker shutting down").await;
     }
+    ended
 }
 
 async fn handle(worker: &Worker, delivery: lapin::message::Delivery) {

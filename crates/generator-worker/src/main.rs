@@ -8,12 +8,7 @@ use generator_worker::settings::WorkerSettings;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .init();
+    cache_core::telemetry::init();
     match serve().await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

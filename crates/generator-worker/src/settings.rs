@@ -1,5 +1,4 @@
-//! Settings of the `generator-worker` binary, and the queue settings the gateway
-//! shares with it.
+//! Settings of the `generator-worker` binary.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -7,72 +6,8 @@ use std::time::Duration;
 use cache_core::config::{ConfigError, Vars};
 use cache_core::redis_backend::RedisConfig;
 
-use crate::guard::GuardSettings;
-use crate::llm::LlmSettings;
-use crate::queue::QueueSettings;
-
-/// `AMQP_URL`, `RABBITMQ_QUORUM`, `RABBITMQ_DELIVERY_LIMIT`, `AMQP_CONFIRM_TIMEOUT_MS`;
-/// `None` without `AMQP_URL`.
-pub fn queue_settings_from(vars: &Vars) -> Result<Option<QueueSettings>, ConfigError> {
-    let quorum = vars.parse_or("RABBITMQ_QUORUM", false, |text| {
-        match text.to_ascii_lowercase().as_str() {
-            "1" | "true" | "yes" => Ok(true),
-            "0" | "false" | "no" => Ok(false),
-            _ => Err(format!("{text:?} must be true or false")),
-        }
-    })?;
-    let delivery_limit = vars.from_str_or("RABBITMQ_DELIVERY_LIMIT", 5u32)?;
-    let confirm_timeout = vars.millis_or("AMQP_CONFIRM_TIMEOUT_MS", Duration::from_millis(2000))?;
-    let Some(url) = vars.get("AMQP_URL") else {
-        return Ok(None);
-    };
-    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-        return Err(ConfigError::new(
-            "AMQP_URL",
-            "must be an amqp:// or amqps:// URL",
-        ));
-    }
-    Ok(Some(QueueSettings {
-        url,
-        quorum,
-        delivery_limit,
-        confirm_timeout,
-    }))
-}
-
-/// `LLM_MAX_CONCURRENCY` and `LLM_DAILY_BUDGET_USD`, both off unless set.
-pub fn guard_settings_from(vars: &Vars) -> Result<GuardSettings, ConfigError> {
-    let max_concurrency = match vars.get("LLM_MAX_CONCURRENCY") {
-        None => None,
-        Some(_) => {
-            let cap = vars.from_str_or("LLM_MAX_CONCURRENCY", 0usize)?;
-            if cap == 0 {
-                return Err(ConfigError::new(
-                    "LLM_MAX_CONCURRENCY",
-                    "must be at least 1",
-                ));
-            }
-            Some(cap)
-        }
-    };
-    let daily_budget_usd = match vars.get("LLM_DAILY_BUDGET_USD") {
-        None => None,
-        Some(_) => {
-            let budget = vars.from_str_or("LLM_DAILY_BUDGET_USD", -1.0f64)?;
-            if !(budget.is_finite() && budget > 0.0) {
-                return Err(ConfigError::new(
-                    "LLM_DAILY_BUDGET_USD",
-                    "must be a positive number of dollars",
-                ));
-            }
-            Some(budget)
-        }
-    };
-    Ok(GuardSettings {
-        max_concurrency,
-        daily_budget_usd,
-    })
-}
+use narrative_gen::{guard_settings_from, llm_settings_from, GuardSettings, LlmSettings};
+use narrative_queue::{queue_settings_from, QueueSettings};
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
@@ -121,7 +56,7 @@ impl WorkerSettings {
             queue,
             prefetch,
             prewarm_prefetch,
-            llm: crate::generator::llm_settings_from(vars)?,
+            llm: llm_settings_from(vars)?,
             guard: guard_settings_from(vars)?,
             cache_ttl,
         })

@@ -1,29 +1,29 @@
 //! The worker's one step: a job in, an [`Outcome`] out. The consume loop
 //! (`consumer`) only turns outcomes into acks.
 //!
-//! A job is generated at most once per lock: the worker first looks in the cache (a
-//! redelivered or duplicate job finds the value and never pays twice), then adopts the
-//! fill lock with the job's token (or finds another holder and leaves the key to it),
-//! generates while extending the lock, writes only if the lock is still its own, and
-//! signals `done` or `failed` so waiting gateways answer at once.
+//! A job is generated at most once per lock: the worker adopts the fill lock with the
+//! job's token (or finds another holder and leaves the key to it), then fills the key
+//! through the fill protocol ([`Holder::fill`]): a redelivered or duplicate job finds
+//! the value and never pays twice, an unreadable entry is replaced, the write is
+//! fenced, and waiting gateways are signalled.
 //!
 //! While Redis fails (a Cluster failover, a restart) the job's Redis calls are retried
 //! for up to `REDIS_FAILOVER_WAIT`, holding the message: handing it back at once would
 //! spend its deliveries (`RABBITMQ_DELIVERY_LIMIT`) in seconds, and after the LLM call
 //! would throw away a narrative already paid for.
 
-use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use analytics::EventSink;
-use cache_core::lock::{Acquired, FencedWrite, FillLock, LockToken, WriteMode};
-use cache_core::signals::{Signal, SignalBus};
-use cache_core::{CacheKey, CacheStore, CanonicalProfile, RedisStore, StoreError};
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
+use cache_core::lock::{Acquired, LockToken};
+use cache_core::signals::Signal;
+use cache_core::{CacheKey, CacheStore, CanonicalProfile, Envelope, StoreError};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 
-use crate::generator::{generation_event, GenerateError, NarrativeGenerator};
-use crate::queue::Job;
+use narrative_fill::{generation_event, Filled, Holder, Want};
+use narrative_gen::{GenerateError, NarrativeGenerator};
+use narrative_queue::{Job, Trigger};
 
 /// What became of a job, and so what the consumer does with its message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +90,8 @@ pub struct WorkerMetrics {
     pub jobs: IntCounterVec,
     pub generation_seconds: Histogram,
     pub cost_usd: prometheus::Counter,
+    /// Stored entries found unreadable (and so replaced).
+    pub unreadable: IntCounter,
 }
 
 impl WorkerMetrics {
@@ -110,10 +112,16 @@ impl WorkerMetrics {
         .expect("valid metric");
         let cost_usd = prometheus::Counter::new("llm_cost_usd_total", "Dollars spent on the LLM")
             .expect("valid metric");
+        let unreadable = IntCounter::new(
+            "narrative_unreadable_entries_total",
+            "Stored entries that could not be read (corrupt, unknown key or format), replaced by the next generation",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(jobs.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(generation_seconds.clone()),
             Box::new(cost_usd.clone()),
+            Box::new(unreadable.clone()),
         ] {
             registry.register(collector).expect("unique metric names");
         }
@@ -122,6 +130,7 @@ impl WorkerMetrics {
             jobs,
             generation_seconds,
             cost_usd,
+            unreadable,
         }
     }
 
@@ -144,11 +153,9 @@ impl Default for WorkerMetrics {
 
 #[derive(Debug)]
 pub struct Worker {
-    pub store: Arc<RedisStore>,
-    pub lock: FillLock,
-    pub bus: Arc<SignalBus>,
+    /// The fill protocol's Redis side: store, lock, signals.
+    pub holder: Holder,
     pub generator: Arc<dyn NarrativeGenerator>,
-    pub ttl: Duration,
     pub metrics: WorkerMetrics,
     /// Generation events, for the `analytics` service.
     pub events: Arc<dyn EventSink>,
@@ -183,7 +190,7 @@ impl Worker {
         let prompt_hash = self.generator.prompt_hash();
         // A pre-warm job holds no lock and has no one waiting: it must not signal. It
         // takes the lock with a token of its own, the same on every retry.
-        let holds_lock = job.trigger != crate::queue::Trigger::Prewarm;
+        let holds_lock = job.trigger != Trigger::Prewarm;
         let token = if holds_lock {
             LockToken::from_job(job.lock_token.clone())
         } else {
@@ -192,49 +199,60 @@ impl Worker {
         if key.prompt_hash() != prompt_hash.as_str() {
             // Waiting gateways fall back now rather than waiting out the lock.
             if holds_lock {
-                self.signal(Signal::Failed, &key).await;
-                let _ = self.lock.release(&key, &token).await;
+                self.holder.signal(Signal::Failed, &key).await;
+                let _ = self.holder.lock().release(&key, &token).await;
             }
             return Outcome::Rejected(format!(
                 "key is for prompt {}, this worker writes {prompt_hash}: check LLM_MODEL and the prompt on both sides",
                 key.prompt_hash()
             ));
         }
-        // An entry that does not open (a rotated-out key, a corrupt value) is replaced.
-        let mut write_mode = WriteMode::IfAbsent;
-        match self.patiently(|| self.store.get(&key)).await {
-            Ok(Some(_)) => {
-                self.signal(Signal::Done, &key).await;
-                let _ = self.lock.release(&key, &token).await;
-                return Outcome::AlreadyCached;
-            }
-            Ok(None) => {}
-            Err(StoreError::Corrupt(_)) => write_mode = WriteMode::Replace,
-            Err(error) => return Outcome::Retry(error.to_string()),
+        // A redelivered or duplicate job finds its value before taking any lock (its
+        // own may be long gone): acknowledged, nothing paid. Unreadable entries and
+        // Redis errors are left to the fill, which looks again under the lock.
+        if let Ok(Some(_)) = self
+            .holder
+            .patiently(|| self.holder.store().get(&key))
+            .await
+        {
+            self.holder.signal(Signal::Done, &key).await;
+            let _ = self.holder.lock().release(&key, &token).await;
+            return Outcome::AlreadyCached;
         }
-        let token = match self.patiently(|| self.take_lock(job, &key, &token)).await {
+        let token = match self
+            .holder
+            .patiently(|| self.take_lock(job, &key, &token))
+            .await
+        {
             Ok(Some(token)) => token,
             Ok(None) => return Outcome::HeldElsewhere,
             Err(error) => return Outcome::Retry(error.to_string()),
         };
-        // A pre-warm job took its lock just now: a user's miss may have stored the
-        // entry while the job waited.
-        if !holds_lock && matches!(self.store.get(&key).await, Ok(Some(_))) {
-            let _ = self.lock.release(&key, &token).await;
-            return Outcome::AlreadyCached;
+        let generate = self.generate(&key, &profile, job);
+        match self.holder.fill(&key, &token, Want::Any, generate).await {
+            Filled::Found(_) | Filled::AlreadyStored(_) => Outcome::AlreadyCached,
+            Filled::Stored(_) => Outcome::Stored,
+            Filled::LockLost(_) => Outcome::LockLost,
+            Filled::NotWritten(_, error) | Filled::LookFailed(error) => {
+                Outcome::Retry(error.to_string())
+            }
+            Filled::Failed(GenerateError::BudgetExhausted) => Outcome::OverBudget,
+            Filled::Failed(error) => Outcome::Failed(error.to_string()),
         }
+    }
+
+    /// One generator call, timed, priced and reported.
+    async fn generate(
+        &self,
+        key: &CacheKey,
+        profile: &CanonicalProfile,
+        job: &Job,
+    ) -> Result<Arc<Envelope>, GenerateError> {
         let started = Instant::now();
-        let generated = self
-            .lock
-            .hold_while(&key, &token, self.generator.generate(&profile))
-            .await;
-        // Nothing extends the lock from here: the write may wait for Redis only while
-        // the lock surely lives (the last extension was at most a third of its TTL ago).
-        let write_deadline = Instant::now() + self.lock.ttl() / 2;
+        let generated = self.generator.generate(profile).await;
         if generated.as_ref().err() == Some(&GenerateError::BudgetExhausted) {
-            self.signal(Signal::Failed, &key).await;
-            let _ = self.lock.release(&key, &token).await;
-            return Outcome::OverBudget;
+            // No call was made: nothing to time or report.
+            return Err(GenerateError::BudgetExhausted);
         }
         self.metrics
             .generation_seconds
@@ -246,36 +264,12 @@ impl Worker {
             job.trigger,
             started.elapsed(),
         ));
-        let outcome = match generated {
-            Err(error) => {
-                self.signal(Signal::Failed, &key).await;
-                Outcome::Failed(error.to_string())
-            }
-            Ok(generation) => {
-                self.metrics.cost_usd.inc_by(generation.cost_usd);
-                let envelope =
-                    Arc::new(generation.into_envelope(key.engine_version(), &prompt_hash));
-                let value = self.store.encode(&key, &envelope).await;
-                let write = || {
-                    self.lock
-                        .write_if_held(&key, &token, value.clone(), self.ttl, write_mode)
-                };
-                match self.patiently_until(write_deadline, write).await {
-                    Ok(FencedWrite::Written) => {
-                        self.signal(Signal::Done, &key).await;
-                        Outcome::Stored
-                    }
-                    Ok(FencedWrite::AlreadyStored) => {
-                        self.signal(Signal::Done, &key).await;
-                        Outcome::AlreadyCached
-                    }
-                    Ok(FencedWrite::LockLost) => Outcome::LockLost,
-                    Err(error) => Outcome::Retry(error.to_string()),
-                }
-            }
-        };
-        let _ = self.lock.release(&key, &token).await;
-        outcome
+        let generation = generated?;
+        self.metrics.cost_usd.inc_by(generation.cost_usd);
+        Ok(Arc::new(generation.into_envelope(
+            key.engine_version(),
+            &self.generator.prompt_hash(),
+        )))
     }
 
     /// The job's lock: adopted from its publisher, or, for a pre-warm job (which waits
@@ -286,10 +280,10 @@ impl Worker {
         key: &CacheKey,
         token: &LockToken,
     ) -> Result<Option<LockToken>, StoreError> {
-        if job.trigger == crate::queue::Trigger::Prewarm {
+        let lock = self.holder.lock();
+        if job.trigger == Trigger::Prewarm {
             return Ok(
-                match self
-                    .lock
+                match lock
                     .try_acquire_as(key, token.clone(), job.enqueued_at_ms)
                     .await?
                 {
@@ -300,58 +294,9 @@ impl Worker {
                 },
             );
         }
-        Ok(self
-            .lock
+        Ok(lock
             .adopt(key, token, job.enqueued_at_ms)
             .await?
             .then(|| token.clone()))
-    }
-
-    /// Runs a Redis call again, with growing pauses, while it fails because Redis is
-    /// unreachable, for up to `REDIS_FAILOVER_WAIT`. Errors Redis answered with (a
-    /// script error, a corrupt value) are returned at once.
-    async fn patiently<T, F, Fut>(&self, call: F) -> Result<T, StoreError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, StoreError>>,
-    {
-        let patience = self.store.backend().timeouts().failover_wait;
-        self.patiently_until(Instant::now() + patience, call).await
-    }
-
-    /// [`Self::patiently`], giving up at `deadline` or after `REDIS_FAILOVER_WAIT`,
-    /// whichever comes first.
-    async fn patiently_until<T, F, Fut>(
-        &self,
-        deadline: Instant,
-        mut call: F,
-    ) -> Result<T, StoreError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, StoreError>>,
-    {
-        let backend = self.store.backend();
-        let deadline = deadline.min(Instant::now() + backend.timeouts().failover_wait);
-        let mut pause = Duration::from_millis(50);
-        loop {
-            let result = call().await;
-            // Timeouts and refused connections, not what Redis answered: the breaker
-            // is shared, and a success elsewhere says nothing about this call's node.
-            let unreachable = matches!(
-                result,
-                Err(StoreError::Timeout | StoreError::Unavailable(_))
-            );
-            if !unreachable || Instant::now() + pause >= deadline {
-                return result;
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(1));
-        }
-    }
-
-    async fn signal(&self, signal: Signal, key: &CacheKey) {
-        if let Err(error) = self.bus.publish(signal, key).await {
-            tracing::warn!(%error, "could not signal the gateways; they will find the value on their next poll");
-        }
     }
 }

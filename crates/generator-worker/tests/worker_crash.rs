@@ -85,3 +85,39 @@ async fn twenty_jobs_survive_their_worker_being_killed() {
         "lost jobs 0: each was generated once more, no more"
     );
 }
+
+/// The broker drops the worker's connection (a restart, a network cut) while it has 8
+/// jobs mid-generation: the worker finishes and stores them before it consumes again,
+/// so their redeliveries find the values. 8 LLM calls for 8 jobs, not 16.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_in_flight_when_the_connection_drops_are_not_generated_twice() {
+    let sim = llm_sim::spawn(SimConfig {
+        latency_ms: 2000,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let amqp = test_kit::rabbitmq().vhost("dropped");
+    let backend = Arc::new(RedisBackend::new(
+        RedisTarget::parse(&test_kit::redis().url, false).expect("url"),
+        RedisTimeouts::default(),
+    ));
+    let keys = enqueue_misses(&amqp, &backend, "dropped", 8, Duration::from_secs(10)).await;
+    let _worker = start_worker(&amqp, &sim);
+    test_kit::eventually("all 8 jobs in flight", Duration::from_secs(30), || async {
+        sim.sim.stats().requests == 8
+    })
+    .await;
+    assert!(test_kit::rabbitmq().close_connections(&amqp) >= 1);
+
+    let store = RedisStore::new(backend, ValueCodec::new(None));
+    test_kit::eventually("all 8 keys stored", Duration::from_secs(30), || async {
+        let mut stored = 0;
+        for key in &keys {
+            stored += usize::from(matches!(store.get(key).await, Ok(Some(_))));
+        }
+        stored == keys.len()
+    })
+    .await;
+    assert_eq!(sim.sim.stats().requests, 8, "no job was generated twice");
+}

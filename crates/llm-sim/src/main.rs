@@ -12,9 +12,7 @@ use llm_sim::{router, SimConfig, Simulator};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .init();
+    cache_core::telemetry::init();
     let vars = Vars::from_env();
     let defaults = SimConfig::default();
     let bind: SocketAddr =

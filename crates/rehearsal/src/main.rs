@@ -245,7 +245,7 @@ async fn main() -> anyhow::Result<()> {
     timeline.note(format!("load stopped after {} requests", tally.sent));
 
     // Drain: every job and event accepted during the run is worked off.
-    let broker = analytics::amqp::connect(&amqp, Duration::from_secs(10))
+    let broker = narrative_queue::amqp::connect(&amqp, Duration::from_secs(10))
         .await
         .map_err(anyhow::Error::msg)?;
     let channel = broker.create_channel().await?;
@@ -500,8 +500,8 @@ async fn ready_messages(channel: &lapin::Channel, queue: &str) -> anyhow::Result
 async fn drain(channel: &lapin::Channel) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let jobs = ready_messages(channel, generator_worker::queue::QUEUE).await?;
-        let events = ready_messages(channel, analytics::amqp::QUEUE).await?;
+        let jobs = ready_messages(channel, narrative_queue::topology::JOBS.queue).await?;
+        let events = ready_messages(channel, narrative_queue::topology::EVENTS.queue).await?;
         if jobs == 0 && events == 0 {
             return Ok(());
         }
@@ -516,7 +516,7 @@ async fn drain(channel: &lapin::Channel) -> anyhow::Result<()> {
 async fn dead_letters(channel: &lapin::Channel) -> anyhow::Result<(u32, u32)> {
     Ok((
         ready_messages(channel, "narrative.generate.dead").await?,
-        ready_messages(channel, analytics::amqp::DEAD_QUEUE).await?,
+        ready_messages(channel, narrative_queue::topology::EVENTS.dead_queue).await?,
     ))
 }
 

@@ -475,6 +475,34 @@ impl RabbitServer {
         format!("{}/{name}", self.url)
     }
 
+    /// Closes every client connection to the vhost of `url` from the broker's side, as
+    /// a broker restart or a network cut would: their channels and unacked deliveries
+    /// are gone. Returns how many it closed.
+    pub fn close_connections(&self, url: &str) -> usize {
+        let vhost = url.rsplit('/').next().unwrap_or_default();
+        let listed = self.ctl(&[
+            "list_connections",
+            "-q",
+            "--no-table-headers",
+            "pid",
+            "vhost",
+        ]);
+        assert!(listed.status.success(), "list_connections");
+        let mut closed = 0;
+        for line in String::from_utf8_lossy(&listed.stdout).lines() {
+            let mut fields = line.split('\t');
+            let (Some(pid), Some(on)) = (fields.next(), fields.next()) else {
+                continue;
+            };
+            if on.trim() == vhost {
+                let ctl = self.ctl(&["close_connection", pid.trim(), "closed by a test"]);
+                assert!(ctl.status.success(), "close_connection {pid}");
+                closed += 1;
+            }
+        }
+        closed
+    }
+
     fn ctl(&self, args: &[&str]) -> std::process::Output {
         let mut command = Command::new("/usr/lib/rabbitmq/bin/rabbitmqctl");
         rabbit_env(&mut command, self.process.port, &self.process.dir);

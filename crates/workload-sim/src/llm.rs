@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use cache_core::{CanonicalProfile, PromptHash};
-use generator_worker::{GenerateError, Generation, NarrativeGenerator};
+use narrative_gen::{GenerateError, Generation, NarrativeGenerator};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -70,7 +70,7 @@ impl SimulatedLlm {
 
 /// An answer of realistic length (about 900 bytes, like the template engine's).
 fn narrative(profile: &CanonicalProfile) -> String {
-    let mut text = generator_worker::template::render(profile);
+    let mut text = narrative_gen::template::render(profile);
     text.truncate(900);
     text
 }

@@ -78,7 +78,7 @@ fn service(settings: &SimSettings, llm: Arc<SimulatedLlm>) -> Arc<NarrativeServi
     let deriver = KeyDeriver::new(
         &CacheKeySecret::new(b"workload-simulator-secret".to_vec()),
         EngineVersion::default(),
-        generator_worker::NarrativeGenerator::prompt_hash(llm.as_ref()),
+        narrative_gen::NarrativeGenerator::prompt_hash(llm.as_ref()),
         settings.step,
     );
     let month = Duration::from_secs(31 * 86_400);
@@ -96,6 +96,8 @@ fn service(settings: &SimSettings, llm: Arc<SimulatedLlm>) -> Arc<NarrativeServi
         previous_versions: Vec::new(),
         user_index: Arc::new(cache_core::user_index::MemoryUserIndex::default()),
         erasure_tombstone: Duration::from_secs(3600),
+        // The simulation measures hit rate, not load shedding.
+        max_pending_generations: usize::MAX,
     }))
 }
 

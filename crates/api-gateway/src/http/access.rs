@@ -65,12 +65,12 @@ impl FromRequestParts<Arc<AppState>> for Client {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
-        let client = state.reject_counted(Self::identify(parts, state))?;
+        let client = Self::identify(parts, state)?;
         state.metrics.client_request(&client.0);
         if let Some(limiter) = &state.rate_limiter {
             if let Err(retry_after) = limiter.check(&client.0) {
                 state.metrics.rate_limited(&client.0);
-                return state.reject_counted(Err(ApiError::RateLimited { retry_after }));
+                return Err(ApiError::RateLimited { retry_after });
             }
         }
         Ok(client)
@@ -97,6 +97,6 @@ impl FromRequestParts<Arc<AppState>> for Admin {
                 _ => Err(ApiError::Unauthorized),
             }
         };
-        state.reject_counted(verdict)
+        verdict
     }
 }

@@ -91,6 +91,12 @@ impl ApiError {
     }
 }
 
+/// The code of the error a response carries, set where the error becomes a response
+/// and read by the layer that counts it (`narrative_rejected_total`): every rejection
+/// counted once, from handlers, extractors and fallbacks alike.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rejected(pub &'static str);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (message, field) = match &self {
@@ -106,6 +112,8 @@ impl IntoResponse for ApiError {
             },
         };
         let mut response = (self.status(), Json(body)).into_response();
+        // For the layer that counts rejections, wherever the error came from.
+        response.extensions_mut().insert(Rejected(self.code()));
         let headers = response.headers_mut();
         // An error is about this request alone: nothing between us and the client keeps it.
         headers.insert(

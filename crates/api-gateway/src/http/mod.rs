@@ -9,7 +9,7 @@ mod ops;
 
 use std::sync::Arc;
 
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -30,7 +30,19 @@ pub fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::map_response(security_headers))
+        .layer(axum::middleware::map_response_with_state(
+            Arc::clone(&state),
+            count_rejection,
+        ))
         .with_state(state)
+}
+
+/// Counts every error answer by its code, once, where it leaves the router.
+async fn count_rejection(State(state): State<Arc<AppState>>, response: Response) -> Response {
+    if let Some(error::Rejected(code)) = response.extensions().get::<error::Rejected>() {
+        state.metrics.rejected(code);
+    }
+    response
 }
 
 /// 202 Accepted with `body`, and where to follow the work in `Location`.

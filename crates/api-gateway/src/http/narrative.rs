@@ -53,7 +53,7 @@ async fn post_narrative(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let (keyed, caller) = state.reject_counted(parse_profile(&state, &headers, body, client))?;
+    let (keyed, caller) = parse_profile(&state, &headers, body, client)?;
     tracing::Span::current().record("cache_key", keyed.key.as_str());
     let directives = request_directives(&headers);
     // Cache-Control directives change what may be answered or stored, so a request
@@ -70,13 +70,11 @@ async fn post_narrative(
             },
         );
     }
-    let answer = state.reject_counted(
-        state
-            .service
-            .narrative_with(&keyed, started, directives, &caller)
-            .await
-            .map_err(|NotCached| ApiError::NotCached),
-    )?;
+    let answer = state
+        .service
+        .narrative_with(&keyed, started, directives, &caller)
+        .await
+        .map_err(|NotCached| ApiError::NotCached)?;
     Ok(narrative_response(&keyed.key, &answer))
 }
 
@@ -259,13 +257,10 @@ async fn get_narrative(
     State(state): State<Arc<AppState>>,
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
-    let key =
-        state.reject_counted(
-            CacheKey::parse(&raw).map_err(|e| ApiError::InvalidParameter {
-                field: "key",
-                message: e.to_string(),
-            }),
-        )?;
+    let key = CacheKey::parse(&raw).map_err(|e| ApiError::InvalidParameter {
+        field: "key",
+        message: e.to_string(),
+    })?;
     match state.service.lookup(&key).await {
         Lookup::Found(envelope, ttl) => {
             // A stale entry is said to be stale here too; its refresh starts on the next
@@ -305,7 +300,7 @@ async fn explain_key(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (keyed, _) = state.reject_counted(parse_profile(&state, &headers, body, client))?;
+    let (keyed, _) = parse_profile(&state, &headers, body, client)?;
     let canonical: &RawValue =
         serde_json::from_str(&keyed.canonical_json).map_err(|e| ApiError::InvalidParameter {
             field: "body",
@@ -405,22 +400,19 @@ async fn analytics(
     State(state): State<Arc<AppState>>,
     query: Result<Query<RangeQuery>, QueryRejection>,
 ) -> Result<Json<analytics::Summary>, ApiError> {
-    let Query(query) =
-        state.reject_counted(query.map_err(|rejection| ApiError::InvalidParameter {
-            field: "query",
-            message: rejection.body_text(),
-        }))?;
-    let range = state.reject_counted(
-        Range::parse(
-            query.from.as_deref(),
-            query.to.as_deref(),
-            time::OffsetDateTime::now_utc(),
-        )
-        .map_err(|error| ApiError::InvalidParameter {
-            field: error.field,
-            message: error.message,
-        }),
-    )?;
+    let Query(query) = query.map_err(|rejection| ApiError::InvalidParameter {
+        field: "query",
+        message: rejection.body_text(),
+    })?;
+    let range = Range::parse(
+        query.from.as_deref(),
+        query.to.as_deref(),
+        time::OffsetDateTime::now_utc(),
+    )
+    .map_err(|error| ApiError::InvalidParameter {
+        field: error.field,
+        message: error.message,
+    })?;
     Ok(Json(state.analytics.summary(&range, &state.service).await))
 }
 

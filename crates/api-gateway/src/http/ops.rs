@@ -51,8 +51,8 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             "distributed",
             serde_json::json!({
                 "kind": "redis",
-                "state": shared.redis.backend().state().as_str(),
-                "signals": if shared.bus.is_subscribed() { "up" } else { "down" },
+                "state": shared.redis().backend().state().as_str(),
+                "signals": if shared.bus().is_subscribed() { "up" } else { "down" },
                 "l1": "up",
             }),
         ),

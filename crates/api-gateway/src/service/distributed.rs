@@ -1,39 +1,71 @@
 //! Filling a key when several instances share one Redis.
 //!
-//! The in-process flight's leader takes the key's fill lock. If it gets it, it
-//! generates while extending the lock, writes the value only if the lock is still its
-//! own (a fenced write), signals `done` (or `failed`) and releases. If another instance
-//! holds the lock, it waits for that instance's signal, re-checking the store on every
-//! signal and every poll interval (in case a signal is lost); a lock that disappears
-//! without a value (its holder died) is taken over on the next round. If Redis itself
-//! fails, the flight waits for it (a Cluster failover is over in seconds) for up to
-//! `REDIS_FAILOVER_WAIT` of failing; after that the instance generates on its own: one
-//! call per instance instead of one in all. The request is answered either way (the
-//! template once `GENERATION_WAIT_MS` is up, while the flight goes on).
+//! The in-process flight's leader takes the key's fill lock. If it gets it, either it
+//! fills the key itself through the fill protocol ([`Holder::fill`]: look, generate
+//! while extending the lock, fenced write, signal, release), or, with workers, it
+//! publishes a job carrying the lock's token and keeps that lock alive while the job
+//! waits in the queue, however long the queue is (up to `JOB_WAIT_LIMIT`): the key is
+//! published once, and the worker that takes the job adopts the lock and fills it.
+//! An entry this instance cannot read is filled here, never as a job: a worker that
+//! can read it would find nothing to do.
+//!
+//! If another instance holds the lock, the flight waits for its signal, re-checking
+//! the store on every signal and every poll interval (in case a signal is lost); a lock
+//! that disappears without a value (its holder died) is taken over on the next round.
+//! If Redis itself fails, the flight waits for it (a Cluster failover is over in
+//! seconds) for up to `REDIS_FAILOVER_WAIT` of failing; after that the instance
+//! generates on its own: one call per instance instead of one in all. The request is
+//! answered either way (the template once `GENERATION_WAIT_MS` is up, while the
+//! flight goes on).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cache_core::lock::{Acquired, FencedWrite, FillLock, LockToken, WriteMode};
-use cache_core::signals::{Signal, SignalBus};
-use cache_core::{now_ms, CacheStore, Envelope, KeyedProfile, RedisStore, TieredStore};
-use generator_worker::queue::{Job, JOB_VERSION};
+use cache_core::lock::{Acquired, FillLock, LockToken};
+use cache_core::signals::{Signal, SignalBus, Waiter};
+use cache_core::{now_ms, CacheStore, Envelope, KeyedProfile, RedisStore, StoreError, TieredStore};
+use narrative_fill::{Filled, Holder, Want};
+use narrative_queue::{ConfirmedPublisher, Job, JOB_VERSION};
 
-use super::{FillError, FillMode, FlightResult, NarrativeService};
+use super::{FillError, FillMode, FlightLeader, FlightResult, NarrativeService};
 
 /// The shared parts of distributed mode.
 #[derive(Debug, Clone)]
 pub struct Distributed {
-    pub redis: Arc<RedisStore>,
+    /// The fill protocol's Redis side: the store, the fill lock, the signal bus.
+    pub holder: Holder,
     pub tiers: Arc<TieredStore>,
-    pub lock: FillLock,
-    pub bus: Arc<SignalBus>,
     /// Set when workers generate (`AMQP_URL`): the lock holder enqueues a job.
-    pub jobs: Option<Arc<super::JobPublisher>>,
+    pub jobs: Option<Arc<ConfirmedPublisher>>,
+    /// `JOB_WAIT_LIMIT`: how long a flight keeps its queued job's lock alive.
+    pub job_wait_limit: Duration,
+}
+
+impl Distributed {
+    pub fn redis(&self) -> &Arc<RedisStore> {
+        self.holder.store()
+    }
+
+    pub fn lock(&self) -> &FillLock {
+        self.holder.lock()
+    }
+
+    pub fn bus(&self) -> &Arc<SignalBus> {
+        self.holder.bus()
+    }
 }
 
 /// How often a waiter re-checks the store when no signal came.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// What a look finds for a flight.
+enum Look {
+    /// A value that ends the flight.
+    WillDo(Arc<Envelope>),
+    /// An entry this instance cannot read: it must be replaced, here.
+    Unreadable,
+    Nothing,
+}
 
 impl NarrativeService {
     pub(super) async fn fill_shared(
@@ -41,75 +73,70 @@ impl NarrativeService {
         shared: &Distributed,
         keyed: &KeyedProfile,
         mode: FillMode,
+        leader: &FlightLeader,
     ) -> FlightResult {
         let key = &keyed.key;
         // Long enough for a holder elsewhere to finish one slow generation.
-        let give_up = Instant::now() + self.generation_wait.max(shared.lock.ttl()) * 4;
+        let give_up = Instant::now() + self.generation_wait.max(shared.lock().ttl()) * 4;
         // An erasure after this moment must not see this flight bring the entry back.
         let flight_started = now_ms();
-        let mut waiter = shared.bus.waiter(key);
+        let mut waiter = shared.bus().waiter(key);
         // While Redis fails: since when, and the token of the attempt whose outcome is
         // unknown (a timed-out call may have taken the lock; asking again with the same
         // token finds it ours).
         let mut redis_failed_at: Option<Instant> = None;
         let mut uncertain_token: Option<LockToken> = None;
         loop {
-            if let Some(envelope) = self.value_that_will_do(shared, keyed, mode).await {
-                return Ok(envelope);
-            }
+            let unreadable = match self.look_for(shared, keyed, mode).await {
+                Look::WillDo(envelope) => return Ok(envelope),
+                Look::Unreadable => true,
+                Look::Nothing => false,
+            };
             let token = uncertain_token.take().unwrap_or_else(LockToken::random);
             let acquired = shared
-                .lock
+                .lock()
                 .try_acquire_as(key, token.clone(), flight_started)
                 .await;
             if acquired.is_ok() {
                 redis_failed_at = None;
             }
             match acquired {
-                // Refreshes run here rather than as jobs: a worker would find the
-                // stale value and consider the job done.
-                // Pre-warms reach this with no workers configured (with workers they
-                // are jobs on their own queue, published by the run).
-                Ok(Acquired::Taken(token)) => match (&shared.jobs, mode) {
-                    (None, _) | (_, FillMode::Replace { .. } | FillMode::Prewarm) => {
-                        return self.fill_as_holder(shared, keyed, token, mode).await
-                    }
-                    (Some(jobs), FillMode::Miss) => {
-                        let job = Job {
-                            version: JOB_VERSION,
-                            key: key.to_string(),
-                            canonical: keyed.canonical_json.clone(),
-                            lock_token: token.as_str().to_owned(),
-                            trigger: mode.trigger(),
-                            request_id: hex_id(),
-                            // The erasure fence's time: when this flight began, before
-                            // its lock was taken (see `FillLock::adopt`).
-                            enqueued_at_ms: flight_started,
-                        };
-                        // Once the broker confirms, a worker holds the key for us: we
-                        // wait for its signal like any other waiter.
-                        if let Err(error) = jobs.publish(&job).await {
-                            self.metrics.store_errors.inc();
-                            tracing::warn!(%error, "job not enqueued; generating in process");
-                            // The job may still have been enqueued (a lost confirm): give up
-                            // its token, so a worker that gets it finds another holder.
-                            let _ = shared.lock.release(key, &token).await;
-                            match shared.lock.try_acquire_since(key, flight_started).await {
+                Ok(Acquired::Taken(token)) => {
+                    leader.claim();
+                    // Refreshes run here rather than as jobs: a worker would find the
+                    // stale value and consider the job done. Pre-warms reach this with
+                    // no workers configured (with workers they are jobs on their own
+                    // queue, published by the run).
+                    let jobs = shared
+                        .jobs
+                        .as_ref()
+                        .filter(|_| mode == FillMode::Miss && !unreadable);
+                    let Some(jobs) = jobs else {
+                        return self.fill_as_holder(shared, keyed, token, mode).await;
+                    };
+                    match self
+                        .fill_by_worker(shared, keyed, jobs, &token, flight_started, &mut waiter)
+                        .await
+                    {
+                        JobFill::Ended(result) => return result,
+                        JobFill::LockGone => continue,
+                        JobFill::NotQueued => {
+                            // The job may still have been enqueued (a lost confirm):
+                            // give up its token, so a worker that gets it finds another
+                            // holder, and generate here under a new one.
+                            let _ = shared.lock().release(key, &token).await;
+                            match shared.lock().try_acquire_since(key, flight_started).await {
                                 Ok(Acquired::Taken(fresh)) => {
                                     return self.fill_as_holder(shared, keyed, fresh, mode).await
                                 }
                                 Ok(Acquired::Held) => continue,
                                 Ok(Acquired::Erased) => return Err(FillError::Erased),
-                                Err(_) => {
-                                    let envelope = self.generate(keyed, mode.trigger()).await?;
-                                    shared.tiers.put_l1(key, Arc::clone(&envelope)).await;
-                                    return Ok(envelope);
-                                }
+                                Err(_) => return self.fill_alone(shared, keyed, mode).await,
                             }
                         }
                     }
-                },
-                Ok(Acquired::Held) => {}
+                }
+                Ok(Acquired::Held) => leader.claim(),
                 Ok(Acquired::Erased) => return Err(FillError::Erased),
                 Err(error) => {
                     uncertain_token = Some(token);
@@ -120,13 +147,17 @@ impl NarrativeService {
                         Instant::now()
                     });
                     if redis_outage_outlasts(shared, failed_at) {
-                        // Without the lock we cannot know who else generates, so the
-                        // result stays in this instance's L1: it never overwrites a
-                        // fenced value.
+                        // The breaker may still be open on an outage that is over (a
+                        // restart another instance already saw end): one read past it
+                        // decides before this instance pays the LLM alone.
+                        // Any answer (a value, none, one this instance cannot read)
+                        // means Redis is back: look again from the start.
+                        if let Ok(_) | Err(StoreError::Corrupt(_)) = shared.redis().probe(key).await
+                        {
+                            continue;
+                        }
                         tracing::warn!(%error, "redis still failing; generating in this instance alone");
-                        let envelope = self.generate(keyed, mode.trigger()).await?;
-                        shared.tiers.put_l1(key, Arc::clone(&envelope)).await;
-                        return Ok(envelope);
+                        return self.fill_alone(shared, keyed, mode).await;
                     }
                     // Otherwise polled below, like a key held elsewhere.
                 }
@@ -144,31 +175,84 @@ impl NarrativeService {
         }
     }
 
-    /// A stored value that answers this flight: any for a miss; for a refresh, one
-    /// newer than the entry being replaced, read from Redis itself (this instance's L1
-    /// may still hold the stale copy).
-    async fn value_that_will_do(
+    /// Publishes the key's job with the lock's `token`, then waits for the worker's
+    /// signal while keeping the lock alive: a job waiting in the queue keeps its key,
+    /// so no other flight publishes it again.
+    async fn fill_by_worker(
         &self,
         shared: &Distributed,
         keyed: &KeyedProfile,
-        mode: FillMode,
-    ) -> Option<Arc<Envelope>> {
-        match mode {
-            FillMode::Miss | FillMode::Prewarm => self
-                .cached(&keyed.key)
-                .await
-                .map(|(envelope, _, _)| envelope),
-            FillMode::Replace { older_than_ms } => {
-                let envelope = shared.redis.get(&keyed.key).await.ok().flatten()?;
-                if envelope.created_at_ms <= older_than_ms {
-                    return None;
-                }
-                shared.tiers.put_l1(&keyed.key, Arc::clone(&envelope)).await;
-                Some(envelope)
+        jobs: &ConfirmedPublisher,
+        token: &LockToken,
+        flight_started: i64,
+        waiter: &mut Waiter,
+    ) -> JobFill {
+        let key = &keyed.key;
+        let job = Job {
+            version: JOB_VERSION,
+            key: key.to_string(),
+            canonical: keyed.canonical_json.clone(),
+            lock_token: token.as_str().to_owned(),
+            trigger: FillMode::Miss.trigger(),
+            request_id: hex_id(),
+            // The erasure fence's time: when this flight began, before its lock was
+            // taken (see `FillLock::adopt`).
+            enqueued_at_ms: flight_started,
+        };
+        if let Err(error) = job.publish(jobs).await {
+            self.metrics.store_errors.inc();
+            tracing::warn!(%error, "job not enqueued; generating in process");
+            return JobFill::NotQueued;
+        }
+        let alive = shared.lock().keep_alive(key, token);
+        let give_up = Instant::now() + shared.job_wait_limit;
+        loop {
+            let next_look = (Instant::now() + POLL_INTERVAL).min(give_up);
+            if let Ok(Some(Signal::Failed)) =
+                tokio::time::timeout_at(next_look.into(), waiter.next()).await
+            {
+                return JobFill::Ended(Err(FillError::FailedElsewhere));
+            }
+            if let Look::WillDo(envelope) = self.look_for(shared, keyed, FillMode::Miss).await {
+                return JobFill::Ended(Ok(envelope));
+            }
+            if alive.lost() {
+                // Released without a value this instance can read, or revoked by an
+                // erasure: look again from the start.
+                return JobFill::LockGone;
+            }
+            if Instant::now() >= give_up {
+                // The lock now expires by itself; a worker that still takes the job
+                // adopts it again.
+                tracing::warn!(cache_key = %key, "queued job not taken within JOB_WAIT_LIMIT");
+                return JobFill::Ended(Err(FillError::GaveUp));
             }
         }
     }
 
+    /// A stored value that answers this flight: any for a miss; for a refresh, one
+    /// newer than the entry being replaced, read from Redis itself (this instance's L1
+    /// may still hold the stale copy).
+    async fn look_for(&self, shared: &Distributed, keyed: &KeyedProfile, mode: FillMode) -> Look {
+        let found = match mode {
+            FillMode::Miss | FillMode::Prewarm => match self.look(&keyed.key).await {
+                super::Looked::Found(envelope, _, _) => Some(envelope),
+                super::Looked::Unreadable => return Look::Unreadable,
+                super::Looked::Absent => None,
+            },
+            FillMode::Replace { older_than_ms } => match shared.redis().get(&keyed.key).await {
+                Ok(Some(envelope)) if envelope.created_at_ms > older_than_ms => {
+                    shared.tiers.put_l1(&keyed.key, Arc::clone(&envelope)).await;
+                    Some(envelope)
+                }
+                Err(StoreError::Corrupt(_)) => return Look::Unreadable,
+                _ => None,
+            },
+        };
+        found.map_or(Look::Nothing, Look::WillDo)
+    }
+
+    /// This instance holds the lock: the fill protocol, then this instance's L1.
     async fn fill_as_holder(
         &self,
         shared: &Distributed,
@@ -177,82 +261,61 @@ impl NarrativeService {
         mode: FillMode,
     ) -> FlightResult {
         let key = &keyed.key;
-        // Look again: the previous holder may have written just before we took the lock.
-        if let Some(envelope) = self.value_that_will_do(shared, keyed, mode).await {
-            let _ = shared.lock.release(key, &token).await;
-            return Ok(envelope);
-        }
-        let generated = shared
-            .lock
-            .hold_while(key, &token, self.generate(keyed, mode.trigger()))
-            .await;
-        let outcome = match generated {
-            Ok(envelope) => {
-                self.write_fenced(shared, keyed, &token, &envelope, mode)
-                    .await;
+        let want = match mode {
+            FillMode::Miss | FillMode::Prewarm => Want::Any,
+            FillMode::Replace { older_than_ms } => Want::NewerThan(older_than_ms),
+        };
+        let generate = self.generate(keyed, mode.trigger());
+        match shared.holder.fill(key, &token, want, generate).await {
+            Filled::Found(envelope) | Filled::Stored(envelope) => {
+                shared.tiers.put_l1(key, Arc::clone(&envelope)).await;
                 Ok(envelope)
             }
-            Err(error) => {
-                if let Err(e) = shared.bus.publish(Signal::Failed, key).await {
-                    tracing::warn!(error = %e, "could not tell waiters the generation failed; they will time out");
-                }
-                Err(error)
+            // Complete and valid, so our waiters get it; another value stands in Redis.
+            Filled::AlreadyStored(envelope) | Filled::LockLost(envelope) => Ok(envelope),
+            Filled::NotWritten(envelope, error) => {
+                self.metrics.store_errors.inc();
+                tracing::warn!(%error, "cache write failed; keeping the narrative in this instance only");
+                shared.tiers.put_l1(key, Arc::clone(&envelope)).await;
+                Ok(envelope)
             }
-        };
-        if let Err(error) = shared.lock.release(key, &token).await {
-            tracing::warn!(%error, "fill lock not released; it expires by itself");
+            Filled::Failed(error) => Err(error),
+            Filled::LookFailed(error) => {
+                self.metrics.store_errors.inc();
+                tracing::warn!(%error, "redis unreadable while holding the lock; generating in this instance alone");
+                self.fill_alone(shared, keyed, mode).await
+            }
         }
-        outcome
     }
 
-    async fn write_fenced(
+    /// Without Redis we cannot know who else generates, so the result stays in this
+    /// instance's L1: it never overwrites a fenced value.
+    async fn fill_alone(
         &self,
         shared: &Distributed,
         keyed: &KeyedProfile,
-        token: &LockToken,
-        envelope: &Arc<Envelope>,
         mode: FillMode,
-    ) {
-        let key = &keyed.key;
-        let value = shared.redis.encode(key, envelope).await;
-        let write_mode = match mode {
-            FillMode::Miss | FillMode::Prewarm => WriteMode::IfAbsent,
-            FillMode::Replace { .. } => WriteMode::Replace,
-        };
-        match shared
-            .lock
-            .write_if_held(key, token, value, self.ttl, write_mode)
-            .await
-        {
-            Ok(FencedWrite::Written) => {
-                shared.tiers.put_l1(key, Arc::clone(envelope)).await;
-                if let Err(error) = shared.bus.publish(Signal::Done, key).await {
-                    tracing::warn!(%error, "could not signal completion; waiters find the value on their next poll");
-                }
-            }
-            Ok(FencedWrite::LockLost) => {
-                // Our lock expired and someone else holds the key now: their value
-                // stands. Our waiters still get ours, which is complete and valid.
-                tracing::warn!(cache_key = %key, "fill lock lost before the write; value not stored");
-            }
-            Ok(FencedWrite::AlreadyStored) => {
-                // A value appeared (or a failed read missed it): it stands, as above.
-                tracing::debug!(cache_key = %key, "a value was already stored; keeping it");
-            }
-            Err(error) => {
-                self.metrics.store_errors.inc();
-                tracing::warn!(%error, "cache write failed; keeping the narrative in this instance only");
-                shared.tiers.put_l1(key, Arc::clone(envelope)).await;
-            }
-        }
+    ) -> FlightResult {
+        let envelope = self.generate(keyed, mode.trigger()).await?;
+        shared.tiers.put_l1(&keyed.key, Arc::clone(&envelope)).await;
+        Ok(envelope)
     }
+}
+
+/// How a fill through a worker ended.
+enum JobFill {
+    Ended(FlightResult),
+    /// The lock went away without a value this instance can use.
+    LockGone,
+    /// The broker did not confirm the job.
+    NotQueued,
 }
 
 /// Whether Redis has failed for longer than `REDIS_FAILOVER_WAIT`, for this flight
 /// (since `failed_at`) or for the whole instance: once an outage is known to be long,
 /// new flights stop waiting for it.
 fn redis_outage_outlasts(shared: &Distributed, failed_at: Instant) -> bool {
-    let backend = shared.redis.backend();
+    let backend = shared.redis().backend();
     let patience = backend.timeouts().failover_wait;
     failed_at.elapsed() >= patience || backend.failing_for().is_some_and(|d| d >= patience)
 }

@@ -18,7 +18,6 @@
 
 mod counters;
 mod distributed;
-mod jobs;
 mod prewarm;
 mod reporting;
 
@@ -29,17 +28,16 @@ use analytics::{new_event_id, EventSink, RequestEvent, RequestOutcome, Trigger};
 use cache_core::signals::Signal;
 use cache_core::user_index::UserIndex;
 use cache_core::{
-    now_ms, CacheKey, CacheStore, Envelope, Flight, Follower, KeyDeriver, KeyedProfile,
+    now_ms, CacheKey, CacheStore, Envelope, Flight, Follower, KeyDeriver, KeyedProfile, Leader,
     ProfileError, ProfileInput, SingleFlight, StoreError, StoreStats, Tier,
 };
-use generator_worker::generator::generation_event;
-use generator_worker::template::{self, TEMPLATE_MODEL};
-use generator_worker::{GenerateError, NarrativeGenerator};
+use narrative_fill::generation_event;
+use narrative_gen::template::{self, TEMPLATE_MODEL};
+use narrative_gen::{GenerateError, NarrativeGenerator};
 use tokio_util::task::TaskTracker;
 
 pub use counters::{Count, Counters, Totals};
 pub use distributed::Distributed;
-pub use jobs::JobPublisher;
 pub use prewarm::{Pacer, PrewarmRuns, RunProgress, Step};
 pub use reporting::{AnalyticsSource, RedisTallies};
 
@@ -132,6 +130,8 @@ pub enum FillError {
     GaveUp,
     #[error("the entry was erased while this request waited for it")]
     Erased,
+    #[error("MAX_PENDING_GENERATIONS generations are running; none started")]
+    Shed,
 }
 
 /// What a flight is for.
@@ -158,6 +158,19 @@ impl FillMode {
 
 /// A flight ends with the stored envelope, or with why there is none.
 type FlightResult = Result<Arc<Envelope>, FillError>;
+
+/// The request that runs a key's flight.
+type FlightLeader = Leader<CacheKey, FlightResult>;
+
+/// What a read of the store found.
+enum Looked {
+    /// The entry, its age, and the tier it came from.
+    Found(Arc<Envelope>, Duration, Tier),
+    Absent,
+    /// An entry is there that this instance cannot read (corrupt, sealed with a key it
+    /// lacks, a format it does not know): a miss that must replace it.
+    Unreadable,
+}
 
 /// What `GET /narrative/{key}` finds.
 #[derive(Debug)]
@@ -200,6 +213,8 @@ pub struct NarrativeService {
     /// Embedded mode's fence: when each key was last erased here. A generation that
     /// started before that stores nothing.
     erased: std::sync::Mutex<std::collections::HashMap<CacheKey, Instant>>,
+    /// `MAX_PENDING_GENERATIONS`: flights (and refreshes) running at most.
+    max_pending: usize,
 }
 
 #[derive(Debug)]
@@ -218,6 +233,7 @@ pub struct ServiceParts {
     pub previous_versions: Vec<(cache_core::EngineVersion, cache_core::PromptHash)>,
     pub user_index: Arc<dyn UserIndex>,
     pub erasure_tombstone: Duration,
+    pub max_pending_generations: usize,
 }
 
 impl NarrativeService {
@@ -235,6 +251,7 @@ impl NarrativeService {
             previous_versions,
             user_index,
             erasure_tombstone,
+            max_pending_generations,
         } = parts;
         Self {
             deriver,
@@ -256,6 +273,7 @@ impl NarrativeService {
             user_index,
             erasure_tombstone,
             erased: std::sync::Mutex::new(std::collections::HashMap::new()),
+            max_pending: max_pending_generations,
         }
     }
 
@@ -499,9 +517,15 @@ impl NarrativeService {
         let Flight::Leader(leader) = self.flights.join(&keyed.key) else {
             return;
         };
+        if self.must_shed() {
+            leader.complete(Err(FillError::Shed));
+            return;
+        }
         let (service, keyed) = (Arc::clone(self), keyed.clone());
         self.tasks.spawn(async move {
-            let result = service.fill(&keyed, FillMode::Replace { older_than_ms }).await;
+            let result = service
+                .fill(&keyed, FillMode::Replace { older_than_ms }, &leader)
+                .await;
             if let Err(error) = &result {
                 service.metrics.refresh_failures.inc();
                 tracing::warn!(%error, cache_key = %keyed.key, "refresh failed; the stale entry stays until CACHE_TTL");
@@ -512,16 +536,25 @@ impl NarrativeService {
 
     /// The entry, its age, and the tier it came from.
     async fn cached(&self, key: &CacheKey) -> Option<(Arc<Envelope>, Duration, Tier)> {
+        match self.look(key).await {
+            Looked::Found(envelope, age, tier) => Some((envelope, age, tier)),
+            Looked::Absent | Looked::Unreadable => None,
+        }
+    }
+
+    async fn look(&self, key: &CacheKey) -> Looked {
         match self.store.get_traced(key).await {
             Ok(Some((envelope, tier))) => {
                 let age = Duration::from_millis(envelope.age_ms(now_ms()));
-                Some((envelope, age, tier))
+                Looked::Found(envelope, age, tier)
             }
-            Ok(None) => None,
+            Ok(None) => Looked::Absent,
+            // Counted by the fill that replaces it.
+            Err(StoreError::Corrupt(_)) => Looked::Unreadable,
             Err(error) => {
                 self.metrics.store_errors.inc();
                 tracing::warn!(%error, store = self.store.name(), "cache read failed; treating as a miss");
-                None
+                Looked::Absent
             }
         }
     }
@@ -557,10 +590,14 @@ impl NarrativeService {
         match self.flights.join(&keyed.key) {
             Flight::Leader(leader) => {
                 let follower = leader.follower();
+                if self.must_shed() {
+                    leader.complete(Err(FillError::Shed));
+                    return (follower, false);
+                }
                 let service = Arc::clone(self);
                 let keyed = keyed.clone();
                 self.tasks.spawn(async move {
-                    let result = service.fill(&keyed, mode).await;
+                    let result = service.fill(&keyed, mode, &leader).await;
                     leader.complete(result);
                 });
                 (follower, false)
@@ -572,8 +609,21 @@ impl NarrativeService {
         }
     }
 
-    /// `Prefer: respond-async`: a hit is answered as usual; a miss starts (or joins)
-    /// the generation and returns `None` at once, for a 202.
+    /// Whether a new flight must not start: `MAX_PENDING_GENERATIONS` are running
+    /// (each outlives its request, so a flood of distinct misses would otherwise grow
+    /// tasks, locks and lock extensions without limit). A shed flight ends at once,
+    /// and its request answers the template.
+    fn must_shed(&self) -> bool {
+        if self.tasks.len() < self.max_pending {
+            return false;
+        }
+        self.metrics.generations_shed.inc();
+        true
+    }
+
+    /// `Prefer: respond-async`: a hit (or an earlier version's entry during a
+    /// rollout) is answered as usual; a miss starts (or joins) the generation and
+    /// returns `None` for a 202 once the generation is visible to every gateway.
     pub async fn narrative_or_start(
         self: &Arc<Self>,
         keyed: &KeyedProfile,
@@ -581,24 +631,42 @@ impl NarrativeService {
         caller: &Caller,
     ) -> Option<Answer> {
         self.index_user(keyed, caller);
-        if let Some((envelope, age, tier)) = self.cached(&keyed.key).await {
-            let answer = self.answer_cached(keyed, envelope, age, tier);
-            self.account(&answer, keyed, started, caller);
-            return Some(answer);
+        let answer = match self.cached(&keyed.key).await {
+            Some((envelope, age, tier)) => Some(self.answer_cached(keyed, envelope, age, tier)),
+            None => match self.from_previous_version(keyed).await {
+                Some(answer) => Some(answer),
+                None => {
+                    let (mut follower, _) = self.join_flight(keyed, FillMode::Miss);
+                    // The 202's `Location` must answer 202 on every gateway at once:
+                    // wait until the flight is visible beyond this process (its lock
+                    // taken, or held elsewhere).
+                    let deadline = started + self.generation_wait;
+                    let _ = tokio::time::timeout_at(deadline.into(), follower.claimed()).await;
+                    None
+                }
+            },
+        };
+        match &answer {
+            Some(answer) => self.account(answer, keyed, started, caller),
+            None => self.account_pending(keyed, started, caller),
         }
-        self.counters.add(Count::Miss);
-        self.record_request(keyed, started, caller, RequestOutcome::Miss, None);
-        let _ = self.join_flight(keyed, FillMode::Miss);
-        None
+        answer
     }
 
     /// The leader's work: look once more (a flight that just ended may have stored the
     /// value between our read and our join), then generate and store, or, with Redis,
     /// coordinate with the other instances first.
-    async fn fill(&self, keyed: &KeyedProfile, mode: FillMode) -> FlightResult {
+    async fn fill(
+        &self,
+        keyed: &KeyedProfile,
+        mode: FillMode,
+        leader: &FlightLeader,
+    ) -> FlightResult {
         if let Some(distributed) = &self.distributed {
-            return self.fill_shared(distributed, keyed, mode).await;
+            return self.fill_shared(distributed, keyed, mode, leader).await;
         }
+        // In process, the flight itself is what every lookup sees.
+        leader.claim();
         // The erasure fence counts from here: an erasure after the look below must
         // not see this flight's value stored.
         let started = Instant::now();
@@ -758,6 +826,14 @@ impl NarrativeService {
         );
     }
 
+    /// A 202: a miss whose generation runs on without the request.
+    fn account_pending(&self, keyed: &KeyedProfile, started: Instant, caller: &Caller) {
+        self.counters.add(Count::Miss);
+        self.metrics
+            .observe_request(Outcome::Pending, started.elapsed().as_secs_f64());
+        self.record_request(keyed, started, caller, RequestOutcome::Miss, None);
+    }
+
     /// Hands the request's event to the sink (never blocks). A hit credits what its
     /// entry cost to generate.
     fn record_request(
@@ -807,7 +883,7 @@ impl NarrativeService {
         }
         // Another instance may be generating it: its fill lock says so.
         let held_elsewhere = match &self.distributed {
-            Some(shared) => shared.lock.is_held(key).await.unwrap_or(false),
+            Some(shared) => shared.lock().is_held(key).await.unwrap_or(false),
             None => false,
         };
         if held_elsewhere {
@@ -834,7 +910,7 @@ impl NarrativeService {
             }
         };
         let global = match &self.distributed {
-            Some(shared) => self.counters.global(shared.redis.backend()).await.ok(),
+            Some(shared) => self.counters.global(shared.redis().backend()).await.ok(),
             None => None,
         };
         ServiceStats {
@@ -851,7 +927,7 @@ impl NarrativeService {
         let Some(shared) = &self.distributed else {
             return;
         };
-        let backend = shared.redis.backend();
+        let backend = shared.redis().backend();
         loop {
             let stopping = tokio::select! {
                 () = stop.cancelled() => true,
@@ -924,9 +1000,9 @@ impl NarrativeService {
             self.fence_locally(key);
             return self.store.delete(key).await;
         };
-        let existed = shared.lock.erase(key, self.erasure_tombstone).await?;
+        let existed = shared.lock().erase(key, self.erasure_tombstone).await?;
         shared.tiers.forget_l1(key);
-        if let Err(error) = shared.bus.publish(Signal::Invalidate, key).await {
+        if let Err(error) = shared.bus().publish(Signal::Invalidate, key).await {
             tracing::warn!(%error, "could not tell other instances to drop an erased entry; their copies expire with L1_TTL");
         }
         Ok(existed)

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use cache_core::{now_ms, KeyedProfile};
-use generator_worker::queue::{Job, JOB_VERSION};
+use narrative_queue::{Job, JOB_VERSION};
 use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -233,7 +233,7 @@ impl NarrativeService {
         };
         let name = key.as_str().to_owned();
         shared
-            .redis
+            .redis()
             .backend()
             .call(|mut conn| async move {
                 redis::cmd("EXISTS")
@@ -264,7 +264,7 @@ impl NarrativeService {
                 request_id: format!("prewarm-{:016x}", rand::random::<u64>()),
                 enqueued_at_ms: now_ms(),
             };
-            return Started::Done(match jobs.publish(&job).await {
+            return Started::Done(match job.publish(jobs).await {
                 Ok(()) => Step::Queued,
                 Err(error) => {
                     tracing::warn!(%error, "prewarm job not enqueued; the next run retries it");

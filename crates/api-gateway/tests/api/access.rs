@@ -3,9 +3,8 @@
 use llm_sim::SimConfig;
 use serde_json::json;
 
-use crate::helpers::{profile, reply, spawn_app, Reply, TestApp};
+use crate::helpers::{profile, reply, spawn_app, Reply, TestApp, ADMIN};
 
-const ADMIN: &str = "admin-token-0123456789";
 const MOBILE: &str = "mobile-key-0123456789";
 
 async fn call(app: &TestApp, path: &str, token: Option<&str>, body: &serde_json::Value) -> Reply {

@@ -1,11 +1,12 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use api_gateway::{run, App, AppState, Settings};
 use cache_core::config::Vars;
 use cache_core::CacheKey;
 use llm_sim::{SimConfig, SimHandle};
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -211,4 +212,70 @@ pub fn assert_served_without_fallback(replies: &[Reply]) {
         sources.contains_key(&(200, "generated".to_owned())),
         "some waited on the generation: {sources:?}"
     );
+}
+
+// Erasure: the admin route and the requests around it.
+
+/// The admin token every test gateway is given.
+pub const ADMIN: &str = "admin-token-0123456789";
+
+pub fn as_user(n: u32, user: &str) -> Value {
+    let mut body = profile(n);
+    body["userId"] = json!(user);
+    body
+}
+
+pub fn anonymous(n: u32) -> Value {
+    let mut body = profile(n);
+    body.as_object_mut().expect("object").remove("userId");
+    body
+}
+
+pub async fn erase(app: &TestApp, user: &str) -> Reply {
+    let request = app
+        .client
+        .delete(app.url(&format!("/narrative/user/{user}")))
+        .bearer_auth(ADMIN);
+    reply(request.send().await.expect("request")).await
+}
+
+pub async fn respond_async(app: &TestApp, body: &Value) -> Reply {
+    let request = app
+        .client
+        .post(app.url("/narrative"))
+        .header("prefer", "respond-async")
+        .json(body);
+    reply(request.send().await.expect("request")).await
+}
+
+// Pre-warming: the admin route and its runs.
+
+pub async fn post_prewarm(app: &TestApp, token: Option<&str>, body: &Value) -> Reply {
+    let mut request = app.client.post(app.url("/narrative/prewarm")).json(body);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    reply(request.send().await.expect("request")).await
+}
+
+/// Follows a run until the gateway says it is done; returns its last progress.
+pub async fn until_done(app: &TestApp, location: &str) -> Value {
+    let progress = || async {
+        let request = app.client.get(app.url(location)).bearer_auth(ADMIN);
+        reply(request.send().await.expect("request")).await.body
+    };
+    test_kit::eventually(
+        "the prewarm run to finish",
+        Duration::from_secs(30),
+        || async { progress().await["state"] == "done" },
+    )
+    .await;
+    progress().await
+}
+
+/// Requests for profiles 0..30, profile n `30 - n` times: 0 is the most popular.
+pub fn skewed_traffic() -> Vec<u32> {
+    (0..30u32)
+        .flat_map(|n| std::iter::repeat_n(n, (30 - n) as usize))
+        .collect()
 }

@@ -124,6 +124,31 @@ impl RedisStore {
     }
 }
 
+impl RedisStore {
+    /// [`CacheStore::get`] as a breaker probe ([`RedisBackend::probe`]): one read that
+    /// goes to Redis even while the breaker is open.
+    pub async fn probe(&self, key: &CacheKey) -> Result<Option<Arc<Envelope>>, StoreError> {
+        let name = key.as_str().to_owned();
+        let value: Option<Vec<u8>> = self
+            .backend
+            .probe(|mut conn| async move { conn.get(name).await })
+            .await?;
+        self.decoded(key, value)
+    }
+
+    fn decoded(
+        &self,
+        key: &CacheKey,
+        value: Option<Vec<u8>>,
+    ) -> Result<Option<Arc<Envelope>>, StoreError> {
+        let Some(value) = value else { return Ok(None) };
+        match self.codec.decode(key.as_str(), &value) {
+            Ok(envelope) => Ok(Some(Arc::new(envelope))),
+            Err(error) => Err(StoreError::Corrupt(error.to_string())),
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl CacheStore for RedisStore {
     async fn get(&self, key: &CacheKey) -> Result<Option<Arc<Envelope>>, StoreError> {
@@ -132,11 +157,7 @@ impl CacheStore for RedisStore {
             .backend
             .call(|mut conn| async move { conn.get(name).await })
             .await?;
-        let Some(value) = value else { return Ok(None) };
-        match self.codec.decode(key.as_str(), &value) {
-            Ok(envelope) => Ok(Some(Arc::new(envelope))),
-            Err(error) => Err(StoreError::Corrupt(error.to_string())),
-        }
+        self.decoded(key, value)
     }
 
     async fn put(

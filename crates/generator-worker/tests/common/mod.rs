@@ -10,8 +10,8 @@ use cache_core::redis_backend::RedisBackend;
 use cache_core::{
     CacheKey, CacheKeySecret, EngineVersion, KeyDeriver, ProfileInput, QuantizationStep,
 };
-use generator_worker::queue::{self, Job, QueueSettings, Trigger};
-use generator_worker::{prompt, GenerationParams};
+use narrative_gen::{prompt, GenerationParams};
+use narrative_queue::{ConfirmedPublisher, Job, QueueSettings, Trigger, JOB_VERSION};
 
 /// A child process, killed (SIGKILL) when dropped.
 pub struct Process(pub Child);
@@ -49,12 +49,7 @@ pub async fn enqueue_misses(
         delivery_limit: 5,
         confirm_timeout: Duration::from_secs(5),
     };
-    let connection = queue::connect(amqp, Duration::from_secs(5))
-        .await
-        .expect("connect");
-    let channel = queue::publishing_channel(&connection, &settings)
-        .await
-        .expect("channel");
+    let publisher = ConfirmedPublisher::new(settings, Duration::ZERO);
     let mut keys = Vec::new();
     for n in 0..count {
         let json = format!(
@@ -71,7 +66,7 @@ pub async fn enqueue_misses(
             .expect("redis")
             .expect("lock");
         let job = Job {
-            version: queue::JOB_VERSION,
+            version: JOB_VERSION,
             key: keyed.key.to_string(),
             canonical: keyed.canonical_json.clone(),
             lock_token: token.as_str().to_owned(),
@@ -79,9 +74,7 @@ pub async fn enqueue_misses(
             request_id: format!("{label}-{n}"),
             enqueued_at_ms: cache_core::now_ms(),
         };
-        queue::publish(&channel, &job, Duration::from_secs(5))
-            .await
-            .expect("confirmed");
+        job.publish(&publisher).await.expect("confirmed");
         keys.push(keyed.key);
     }
     keys

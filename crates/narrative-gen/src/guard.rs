@@ -13,6 +13,7 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
+use cache_core::config::{ConfigError, Vars};
 use cache_core::redis_backend::RedisBackend;
 use cache_core::{CanonicalProfile, PromptHash};
 use prometheus::{Gauge, IntCounter, IntGauge, Registry};
@@ -27,6 +28,40 @@ pub struct GuardSettings {
     pub max_concurrency: Option<usize>,
     /// `LLM_DAILY_BUDGET_USD`: dollars a UTC day; `None` is no budget.
     pub daily_budget_usd: Option<f64>,
+}
+
+/// `LLM_MAX_CONCURRENCY` and `LLM_DAILY_BUDGET_USD`, both off unless set.
+pub fn guard_settings_from(vars: &Vars) -> Result<GuardSettings, ConfigError> {
+    let max_concurrency = match vars.get("LLM_MAX_CONCURRENCY") {
+        None => None,
+        Some(_) => {
+            let cap = vars.from_str_or("LLM_MAX_CONCURRENCY", 0usize)?;
+            if cap == 0 {
+                return Err(ConfigError::new(
+                    "LLM_MAX_CONCURRENCY",
+                    "must be at least 1",
+                ));
+            }
+            Some(cap)
+        }
+    };
+    let daily_budget_usd = match vars.get("LLM_DAILY_BUDGET_USD") {
+        None => None,
+        Some(_) => {
+            let budget = vars.from_str_or("LLM_DAILY_BUDGET_USD", -1.0f64)?;
+            if !(budget.is_finite() && budget > 0.0) {
+                return Err(ConfigError::new(
+                    "LLM_DAILY_BUDGET_USD",
+                    "must be a positive number of dollars",
+                ));
+            }
+            Some(budget)
+        }
+    };
+    Ok(GuardSettings {
+        max_concurrency,
+        daily_budget_usd,
+    })
 }
 
 /// The guard's metrics, named once for the gateway and the worker alike.

@@ -1,25 +1,11 @@
-//! Where event batches travel on RabbitMQ.
-//!
-//! ```text
-//! exchange narrative.events (direct, durable) --batch--> queue narrative.analytics
-//!     (durable; quorum when configured; dead letters to narrative.events.dlx)
-//! exchange narrative.events.dlx (fanout, durable) -----> queue narrative.analytics.dead
-//! ```
-//!
-//! Declared idempotently by every process that publishes or consumes, so the queue
-//! exists (and keeps events) before the `analytics` service first starts.
+//! The AMQP link: connecting with lapin on Tokio, and the one shape every narrative
+//! queue has (a [`Topology`]), declared idempotently.
 
 use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
-
-pub const EXCHANGE: &str = "narrative.events";
-pub const QUEUE: &str = "narrative.analytics";
-pub const ROUTING_KEY: &str = "batch";
-pub const DEAD_EXCHANGE: &str = "narrative.events.dlx";
-pub const DEAD_QUEUE: &str = "narrative.analytics.dead";
 
 /// Connects with lapin on the current Tokio runtime, within `timeout`.
 pub async fn connect(url: &str, timeout: Duration) -> Result<Connection, String> {
@@ -44,15 +30,6 @@ pub struct Topology {
     pub dead_exchange: &'static str,
     pub dead_queue: &'static str,
 }
-
-/// The event batches' topology.
-pub const EVENTS: Topology = Topology {
-    exchange: EXCHANGE,
-    queue: QUEUE,
-    routing_key: ROUTING_KEY,
-    dead_exchange: DEAD_EXCHANGE,
-    dead_queue: DEAD_QUEUE,
-};
 
 impl Topology {
     /// Declares it (idempotent). `quorum` must match across the fleet: RabbitMQ refuses
@@ -134,9 +111,4 @@ impl Topology {
             .await?;
         Ok(())
     }
-}
-
-/// Declares the event queues.
-pub async fn declare_topology(channel: &Channel, quorum: bool) -> Result<(), lapin::Error> {
-    EVENTS.declare(channel, quorum, None).await
 }

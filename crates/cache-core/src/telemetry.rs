@@ -1,5 +1,5 @@
-//! Structured logs. `RUST_LOG` filters (default `info`); `LOG_FORMAT=json` writes one
-//! JSON object a line for log shippers. No user id, API key or secret is ever logged:
+//! Structured logs, set up the same way by every binary. `RUST_LOG` filters (default
+//! `info`); `LOG_FORMAT=json` writes one JSON object a line for log shippers. No user id, API key or secret is ever logged:
 //! they are not fields of any span or event.
 
 use tracing_subscriber::EnvFilter;

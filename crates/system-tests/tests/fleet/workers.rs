@@ -7,81 +7,13 @@ use std::time::{Duration, Instant};
 use cache_core::config::Vars;
 use futures::future::join_all;
 use futures::StreamExt as _;
-use generator_worker::app::{run as run_worker, WorkerApp};
-use generator_worker::queue::{self, Job, DEAD_QUEUE};
-use generator_worker::settings::WorkerSettings;
 use llm_sim::{SimConfig, SimHandle};
-use tokio::sync::oneshot;
+use narrative_queue::{amqp, topology, ConfirmedPublisher, Job, Trigger, JOB_VERSION};
 
 use crate::helpers::{
     assert_served_without_fallback, profile, spawn_app_with, unique_version, TestApp,
 };
-
-pub(crate) struct TestWorker {
-    app: WorkerApp,
-    /// Where its `/metrics`, `/healthz` and `/readyz` are served.
-    ops: String,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-impl TestWorker {
-    pub(crate) async fn start(amqp: &str, sim: &SimHandle, extra: &[(&str, &str)]) -> Self {
-        let base = sim.base_url();
-        let mut pairs = vec![
-            ("REDIS_URL", test_kit::redis().url.as_str()),
-            ("AMQP_URL", amqp),
-            ("LLM_BASE_URL", base.as_str()),
-            ("LLM_API_KEY", "sk-worker"),
-            ("LLM_BACKOFF_BASE", "5ms"),
-            ("LLM_BACKOFF_MAX", "50ms"),
-            ("LOCK_TTL", "2s"),
-        ];
-        pairs.extend_from_slice(extra);
-        let app = WorkerApp::build(
-            WorkerSettings::from_vars(&Vars::from_pairs(pairs)).expect("settings"),
-        )
-        .expect("worker");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let ops = format!("http://{}", listener.local_addr().expect("addr"));
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(run_worker(listener, app.clone(), async {
-            let _ = stopped.await;
-        }));
-        for _ in 0..500 {
-            if app.consuming.get() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(app.consuming.get(), "the worker attaches to the queue");
-        Self {
-            app,
-            ops,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    pub(crate) fn jobs(&self, outcome: &str) -> u64 {
-        self.app
-            .worker
-            .metrics
-            .jobs
-            .with_label_values(&[outcome])
-            .get()
-    }
-
-    /// Graceful stop: stop consuming, finish jobs in flight.
-    pub(crate) async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        let _ = (&mut self.task).await;
-    }
-}
+use crate::services::TestWorker;
 
 async fn sim(config: SimConfig) -> SimHandle {
     llm_sim::spawn(config).await.expect("simulator")
@@ -194,30 +126,21 @@ async fn a_duplicate_or_redelivered_job_never_pays_twice() {
         app.post_json("/narrative/key", &profile(2)).await.body["canonical"].to_string();
 
     // The same job once more, as a redelivery would bring it.
-    let settings = generator_worker::settings::queue_settings_from(&Vars::from_pairs([(
-        "AMQP_URL",
-        amqp.as_str(),
-    )]))
-    .expect("settings")
-    .expect("amqp");
-    let connection = queue::connect(&amqp, Duration::from_secs(5))
-        .await
-        .expect("connect");
-    let channel = queue::publishing_channel(&connection, &settings)
-        .await
-        .expect("channel");
+    let settings =
+        narrative_queue::queue_settings_from(&Vars::from_pairs([("AMQP_URL", amqp.as_str())]))
+            .expect("settings")
+            .expect("amqp");
+    let publisher = ConfirmedPublisher::new(settings, Duration::ZERO);
     let job = Job {
-        version: queue::JOB_VERSION,
+        version: JOB_VERSION,
         key: reply.key().to_string(),
         canonical,
         lock_token: "an-old-token".to_owned(),
-        trigger: queue::Trigger::Miss,
+        trigger: Trigger::Miss,
         request_id: "redelivered".to_owned(),
         enqueued_at_ms: 0,
     };
-    queue::publish(&channel, &job, Duration::from_secs(5))
-        .await
-        .expect("confirmed");
+    job.publish(&publisher).await.expect("confirmed");
     until("the duplicate job to be handled", || {
         worker.jobs("already_cached") == 1
     })
@@ -257,14 +180,14 @@ async fn failing_and_malformed_jobs_are_dead_lettered_and_waiters_fall_back_at_o
     })
     .await;
 
-    let connection = queue::connect(&amqp, Duration::from_secs(5))
+    let connection = amqp::connect(&amqp, Duration::from_secs(5))
         .await
         .expect("connect");
     let channel = connection.create_channel().await.expect("channel");
     channel
         .basic_publish(
-            queue::EXCHANGE,
-            queue::ROUTING_KEY,
+            topology::JOBS.exchange,
+            topology::JOBS.routing_key,
             Default::default(),
             b"{not a job",
             Default::default(),
@@ -292,7 +215,12 @@ async fn failing_and_malformed_jobs_are_dead_lettered_and_waiters_fall_back_at_o
     }
 
     let mut dead = channel
-        .basic_consume(DEAD_QUEUE, "dead", Default::default(), Default::default())
+        .basic_consume(
+            topology::JOB_DEAD_QUEUE,
+            "dead",
+            Default::default(),
+            Default::default(),
+        )
         .await
         .expect("consume dead letters");
     let mut bodies = Vec::new();
@@ -473,4 +401,147 @@ async fn a_worker_reports_its_health_and_drains_on_shutdown() {
         200,
         "the job in flight was finished and stored before the worker exited"
     );
+}
+
+/// Messages waiting in a queue of the vhost at `url`.
+async fn ready_messages(url: &str, queue: &str) -> u32 {
+    let connection = amqp::connect(url, Duration::from_secs(5))
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let found = channel
+        .queue_declare(queue, passive, Default::default())
+        .await
+        .expect("the queue exists");
+    found.message_count()
+}
+
+/// A backlog: 8 distinct misses wait 10 s (five `LOCK_TTL`s) with no worker consuming.
+/// Each flight keeps its queued job's lock alive, so the queue holds 8 jobs, not one
+/// more per lapsed lock; the worker that then comes makes exactly 8 calls and stores
+/// all 8.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_job_keeps_its_lock_and_its_key_is_published_once() {
+    let amqp = test_kit::rabbitmq().vhost("backlog");
+    let version = unique_version("backlog");
+    let (app, own) = gateway(
+        &amqp,
+        &version,
+        &[("LOCK_TTL", "2s"), ("GENERATION_WAIT_MS", "300")],
+    )
+    .await;
+    let bodies: Vec<_> = (600..608).map(profile).collect();
+    let replies = join_all(bodies.iter().map(|body| app.post_narrative(body))).await;
+    assert!(replies.iter().all(|r| r.source() == "fallback"));
+    // The backlog itself, not a wait for something: no worker runs for five lock TTLs.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        ready_messages(&amqp, topology::JOBS.queue).await,
+        8,
+        "one job per key, however long it waited"
+    );
+
+    let worker_sim = sim(SimConfig {
+        latency_ms: 20,
+        ..SimConfig::default()
+    })
+    .await;
+    let worker = TestWorker::start(&amqp, &worker_sim, &[("LOCK_TTL", "2s")]).await;
+    until("the 8 jobs to be stored", || worker.jobs("stored") == 8).await;
+    assert_eq!(worker_sim.sim.stats().requests, 8);
+    assert_eq!(own.sim.stats().requests, 0, "the gateway generated nothing");
+    for body in &bodies {
+        assert_eq!(app.post_narrative(body).await.source(), "cache");
+    }
+    assert_eq!(
+        worker.jobs("held_elsewhere") + worker.jobs("already_cached"),
+        0
+    );
+    worker.stop().await;
+}
+
+/// An entry nobody can read (overwritten with garbage) while workers generate: one
+/// regeneration replaces it, then it is a hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_workers_an_unreadable_entry_is_replaced_once() {
+    let amqp = test_kit::rabbitmq().vhost("unreadable");
+    let version = unique_version("unreadable");
+    let worker_sim = sim(SimConfig {
+        latency_ms: 20,
+        ..SimConfig::default()
+    })
+    .await;
+    let worker = TestWorker::start(&amqp, &worker_sim, &[]).await;
+    let (app, own) = gateway(&amqp, &version, &[("L1_TTL", "0s")]).await;
+    let stored = app.post_narrative(&profile(700)).await;
+    assert_eq!(stored.source(), "generated");
+    let mut redis = redis::Client::open(test_kit::redis().url.as_str())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let _: () =
+        redis::AsyncCommands::set(&mut redis, stored.key().as_str(), b"\x01garbage".as_slice())
+            .await
+            .expect("overwritten");
+    let calls = || worker_sim.sim.stats().requests + own.sim.stats().requests;
+    let before = calls();
+    let mut sources = Vec::new();
+    for _ in 0..3 {
+        sources.push(app.post_narrative(&profile(700)).await.source().to_owned());
+    }
+    assert_eq!(sources, ["generated", "cache", "cache"]);
+    assert_eq!(calls(), before + 1, "one regeneration in all");
+    worker.stop().await;
+}
+
+/// A gateway that cannot open an entry (its `CACHE_ENCRYPTION_KEY` list lacks the key
+/// it was sealed with) while the workers can: the gateway replaces it itself, once,
+/// instead of publishing jobs the workers find already done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_cannot_open_an_entry_its_workers_can_replaces_it_once() {
+    const OLD: &str = "k1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    const NEW: &str = "k2:HxwdHhsaGRgXFhUUExIREA8ODQwLCgkIBwYFBAMCAQA=";
+    let both = format!("{NEW},{OLD}");
+    let amqp = test_kit::rabbitmq().vhost("rotation");
+    let version = unique_version("rotation");
+    let worker_sim = sim(SimConfig {
+        latency_ms: 20,
+        ..SimConfig::default()
+    })
+    .await;
+    let worker = TestWorker::start(&amqp, &worker_sim, &[("CACHE_ENCRYPTION_KEY", OLD)]).await;
+    let (old, _) = gateway(&amqp, &version, &[("CACHE_ENCRYPTION_KEY", OLD)]).await;
+    assert_eq!(
+        old.post_narrative(&profile(710)).await.source(),
+        "generated"
+    );
+    worker.stop().await;
+
+    let worker = TestWorker::start(&amqp, &worker_sim, &[("CACHE_ENCRYPTION_KEY", &both)]).await;
+    let (rotated, own) = gateway(
+        &amqp,
+        &version,
+        &[("CACHE_ENCRYPTION_KEY", NEW), ("L1_TTL", "0s")],
+    )
+    .await;
+    let calls = || worker_sim.sim.stats().requests + own.sim.stats().requests;
+    let before = calls();
+    let mut sources = Vec::new();
+    for _ in 0..3 {
+        sources.push(
+            rotated
+                .post_narrative(&profile(710))
+                .await
+                .source()
+                .to_owned(),
+        );
+    }
+    assert_eq!(sources, ["generated", "cache", "cache"]);
+    assert_eq!(calls(), before + 1, "one regeneration in all");
+    worker.stop().await;
 }

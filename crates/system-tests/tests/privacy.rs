@@ -174,22 +174,21 @@ async fn no_user_id_key_or_secret_appears_in_logs_redis_postgres_queues_or_metri
     let clients = format!("app:{CLIENT_KEY}");
 
     // Taps: a copy of every job and event batch.
-    let tap = analytics::amqp::connect(&amqp, Duration::from_secs(5))
+    let tap = narrative_queue::amqp::connect(&amqp, Duration::from_secs(5))
         .await
         .unwrap();
     let channel = tap.create_channel().await.unwrap();
-    let queue_settings = generator_worker::settings::queue_settings_from(&Vars::from_pairs([(
-        "AMQP_URL",
-        amqp.as_str(),
-    )]))
-    .unwrap()
+    let queue_settings =
+        narrative_queue::queue_settings_from(&Vars::from_pairs([("AMQP_URL", amqp.as_str())]))
+            .unwrap()
+            .unwrap();
+    narrative_queue::topology::declare_all(
+        &channel,
+        queue_settings.quorum,
+        queue_settings.delivery_limit,
+    )
+    .await
     .unwrap();
-    generator_worker::queue::declare_topology(&channel, &queue_settings)
-        .await
-        .unwrap();
-    analytics::amqp::declare_topology(&channel, false)
-        .await
-        .unwrap();
     for (queue, exchange, keys) in [
         (
             "privacy.tap.jobs",

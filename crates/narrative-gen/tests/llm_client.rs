@@ -4,11 +4,11 @@
 use std::time::{Duration, Instant};
 
 use cache_core::{ProfileInput, QuantizationStep};
-use generator_worker::{
+use llm_sim::{SimConfig, SimHandle};
+use narrative_gen::{
     ApiKey, GenerateError, GenerationParams, LlmError, LlmGenerator, LlmSettings,
     NarrativeGenerator, Pricing,
 };
-use llm_sim::{SimConfig, SimHandle};
 
 fn settings(sim: &SimHandle, timeout_ms: u64, max_retries: u32) -> LlmSettings {
     LlmSettings {
@@ -44,7 +44,7 @@ async fn generate(
     sim: &SimHandle,
     timeout_ms: u64,
     retries: u32,
-) -> Result<generator_worker::Generation, GenerateError> {
+) -> Result<narrative_gen::Generation, GenerateError> {
     LlmGenerator::new(settings(sim, timeout_ms, retries))
         .expect("client")
         .generate(&profile())

@@ -1,0 +1,1 @@
+//! Tests and benches only: see `tests/` and `benches/`.
