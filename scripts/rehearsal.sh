@@ -7,6 +7,7 @@
 # than one LLM call, or a job or event was lost.
 #
 #   scripts/rehearsal.sh [--seconds 60] [--clients 48] [--profiles 2000] [--hard] [--report FILE]
+#   scripts/rehearsal.sh --backlog [--seconds 60] [--report FILE]   (misses 3x faster than workers)
 #
 # Needs the servers scripts/test.sh installs (redis-server, rabbitmq-server, postgresql).
 set -euo pipefail

@@ -14,7 +14,11 @@
 //! `--hard` kills the worker with SIGKILL (a node lost) instead of SIGTERM (a pod
 //! deleted, evicted or rolled): jobs in flight are redelivered and regenerated, so
 //! LLM calls may exceed distinct profiles by those; nothing may be lost.
+//!
+//! `--backlog` runs the other scenario instead ([`backlog`]): misses three times
+//! faster than the workers, jobs waiting far longer than `LOCK_TTL`.
 
+mod backlog;
 mod fleet;
 mod load;
 
@@ -35,6 +39,7 @@ struct Args {
     clients: usize,
     profiles: usize,
     hard: bool,
+    backlog: bool,
     report: Option<PathBuf>,
 }
 
@@ -45,6 +50,7 @@ fn parse_args() -> anyhow::Result<Args> {
         clients: 48,
         profiles: 2000,
         hard: false,
+        backlog: false,
         report: None,
     };
     let mut it = std::env::args().skip(1);
@@ -57,6 +63,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--profiles" => args.profiles = value()?.parse().context("--profiles")?,
             "--report" => args.report = Some(value()?.into()),
             "--hard" => args.hard = true,
+            "--backlog" => args.backlog = true,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -104,6 +111,18 @@ async fn main() -> anyhow::Result<()> {
                 bin(name).display()
             );
         }
+    }
+    if args.backlog {
+        let shape = backlog::Shape {
+            seconds: args.seconds,
+            prefetch: 4,
+            latency_ms: 1000,
+        };
+        let report = backlog::run(&args.bin_dir, shape).await?;
+        if let Some(path) = &args.report {
+            std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+        }
+        return Ok(());
     }
     let logs = PathBuf::from("target/rehearsal");
     let _ = std::fs::remove_dir_all(&logs);

@@ -19,7 +19,7 @@ use serde_json::value::RawValue;
 use super::access::Client;
 use super::{ApiError, MAX_BODY_BYTES};
 use crate::app::AppState;
-use crate::service::{Answer, Caller, Directives, Lookup, NotCached, Source};
+use crate::service::{Answer, Caller, Directives, Forwarded, Lookup, NotCached, Source};
 
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
@@ -206,7 +206,7 @@ fn narrative_response(key: &CacheKey, answer: &Answer) -> Response {
             ),
         ),
         Source::Generated => {
-            let fwd = answer.forwarded.unwrap_or("miss");
+            let fwd = answer.forwarded.map_or("miss", Forwarded::as_str);
             let how = if answer.collapsed {
                 "; collapsed"
             } else if answer.stored {
@@ -270,15 +270,7 @@ async fn get_narrative(
             } else {
                 Source::Cache
             };
-            let answer = Answer {
-                envelope,
-                source,
-                collapsed: false,
-                ttl_remaining_secs: Some(ttl),
-                forwarded: None,
-                stored: false,
-                tier: None,
-            };
+            let answer = Answer::entry(envelope, source, ttl, None);
             Ok(narrative_response(&key, &answer))
         }
         Lookup::Pending => Ok(pending_response(&key)),

@@ -1,0 +1,159 @@
+//! Accounting: every answer counted once (Prometheus by outcome, the shared hit
+//! counters, a request event for analytics), and what `/narrative/stats` reports.
+
+use std::time::{Duration, Instant};
+
+use analytics::{new_event_id, RequestEvent, RequestOutcome};
+use cache_core::{Envelope, KeyedProfile, Tier};
+
+use super::{Answer, Caller, Count, NarrativeService, Source, Totals};
+use crate::metrics::Outcome;
+use cache_core::StoreStats;
+
+#[derive(Debug, Clone, Default)]
+pub struct ServiceStats {
+    pub store: StoreStats,
+    /// The fleet's counts in distributed mode, this instance's otherwise (or while
+    /// Redis is unreachable; then `counts_are_global` is false).
+    pub counts: Totals,
+    pub counts_are_global: bool,
+    pub in_flight: usize,
+}
+
+impl NarrativeService {
+    pub(super) fn account(
+        &self,
+        answer: &Answer,
+        keyed: &KeyedProfile,
+        started: Instant,
+        caller: &Caller,
+    ) {
+        let (outcome, event_outcome) = match answer.source {
+            Source::Stale => {
+                self.counters.add(Count::Hit);
+                self.metrics.cost_saved_usd.inc_by(answer.envelope.cost_usd);
+                (Outcome::Stale, RequestOutcome::Stale)
+            }
+            Source::Cache => {
+                self.counters.add(Count::Hit);
+                self.metrics.cost_saved_usd.inc_by(answer.envelope.cost_usd);
+                let tier = match answer.tier {
+                    Some(Tier::Local) => RequestOutcome::HitL1,
+                    Some(Tier::Shared) | None => RequestOutcome::HitL2,
+                };
+                (Outcome::Hit, tier)
+            }
+            Source::Generated => {
+                self.counters.add(Count::Miss);
+                (Outcome::Generated, RequestOutcome::Miss)
+            }
+            Source::Fallback => {
+                self.counters.add(Count::Miss);
+                self.counters.add(Count::Fallback);
+                (Outcome::Fallback, RequestOutcome::Fallback)
+            }
+        };
+        self.metrics
+            .observe_request(outcome, started.elapsed().as_secs_f64());
+        self.record_request(
+            keyed,
+            started,
+            caller,
+            event_outcome,
+            Some(&answer.envelope),
+        );
+    }
+
+    /// A 202: a miss whose generation runs on without the request.
+    pub(super) fn account_pending(&self, keyed: &KeyedProfile, started: Instant, caller: &Caller) {
+        self.counters.add(Count::Miss);
+        self.metrics
+            .observe_request(Outcome::Pending, started.elapsed().as_secs_f64());
+        self.record_request(keyed, started, caller, RequestOutcome::Miss, None);
+    }
+
+    /// Hands the request's event to the sink (never blocks). A hit credits what its
+    /// entry cost to generate.
+    pub(super) fn record_request(
+        &self,
+        keyed: &KeyedProfile,
+        started: Instant,
+        caller: &Caller,
+        outcome: RequestOutcome,
+        answered: Option<&Envelope>,
+    ) {
+        let (entry_tokens, entry_cost_usd) = answered.map_or((0, 0.0), |envelope| {
+            (
+                u64::from(envelope.tokens_in) + u64::from(envelope.tokens_out),
+                envelope.cost_usd,
+            )
+        });
+        self.events.record_request(RequestEvent {
+            id: new_event_id(),
+            at: time::OffsetDateTime::now_utc(),
+            outcome,
+            latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            engine_version: self.deriver.engine_version().to_string(),
+            prompt_hash: self.deriver.prompt_hash().to_string(),
+            classification: keyed.profile.classification.as_str().to_owned(),
+            primary_system: keyed.profile.primary_system().to_owned(),
+            client: caller.client.clone(),
+            user_hash: caller.user_hash.clone(),
+            key_digest: keyed.key.digest().to_owned(),
+            profile: keyed.canonical_json.clone(),
+            entry_tokens,
+            entry_cost_usd,
+        });
+    }
+
+    pub(super) fn index_user(&self, keyed: &KeyedProfile, caller: &Caller) {
+        if let Some(user) = &caller.user_hash {
+            self.user_index.record(user, &keyed.key);
+        }
+    }
+
+    pub async fn stats(&self) -> ServiceStats {
+        let store = match self.store.stats().await {
+            Ok(stats) => stats,
+            Err(error) => {
+                self.metrics.store_errors.inc();
+                tracing::warn!(%error, "cache stats unavailable");
+                StoreStats::default()
+            }
+        };
+        let global = match &self.distributed {
+            Some(shared) => self.counters.global(shared.redis().backend()).await.ok(),
+            None => None,
+        };
+        ServiceStats {
+            store,
+            counts: global.unwrap_or_else(|| self.counters.local()),
+            counts_are_global: global.is_some(),
+            in_flight: self.flights.len(),
+        }
+    }
+
+    /// Adds this instance's counts to the shared ones, every second until `stop`, and
+    /// once more at the end.
+    pub async fn flush_counters(&self, stop: tokio_util::sync::CancellationToken) {
+        let Some(shared) = &self.distributed else {
+            return;
+        };
+        let backend = shared.redis().backend();
+        loop {
+            let stopping = tokio::select! {
+                () = stop.cancelled() => true,
+                () = tokio::time::sleep(Duration::from_secs(1)) => false,
+            };
+            if let Err(error) = self.counters.flush(backend).await {
+                tracing::debug!(%error, "hit counters not flushed; they are kept for the next try");
+            }
+            if let Err(error) = self.user_index.flush().await {
+                tracing::debug!(%error, "user index not flushed; kept for the next try");
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,435 @@
+//! The answer policy: what a validated request is answered with, under its
+//! `Cache-Control` directives: a hit, a stale hit that starts a refresh, a coalesced
+//! miss, a revalidation, or the template; and what `GET /narrative/{key}` finds.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use analytics::{RequestOutcome, Trigger};
+use cache_core::{now_ms, CacheKey, Envelope, KeyedProfile, Tier};
+use narrative_gen::template::{self, TEMPLATE_MODEL};
+
+use super::{FillMode, NarrativeService};
+
+/// How the narrative in an [`Answer`] came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Cache,
+    /// Older than `STALE_AFTER`: answered at once while a refresh runs.
+    Stale,
+    Generated,
+    Fallback,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cache => "cache",
+            Self::Stale => "stale",
+            Self::Generated => "generated",
+            Self::Fallback => "fallback",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub envelope: Arc<Envelope>,
+    pub source: Source,
+    /// This request waited on a generation another request started.
+    pub collapsed: bool,
+    /// Seconds of freshness the entry has left, for hits; negative once stale.
+    pub ttl_remaining_secs: Option<i64>,
+    /// Why a stored entry was not used. `None` for plain hits and misses.
+    pub forwarded: Option<Forwarded>,
+    /// A generation this request led, and stored.
+    pub stored: bool,
+    /// Which tier a hit came from.
+    pub tier: Option<Tier>,
+}
+
+/// Why a stored entry was not answered (RFC 9211's `fwd`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forwarded {
+    /// The client's `no-cache`.
+    Request,
+    /// Older than the client's `max-age`.
+    Stale,
+}
+
+impl Forwarded {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Request => "request",
+            Self::Stale => "stale",
+        }
+    }
+}
+
+impl Answer {
+    /// A stored entry, fresh (`Cache`) or `Stale`, with the seconds of freshness it
+    /// has left (negative once stale).
+    pub fn entry(
+        envelope: Arc<Envelope>,
+        source: Source,
+        ttl_remaining_secs: i64,
+        tier: Option<Tier>,
+    ) -> Self {
+        Self {
+            envelope,
+            source,
+            collapsed: false,
+            ttl_remaining_secs: Some(ttl_remaining_secs),
+            forwarded: None,
+            stored: false,
+            tier,
+        }
+    }
+
+    /// A generation this request waited for: stored by this request's flight, or by
+    /// the one it `collapsed` onto.
+    fn generated(envelope: Arc<Envelope>, collapsed: bool, forwarded: Option<Forwarded>) -> Self {
+        Self {
+            envelope,
+            source: Source::Generated,
+            collapsed,
+            ttl_remaining_secs: None,
+            forwarded,
+            stored: !collapsed,
+            tier: None,
+        }
+    }
+
+    /// A generation for this request alone (`no-store`), kept nowhere.
+    fn unstored(envelope: Arc<Envelope>, forwarded: Option<Forwarded>) -> Self {
+        Self {
+            stored: false,
+            ..Self::generated(envelope, false, forwarded)
+        }
+    }
+
+    /// The template narrative, never stored.
+    fn template(envelope: Arc<Envelope>, collapsed: bool) -> Self {
+        Self {
+            envelope,
+            source: Source::Fallback,
+            collapsed,
+            ttl_remaining_secs: None,
+            forwarded: None,
+            stored: false,
+            tier: None,
+        }
+    }
+}
+
+/// Who asked, as analytics records it: never the user id itself.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The API client's name (`anonymous` until client keys are configured).
+    pub client: String,
+    /// The keyed hash of the request's `userId`.
+    pub user_hash: Option<String>,
+}
+
+impl Default for Caller {
+    fn default() -> Self {
+        Self {
+            client: "anonymous".to_owned(),
+            user_hash: None,
+        }
+    }
+}
+
+/// RFC 9111 request directives from `Cache-Control`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Directives {
+    /// Regenerate even if an entry is stored (coalesced with concurrent ones).
+    pub no_cache: bool,
+    /// Keep nothing generated for this request.
+    pub no_store: bool,
+    /// Entries older than this many seconds (from `generatedAt`) are regenerated.
+    pub max_age: Option<u64>,
+    /// Answer only from the cache: 504 when nothing is stored.
+    pub only_if_cached: bool,
+    /// If regenerating fails, an entry at most this many seconds past `max-age` (or
+    /// past freshness) may still be answered.
+    pub stale_if_error: Option<u64>,
+}
+
+/// `only-if-cached` and nothing (usable) is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotCached;
+
+/// What `GET /narrative/{key}` finds.
+#[derive(Debug)]
+pub enum Lookup {
+    Found(Arc<Envelope>, i64),
+    Pending,
+    Missing,
+}
+
+impl NarrativeService {
+    /// Answers a validated profile. Never fails: the worst case is the template.
+    pub async fn narrative(self: &Arc<Self>, keyed: &KeyedProfile, started: Instant) -> Answer {
+        match self
+            .narrative_with(keyed, started, Directives::default(), &Caller::default())
+            .await
+        {
+            Ok(answer) => answer,
+            // Without only-if-cached there is always an answer.
+            Err(NotCached) => self.fallback(keyed, false),
+        }
+    }
+
+    /// Answers a validated profile under the request's `Cache-Control` directives. Only
+    /// `only-if-cached` can refuse (nothing stored); everything else has an answer.
+    pub async fn narrative_with(
+        self: &Arc<Self>,
+        keyed: &KeyedProfile,
+        started: Instant,
+        directives: Directives,
+        caller: &Caller,
+    ) -> Result<Answer, NotCached> {
+        // Indexed before the answer: an erasure while this request's generation runs
+        // must find (and fence) its key.
+        self.index_user(keyed, caller);
+        let answered = self.answer_with(keyed, started, directives).await;
+        match &answered {
+            Ok(answer) => self.account(answer, keyed, started, caller),
+            Err(NotCached) => {
+                self.record_request(keyed, started, caller, RequestOutcome::Error, None)
+            }
+        }
+        answered
+    }
+
+    pub(super) async fn answer_with(
+        self: &Arc<Self>,
+        keyed: &KeyedProfile,
+        started: Instant,
+        directives: Directives,
+    ) -> Result<Answer, NotCached> {
+        let deadline = started + self.generation_wait;
+        let answer = match self.cached(&keyed.key).await {
+            Some((envelope, age, tier)) => {
+                let too_old = directives
+                    .max_age
+                    .is_some_and(|max| age > Duration::from_secs(max));
+                if !directives.no_cache && !too_old {
+                    self.answer_cached(keyed, envelope, age, tier)
+                } else if directives.only_if_cached {
+                    return Err(NotCached);
+                } else {
+                    let forwarded = if directives.no_cache {
+                        Forwarded::Request
+                    } else {
+                        Forwarded::Stale
+                    };
+                    self.revalidate(keyed, envelope, age, forwarded, directives, deadline)
+                        .await
+                }
+            }
+            None if directives.only_if_cached => return Err(NotCached),
+            None if directives.no_store => self.generate_unstored(keyed, None, deadline).await,
+            None => match self.from_previous_version(keyed).await {
+                Some(answer) => answer,
+                None => self.generate_or_fallback(keyed, deadline).await,
+            },
+        };
+        Ok(answer)
+    }
+
+    /// During a rollout: the same profile's entry under an earlier version, answered as
+    /// stale while the new key is generated (once, through the flight and the lock).
+    pub(super) async fn from_previous_version(
+        self: &Arc<Self>,
+        keyed: &KeyedProfile,
+    ) -> Option<Answer> {
+        for prefix in &self.previous_prefixes {
+            let Ok(previous) = CacheKey::parse(&format!("{prefix}{{{}}}", keyed.key.digest()))
+            else {
+                continue;
+            };
+            if let Some((envelope, age, tier)) = self.cached(&previous).await {
+                let _ = self.join_flight(keyed, FillMode::Miss);
+                let stale_for = i64::try_from(age.as_secs().max(1)).unwrap_or(i64::MAX);
+                return Some(Answer::entry(
+                    envelope,
+                    Source::Stale,
+                    -stale_for,
+                    Some(tier),
+                ));
+            }
+        }
+        None
+    }
+
+    /// The client will not take the stored entry: regenerate now and wait for it
+    /// (coalesced: concurrent revalidations of one key make one call). If that fails,
+    /// `stale-if-error` may still allow the stored entry; otherwise the template.
+    pub(super) async fn revalidate(
+        self: &Arc<Self>,
+        keyed: &KeyedProfile,
+        stored: Arc<Envelope>,
+        age: Duration,
+        forwarded: Forwarded,
+        directives: Directives,
+        deadline: Instant,
+    ) -> Answer {
+        if directives.no_store {
+            return self
+                .generate_unstored(keyed, Some(forwarded), deadline)
+                .await;
+        }
+        let (follower, collapsed) = self.join_flight(
+            keyed,
+            FillMode::Replace {
+                older_than_ms: stored.created_at_ms,
+            },
+        );
+        if let Ok(Some(Ok(envelope))) =
+            tokio::time::timeout_at(deadline.into(), follower.wait()).await
+        {
+            return Answer::generated(envelope, collapsed, Some(forwarded));
+        }
+        let limit = directives
+            .max_age
+            .map_or(self.stale_after, Duration::from_secs);
+        let allowed = directives
+            .stale_if_error
+            .is_some_and(|extra| age <= limit.saturating_add(Duration::from_secs(extra)));
+        if allowed {
+            let stale_for = -freshness_secs(age, limit);
+            return Answer {
+                collapsed,
+                ..Answer::entry(stored, Source::Stale, -stale_for, None)
+            };
+        }
+        self.fallback(keyed, collapsed)
+    }
+
+    /// `no-store`: a generation for this request alone, kept nowhere.
+    pub(super) async fn generate_unstored(
+        &self,
+        keyed: &KeyedProfile,
+        forwarded: Option<Forwarded>,
+        deadline: Instant,
+    ) -> Answer {
+        let trigger = if forwarded.is_some() {
+            Trigger::Refresh
+        } else {
+            Trigger::Miss
+        };
+        match tokio::time::timeout_at(deadline.into(), self.generate(keyed, trigger)).await {
+            Ok(Ok(envelope)) => Answer::unstored(envelope, forwarded),
+            _ => self.fallback(keyed, false),
+        }
+    }
+
+    /// A hit, or a stale hit that starts this key's refresh.
+    pub(super) fn answer_cached(
+        self: &Arc<Self>,
+        keyed: &KeyedProfile,
+        envelope: Arc<Envelope>,
+        age: Duration,
+        tier: Tier,
+    ) -> Answer {
+        if age <= self.stale_after {
+            let fresh_for = freshness_secs(age, self.stale_after);
+            return Answer::entry(envelope, Source::Cache, fresh_for, Some(tier));
+        }
+        self.start_refresh(keyed, envelope.created_at_ms);
+        let stale_for = -freshness_secs(age, self.stale_after);
+        Answer::entry(envelope, Source::Stale, -stale_for, Some(tier))
+    }
+
+    pub(super) async fn generate_or_fallback(
+        self: &Arc<Self>,
+        keyed: &KeyedProfile,
+        deadline: Instant,
+    ) -> Answer {
+        let (follower, collapsed) = self.join_flight(keyed, FillMode::Miss);
+        match tokio::time::timeout_at(deadline.into(), follower.wait()).await {
+            Ok(Some(Ok(envelope))) => Answer::generated(envelope, collapsed, None),
+            Ok(Some(Err(_))) | Ok(None) | Err(_) => self.fallback(keyed, collapsed),
+        }
+    }
+
+    /// `Prefer: respond-async`: a hit (or an earlier version's entry during a
+    /// rollout) is answered as usual; a miss starts (or joins) the generation and
+    /// returns `None` for a 202 once the generation is visible to every gateway.
+    pub async fn narrative_or_start(
+        self: &Arc<Self>,
+        keyed: &KeyedProfile,
+        started: Instant,
+        caller: &Caller,
+    ) -> Option<Answer> {
+        self.index_user(keyed, caller);
+        let answer = match self.cached(&keyed.key).await {
+            Some((envelope, age, tier)) => Some(self.answer_cached(keyed, envelope, age, tier)),
+            None => match self.from_previous_version(keyed).await {
+                Some(answer) => Some(answer),
+                None => {
+                    let (mut follower, _) = self.join_flight(keyed, FillMode::Miss);
+                    // The 202's `Location` must answer 202 on every gateway at once:
+                    // wait until the flight is visible beyond this process (its lock
+                    // taken, or held elsewhere).
+                    let deadline = started + self.generation_wait;
+                    let _ = tokio::time::timeout_at(deadline.into(), follower.claimed()).await;
+                    None
+                }
+            },
+        };
+        match &answer {
+            Some(answer) => self.account(answer, keyed, started, caller),
+            None => self.account_pending(keyed, started, caller),
+        }
+        answer
+    }
+
+    /// The template narrative, never stored.
+    pub(super) fn fallback(&self, keyed: &KeyedProfile, collapsed: bool) -> Answer {
+        let envelope = Envelope {
+            body: template::render(&keyed.profile),
+            created_at_ms: now_ms(),
+            engine_version: self.deriver.engine_version().to_string(),
+            prompt_hash: self.deriver.prompt_hash().to_string(),
+            model: TEMPLATE_MODEL.to_owned(),
+            tokens_in: 0,
+            tokens_out: 0,
+            cost_usd: 0.0,
+            generation_ms: 0,
+        };
+        Answer::template(Arc::new(envelope), collapsed)
+    }
+
+    pub async fn lookup(&self, key: &CacheKey) -> Lookup {
+        if let Some((envelope, age, _)) = self.cached(key).await {
+            return Lookup::Found(envelope, freshness_secs(age, self.stale_after));
+        }
+        if self.flights.in_flight(key) {
+            return Lookup::Pending;
+        }
+        // Another instance may be generating it: its fill lock says so.
+        let held_elsewhere = match &self.distributed {
+            Some(shared) => shared.lock().is_held(key).await.unwrap_or(false),
+            None => false,
+        };
+        if held_elsewhere {
+            Lookup::Pending
+        } else {
+            Lookup::Missing
+        }
+    }
+}
+
+/// Seconds of freshness an entry of this `age` has left under `limit`: whole seconds
+/// while fresh, and negative (rounded away from zero, so never `-0`) once stale, as
+/// `Cache-Status`'s `ttl` reports it.
+fn freshness_secs(age: Duration, limit: Duration) -> i64 {
+    if age <= limit {
+        i64::try_from((limit - age).as_secs()).unwrap_or(i64::MAX)
+    } else {
+        -i64::try_from((age - limit).as_millis().div_ceil(1000)).unwrap_or(i64::MAX)
+    }
+}

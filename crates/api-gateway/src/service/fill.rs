@@ -1,0 +1,278 @@
+//! Flights and the fill: one flight per key per instance (the first request leads, in
+//! a tracked task bounded by `MAX_PENDING_GENERATIONS`), which fills the key in
+//! process (embedded mode) or through the fill protocol with Redis (`distributed`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use analytics::Trigger;
+use cache_core::{
+    now_ms, CacheKey, Envelope, Flight, Follower, KeyedProfile, Leader, StoreError, Tier,
+};
+use narrative_fill::generation_event;
+use narrative_gen::GenerateError;
+
+use super::NarrativeService;
+
+/// Why a flight ended without a narrative; every one of them means a fallback answer.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FillError {
+    #[error(transparent)]
+    Generate(#[from] GenerateError),
+    #[error("the instance generating this key gave up")]
+    FailedElsewhere,
+    #[error("no value appeared in time")]
+    GaveUp,
+    #[error("the entry was erased while this request waited for it")]
+    Erased,
+    #[error("MAX_PENDING_GENERATIONS generations are running; none started")]
+    Shed,
+}
+
+/// What a flight is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillMode {
+    /// Nothing is stored: any stored value will do.
+    Miss,
+    /// Replace the entry created at `older_than_ms` (a refresh): only a newer value
+    /// will do, and it is written over the old one.
+    Replace { older_than_ms: i64 },
+    /// Nothing is stored and no user is waiting: a pre-warm generated in process.
+    Prewarm,
+}
+
+impl FillMode {
+    pub(super) fn trigger(self) -> Trigger {
+        match self {
+            Self::Miss => Trigger::Miss,
+            Self::Replace { .. } => Trigger::Refresh,
+            Self::Prewarm => Trigger::Prewarm,
+        }
+    }
+}
+
+/// A flight ends with the stored envelope, or with why there is none.
+pub(super) type FlightResult = Result<Arc<Envelope>, FillError>;
+
+/// The request that runs a key's flight.
+pub(super) type FlightLeader = Leader<CacheKey, FlightResult>;
+
+/// What a read of the store found.
+pub(super) enum Looked {
+    /// The entry, its age, and the tier it came from.
+    Found(Arc<Envelope>, Duration, Tier),
+    Absent,
+    /// An entry is there that this instance cannot read (corrupt, sealed with a key it
+    /// lacks, a format it does not know): a miss that must replace it.
+    Unreadable,
+}
+
+impl NarrativeService {
+    /// Starts a refresh of the entry created at `older_than_ms`, unless one runs.
+    pub(super) fn start_refresh(self: &Arc<Self>, keyed: &KeyedProfile, older_than_ms: i64) {
+        let Flight::Leader(leader) = self.flights.join(&keyed.key) else {
+            return;
+        };
+        if self.must_shed() {
+            leader.complete(Err(FillError::Shed));
+            return;
+        }
+        let (service, keyed) = (Arc::clone(self), keyed.clone());
+        self.tasks.spawn(async move {
+            let result = service
+                .fill(&keyed, FillMode::Replace { older_than_ms }, &leader)
+                .await;
+            if let Err(error) = &result {
+                service.metrics.refresh_failures.inc();
+                tracing::warn!(%error, cache_key = %keyed.key, "refresh failed; the stale entry stays until CACHE_TTL");
+            }
+            leader.complete(result);
+        });
+    }
+
+    /// The entry, its age, and the tier it came from.
+    pub(super) async fn cached(&self, key: &CacheKey) -> Option<(Arc<Envelope>, Duration, Tier)> {
+        match self.look(key).await {
+            Looked::Found(envelope, age, tier) => Some((envelope, age, tier)),
+            Looked::Absent | Looked::Unreadable => None,
+        }
+    }
+
+    pub(super) async fn look(&self, key: &CacheKey) -> Looked {
+        match self.store.get_traced(key).await {
+            Ok(Some((envelope, tier))) => {
+                let age = Duration::from_millis(envelope.age_ms(now_ms()));
+                Looked::Found(envelope, age, tier)
+            }
+            Ok(None) => Looked::Absent,
+            // Counted by the fill that replaces it.
+            Err(StoreError::Corrupt(_)) => Looked::Unreadable,
+            Err(error) => {
+                self.metrics.store_errors.inc();
+                tracing::warn!(%error, store = self.store.name(), "cache read failed; treating as a miss");
+                Looked::Absent
+            }
+        }
+    }
+
+    /// Joins the key's flight, starting it (in a tracked task that outlives the
+    /// request) when there is none. Returns a follower and whether another request
+    /// started the flight.
+    pub(super) fn join_flight(
+        self: &Arc<Self>,
+        keyed: &KeyedProfile,
+        mode: FillMode,
+    ) -> (Follower<FlightResult>, bool) {
+        match self.flights.join(&keyed.key) {
+            Flight::Leader(leader) => {
+                let follower = leader.follower();
+                if self.must_shed() {
+                    leader.complete(Err(FillError::Shed));
+                    return (follower, false);
+                }
+                let service = Arc::clone(self);
+                let keyed = keyed.clone();
+                self.tasks.spawn(async move {
+                    let result = service.fill(&keyed, mode, &leader).await;
+                    leader.complete(result);
+                });
+                (follower, false)
+            }
+            Flight::Follower(follower) => {
+                self.metrics.collapsed.inc();
+                (follower, true)
+            }
+        }
+    }
+
+    /// Whether a new flight must not start: `MAX_PENDING_GENERATIONS` are running
+    /// (each outlives its request, so a flood of distinct misses would otherwise grow
+    /// tasks, locks and lock extensions without limit). A shed flight ends at once,
+    /// and its request answers the template.
+    pub(super) fn must_shed(&self) -> bool {
+        if self.tasks.len() < self.max_pending {
+            return false;
+        }
+        self.metrics.generations_shed.inc();
+        true
+    }
+
+    /// The leader's work: look once more (a flight that just ended may have stored the
+    /// value between our read and our join), then generate and store, or, with Redis,
+    /// coordinate with the other instances first.
+    pub(super) async fn fill(
+        &self,
+        keyed: &KeyedProfile,
+        mode: FillMode,
+        leader: &FlightLeader,
+    ) -> FlightResult {
+        if let Some(distributed) = &self.distributed {
+            return self.fill_shared(distributed, keyed, mode, leader).await;
+        }
+        // In process, the flight itself is what every lookup sees.
+        leader.claim();
+        // The erasure fence counts from here: an erasure after the look below must
+        // not see this flight's value stored.
+        let started = Instant::now();
+        if let Some((envelope, _, _)) = self.cached(&keyed.key).await {
+            let will_do = match mode {
+                FillMode::Miss | FillMode::Prewarm => true,
+                FillMode::Replace { older_than_ms } => envelope.created_at_ms > older_than_ms,
+            };
+            if will_do {
+                return Ok(envelope);
+            }
+        }
+        let envelope = self.generate(keyed, mode.trigger()).await?;
+        self.store_locally(keyed, &envelope, started).await;
+        Ok(envelope)
+    }
+
+    /// Stores a generation that started at `started`, unless the key was erased since.
+    pub(super) async fn store_locally(
+        &self,
+        keyed: &KeyedProfile,
+        envelope: &Arc<Envelope>,
+        started: Instant,
+    ) {
+        if self.erased_since(&keyed.key, started) {
+            tracing::info!(cache_key = %keyed.key, "entry erased while it was generated; not stored");
+            return;
+        }
+        if let Err(error) = self
+            .store
+            .put(&keyed.key, Arc::clone(envelope), self.ttl)
+            .await
+        {
+            self.metrics.store_errors.inc();
+            tracing::warn!(%error, store = self.store.name(), "cache write failed; the narrative is served but not shared");
+        }
+        // An erasure between the check and the put: take the value back out.
+        if self.erased_since(&keyed.key, started) {
+            let _ = self.store.delete(&keyed.key).await;
+        }
+    }
+
+    pub(super) fn erased_since(&self, key: &CacheKey, started: Instant) -> bool {
+        self.erased
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .is_some_and(|erased_at| *erased_at >= started)
+    }
+
+    /// Calls the generator and accounts for it. Only complete outputs come back.
+    pub(super) async fn generate(
+        &self,
+        keyed: &KeyedProfile,
+        trigger: Trigger,
+    ) -> Result<Arc<Envelope>, FillError> {
+        self.metrics.generations_in_flight.inc();
+        let started = Instant::now();
+        let result = self.generator.generate(&keyed.profile).await;
+        self.metrics.generations_in_flight.dec();
+        if let Err(GenerateError::BudgetExhausted) = &result {
+            // No call was made: nothing to time or record as a generation.
+            self.metrics.generation("budget");
+            return Err(GenerateError::BudgetExhausted.into());
+        }
+        self.metrics
+            .generation_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.events.record_generation(generation_event(
+            result.as_ref(),
+            self.generator.model(),
+            keyed.key.digest(),
+            trigger,
+            started.elapsed(),
+        ));
+        let generation = match result {
+            Ok(generation) => generation,
+            Err(error) => {
+                self.metrics.generation(error.kind());
+                tracing::warn!(%error, cache_key = %keyed.key, "generation failed; nothing stored");
+                return Err(error.into());
+            }
+        };
+        self.metrics.generation("ok");
+        self.metrics
+            .llm_tokens_input
+            .inc_by(u64::from(generation.tokens_in));
+        self.metrics
+            .llm_tokens_output
+            .inc_by(u64::from(generation.tokens_out));
+        self.metrics.llm_cost_usd.inc_by(generation.cost_usd);
+        let envelope = Arc::new(generation.into_envelope(
+            self.deriver.engine_version().as_str(),
+            self.deriver.prompt_hash(),
+        ));
+        Ok(envelope)
+    }
+
+    /// Waits until the generation in flight for `key`, if any, has ended.
+    pub async fn settled(&self, key: &CacheKey) {
+        if let Some(follower) = self.flights.follow(key) {
+            follower.wait().await;
+        }
+    }
+}
