@@ -2,6 +2,7 @@
 # Benchmarks on this machine, printed as figures.
 #
 #   scripts/bench.sh [seconds-per-round] [rounds]
+#   BASELINE_GATEWAY=path/to/api-gateway scripts/bench.sh ...   (a build to compare with)
 #
 # 1. Cached-hit paths at concurrency 32, with `loadgen` (closed loop, keep-alive):
 #    the bare HTTP floor (GET /healthz), an embedded gateway's hit, a distributed
@@ -36,16 +37,25 @@ redis_port=$(free_port)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" --logfile "$work/redis.log" &
 pids+=($!)
 
-gateway() { # name, extra env...
+gateway() { # name, binary, extra env...
   local port; port=$(free_port)
   env BIND_ADDR=127.0.0.1:$port LLM_BASE_URL=http://127.0.0.1:$sim_port/v1 LLM_API_KEY=sk-sim \
-    CACHE_KEY_SECRET=bench-secret-0123456789 RUST_LOG=warn "${@:2}" target/release/api-gateway &
+    CACHE_KEY_SECRET=bench-secret-0123456789 RUST_LOG=warn "${@:3}" "$2" &
   pids+=($!)
   printf -v "$1" '%s' "$port"
 }
-gateway embedded
-gateway with_l1 REDIS_URL=redis://127.0.0.1:$redis_port
-gateway l2_only REDIS_URL=redis://127.0.0.1:$redis_port L1_TTL=0s
+gateway embedded target/release/api-gateway
+gateway with_l1 target/release/api-gateway REDIS_URL=redis://127.0.0.1:$redis_port
+gateway l2_only target/release/api-gateway REDIS_URL=redis://127.0.0.1:$redis_port L1_TTL=0s
+# Another build's gateways, measured in the same rounds (before/after a change).
+baseline=${BASELINE_GATEWAY:-}
+ports=("$embedded" "$with_l1" "$l2_only")
+if [ -n "$baseline" ]; then
+  gateway base_embedded "$baseline"
+  gateway base_with_l1 "$baseline" REDIS_URL=redis://127.0.0.1:$redis_port ENGINE_VERSION=narrative@0.0.1
+  # shellcheck disable=SC2154 # set by gateway()
+  ports+=("$base_embedded" "$base_with_l1")
+fi
 
 cat > "$work/profile.json" <<'JSON'
 {"classification":"hybrid","hybrid":["Pleiades","Sirius"],
@@ -55,7 +65,7 @@ cat > "$work/profile.json" <<'JSON'
  "userId":"bench-user"}
 JSON
 # shellcheck disable=SC2154 # embedded, with_l1 and l2_only are set by gateway()
-for port in "$embedded" "$with_l1" "$l2_only"; do
+for port in "${ports[@]}"; do
   for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
   curl -fs -H 'content-type: application/json' --data-binary @"$work/profile.json" "http://127.0.0.1:$port/narrative" >/dev/null
 done
@@ -72,6 +82,11 @@ for round in $(seq "$rounds"); do
   load "round$round embedded hit" "$embedded" "${hit[@]}"
   load "round$round distributed hit (L1)" "$with_l1" "${hit[@]}"
   load "round$round distributed hit (L2 only)" "$l2_only" "${hit[@]}"
+  if [ -n "$baseline" ]; then
+    # shellcheck disable=SC2154 # set by gateway()
+    load "round$round baseline build: embedded hit" "$base_embedded" "${hit[@]}"
+    load "round$round baseline build: distributed hit (L1)" "$base_with_l1" "${hit[@]}"
+  fi
 done
 echo "== server time of hits (gateway histograms): share under 100 us / 250 us / 1 ms"
 for name in embedded with_l1 l2_only; do

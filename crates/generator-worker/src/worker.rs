@@ -18,7 +18,7 @@ use std::time::Instant;
 use analytics::EventSink;
 use cache_core::lock::{Acquired, LockToken};
 use cache_core::signals::Signal;
-use cache_core::{CacheKey, CacheStore, CanonicalProfile, Envelope, StoreError};
+use cache_core::{CacheKey, CanonicalProfile, Envelope, StoreError};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 
 use narrative_fill::{generation_event, Filled, Holder, Want};
@@ -206,18 +206,6 @@ impl Worker {
                 "key is for prompt {}, this worker writes {prompt_hash}: check LLM_MODEL and the prompt on both sides",
                 key.prompt_hash()
             ));
-        }
-        // A redelivered or duplicate job finds its value before taking any lock (its
-        // own may be long gone): acknowledged, nothing paid. Unreadable entries and
-        // Redis errors are left to the fill, which looks again under the lock.
-        if let Ok(Some(_)) = self
-            .holder
-            .patiently(|| self.holder.store().get(&key))
-            .await
-        {
-            self.holder.signal(Signal::Done, &key).await;
-            let _ = self.holder.lock().release(&key, &token).await;
-            return Outcome::AlreadyCached;
         }
         let token = match self
             .holder

@@ -103,15 +103,6 @@ impl Timeline {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    let bin = |name: &str| args.bin_dir.join(name);
-    for name in ["api-gateway", "generator-worker", "analytics", "llm-sim"] {
-        if !bin(name).exists() {
-            bail!(
-                "{} missing: run scripts/rehearsal.sh, which builds it",
-                bin(name).display()
-            );
-        }
-    }
     if args.backlog {
         let shape = backlog::Shape {
             seconds: args.seconds,
@@ -123,6 +114,15 @@ async fn main() -> anyhow::Result<()> {
             std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
         }
         return Ok(());
+    }
+    let bin = |name: &str| args.bin_dir.join(name);
+    for name in ["api-gateway", "generator-worker", "analytics", "llm-sim"] {
+        if !bin(name).exists() {
+            bail!(
+                "{} missing: run scripts/rehearsal.sh, which builds it",
+                bin(name).display()
+            );
+        }
     }
     let logs = PathBuf::from("target/rehearsal");
     let _ = std::fs::remove_dir_all(&logs);

@@ -29,19 +29,21 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::middleware::map_response(security_headers))
         .layer(axum::middleware::map_response_with_state(
             Arc::clone(&state),
-            count_rejection,
+            finish,
         ))
         .with_state(state)
 }
 
-/// Counts every error answer by its code, once, where it leaves the router.
-async fn count_rejection(State(state): State<Arc<AppState>>, response: Response) -> Response {
+/// Every answer on its way out, in one layer (each layer is a boxed future on the hit
+/// path): error answers counted by their code, once, wherever they came from, and
+/// the security headers set.
+async fn finish(State(state): State<Arc<AppState>>, mut response: Response) -> Response {
     if let Some(error::Rejected(code)) = response.extensions().get::<error::Rejected>() {
         state.metrics.rejected(code);
     }
+    security_headers(&mut response);
     response
 }
 
@@ -58,7 +60,7 @@ pub(crate) fn accepted(location: &str, body: serde_json::Value) -> Response {
 
 /// Every answer is JSON or plain text for programs, never a page: browsers are told
 /// not to sniff it into one, frame it, or send referrers from it.
-async fn security_headers(mut response: Response) -> Response {
+fn security_headers(response: &mut Response) {
     let headers = response.headers_mut();
     for (name, value) in [
         ("x-content-type-options", "nosniff"),
@@ -72,5 +74,4 @@ async fn security_headers(mut response: Response) -> Response {
     ] {
         headers.insert(name, HeaderValue::from_static(value));
     }
-    response
 }

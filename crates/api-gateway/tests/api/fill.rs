@@ -238,3 +238,32 @@ async fn a_gateway_back_from_an_outage_reads_what_another_stored_before_paying()
     assert_eq!(sim.sim.stats().requests, calls, "B paid for nothing");
     assert_eq!(reply.body["narrative"], stored.body["narrative"]);
 }
+
+/// One accounting path: a 202 is counted like any other answer (outcome `pending`),
+/// and errors from admin routes and the router's fallbacks reach
+/// `narrative_rejected_total` like those of the narrative routes.
+#[tokio::test]
+async fn every_answer_and_every_rejection_is_counted_once() {
+    let app = spawn_app(
+        SimConfig {
+            latency_ms: 300,
+            ..SimConfig::default()
+        },
+        &[("ADMIN_TOKEN", crate::helpers::ADMIN)],
+    )
+    .await;
+    assert_eq!(respond_async(&app, &profile(400)).await.status, 202);
+    assert_eq!(app.get("/no/such/route").await.status, 404);
+    let too_long = crate::helpers::erase(&app, &"x".repeat(300)).await;
+    assert_eq!(too_long.status, 400, "an admin handler's own error");
+    let metrics = app.get("/metrics").await.body;
+    let metrics = metrics.as_str().unwrap_or_default();
+    for line in [
+        "narrative_requests_total{outcome=\"pending\"} 1",
+        "narrative_rejected_total{code=\"no_route\"} 1",
+        "narrative_rejected_total{code=\"invalid_parameter\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    app.shutdown().await;
+}

@@ -138,7 +138,8 @@ async fn a_duplicate_or_redelivered_job_never_pays_twice() {
         lock_token: "an-old-token".to_owned(),
         trigger: Trigger::Miss,
         request_id: "redelivered".to_owned(),
-        enqueued_at_ms: 0,
+        // When its gateway enqueued it, as a redelivery carries it.
+        enqueued_at_ms: cache_core::now_ms(),
     };
     job.publish(&publisher).await.expect("confirmed");
     until("the duplicate job to be handled", || {

@@ -3,16 +3,14 @@
 //! `REDIS_FAILOVER_WAIT` instead of handing them back. Once Redis answers again the
 //! five narratives are stored, and nothing is paid for twice.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::{enqueue_misses, Process};
 use cache_core::codec::ValueCodec;
 use cache_core::redis_backend::{RedisBackend, RedisTarget, RedisTimeouts};
 use cache_core::{CacheStore, RedisStore};
-use common::{enqueue_misses, Process};
 use llm_sim::SimConfig;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

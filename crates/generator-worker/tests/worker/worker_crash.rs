@@ -2,16 +2,14 @@
 //! redelivers the unacked job to another worker, which stores the narrative. Nothing
 //! accepted is lost, and the crash costs at most one more LLM call.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::{enqueue_misses, Process};
 use cache_core::codec::ValueCodec;
 use cache_core::redis_backend::{RedisBackend, RedisTarget, RedisTimeouts};
 use cache_core::{CacheStore, RedisStore};
-use common::{enqueue_misses, Process};
 use llm_sim::SimConfig;
 
 fn start_worker(amqp: &str, sim: &llm_sim::SimHandle) -> Process {
