@@ -49,6 +49,7 @@ gateway with_l1 target/release/api-gateway REDIS_URL=redis://127.0.0.1:$redis_po
 gateway l2_only target/release/api-gateway REDIS_URL=redis://127.0.0.1:$redis_port L1_TTL=0s
 # Another build's gateways, measured in the same rounds (before/after a change).
 baseline=${BASELINE_GATEWAY:-}
+# shellcheck disable=SC2154 # embedded, with_l1 and l2_only are set by gateway()
 ports=("$embedded" "$with_l1" "$l2_only")
 if [ -n "$baseline" ]; then
   gateway base_embedded "$baseline"
@@ -64,7 +65,6 @@ cat > "$work/profile.json" <<'JSON'
    "centers":["Sacral","Throat","Root"],"channels":["34-20"],"gates":[34,20,5,15]},
  "userId":"bench-user"}
 JSON
-# shellcheck disable=SC2154 # embedded, with_l1 and l2_only are set by gateway()
 for port in "${ports[@]}"; do
   for _ in $(seq 100); do curl -fs "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
   curl -fs -H 'content-type: application/json' --data-binary @"$work/profile.json" "http://127.0.0.1:$port/narrative" >/dev/null

@@ -46,44 +46,23 @@ pub async fn run(bin_dir: &Path, shape: Shape) -> anyhow::Result<Value> {
         .build()?;
     let redis = &test_kit::redis().url;
     let amqp = test_kit::rabbitmq().vhost("backlog");
-    let port = test_kit::free_port;
-
-    let sim_port = port();
-    let mut sim = Service::new(
-        "llm-sim",
-        bin("llm-sim"),
-        sim_port,
-        vec![
-            ("LLM_SIM_BIND".into(), format!("127.0.0.1:{sim_port}")),
-            ("LLM_SIM_LATENCY_MS".into(), shape.latency_ms.to_string()),
-            ("LLM_SIM_JITTER_MS".into(), "0".into()),
-        ],
-        logs,
-    );
+    let mut sim = Service::simulator(bin("llm-sim"), shape.latency_ms, 0, logs);
     sim.start()?;
     sim.wait_ready(&client, "/v1/models").await?;
-    let shared: Vec<(String, String)> = [
-        ("RUST_LOG", "warn"),
-        ("REDIS_URL", redis.as_str()),
-        ("REDIS_TIMEOUT_MS", "1000"),
-        ("LOCK_TTL", "5s"),
-        ("CACHE_KEY_SECRET", "backlog-cache-key-secret-0123456789"),
-        ("AMQP_URL", amqp.as_str()),
-        ("LLM_API_KEY", "sk-backlog"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .chain([(
-        "LLM_BASE_URL".to_owned(),
-        format!("http://127.0.0.1:{sim_port}/v1"),
-    )])
-    .collect();
+    let shared = crate::fleet::shared_env(
+        &[
+            ("RUST_LOG", "warn"),
+            ("REDIS_URL", redis.as_str()),
+            ("REDIS_TIMEOUT_MS", "1000"),
+            ("LOCK_TTL", "5s"),
+            ("CACHE_KEY_SECRET", "backlog-cache-key-secret-0123456789"),
+            ("AMQP_URL", amqp.as_str()),
+            ("LLM_API_KEY", "sk-backlog"),
+        ],
+        sim.port,
+    );
     let service = |name: &str, binary: &str, extra: Vec<(&str, String)>| {
-        let port = port();
-        let mut env = shared.clone();
-        env.push(("BIND_ADDR".to_owned(), format!("127.0.0.1:{port}")));
-        env.extend(extra.into_iter().map(|(k, v)| (k.to_owned(), v)));
-        Service::new(name, bin(binary), port, env, logs)
+        Service::member(name, bin(binary), &shared, extra, logs)
     };
     let mut worker = service(
         "worker",

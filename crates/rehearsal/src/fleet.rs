@@ -18,7 +18,47 @@ pub struct Service {
     child: Option<Child>,
 }
 
+/// The settings every service of a fleet shares: `pairs`, and the simulator's URL.
+pub fn shared_env(pairs: &[(&str, &str)], sim_port: u16) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .chain([(
+            "LLM_BASE_URL".to_owned(),
+            format!("http://127.0.0.1:{sim_port}/v1"),
+        )])
+        .collect()
+}
+
 impl Service {
+    /// A service of a fleet on a free port of its own (its `BIND_ADDR`), with the
+    /// fleet's `shared` settings and its own `extra` ones.
+    pub fn member(
+        name: &str,
+        binary: PathBuf,
+        shared: &[(String, String)],
+        extra: Vec<(&str, String)>,
+        logs: &Path,
+    ) -> Self {
+        let port = test_kit::free_port();
+        let mut env = shared.to_vec();
+        env.push(("BIND_ADDR".to_owned(), format!("127.0.0.1:{port}")));
+        env.extend(extra.into_iter().map(|(k, v)| (k.to_owned(), v)));
+        Self::new(name, binary, port, env, logs)
+    }
+
+    /// The LLM simulator on a free port, answering every call after `latency_ms`
+    /// (± `jitter_ms`).
+    pub fn simulator(binary: PathBuf, latency_ms: u64, jitter_ms: u64, logs: &Path) -> Self {
+        let port = test_kit::free_port();
+        let env = vec![
+            ("LLM_SIM_BIND".into(), format!("127.0.0.1:{port}")),
+            ("LLM_SIM_LATENCY_MS".into(), latency_ms.to_string()),
+            ("LLM_SIM_JITTER_MS".into(), jitter_ms.to_string()),
+        ];
+        Self::new("llm-sim", binary, port, env, logs)
+    }
+
     pub fn new(
         name: &str,
         binary: PathBuf,

@@ -136,53 +136,32 @@ async fn main() -> anyhow::Result<()> {
     let amqp = test_kit::rabbitmq().vhost("rehearsal");
     let database = test_kit::postgres().database("rehearsal");
 
-    let port = test_kit::free_port;
-    let sim_port = port();
-    let mut sim = Service::new(
-        "llm-sim",
-        bin("llm-sim"),
-        sim_port,
-        vec![
-            ("LLM_SIM_BIND".into(), format!("127.0.0.1:{sim_port}")),
-            ("LLM_SIM_LATENCY_MS".into(), "400".into()),
-            ("LLM_SIM_JITTER_MS".into(), "200".into()),
-        ],
-        &logs,
-    );
+    let mut sim = Service::simulator(bin("llm-sim"), 400, 200, &logs);
     sim.start()?;
     sim.wait_ready(&client, "/v1/models").await?;
 
-    let shared: Vec<(String, String)> = [
-        ("RUST_LOG", "info"),
-        ("REDIS_URL", cluster.url.as_str()),
-        ("REDIS_CLUSTER", "true"),
-        // Ten processes share two cores here: a Redis call can wait its turn.
-        ("REDIS_TIMEOUT_MS", "1000"),
-        // Cover the failover below: the node timeout of 2 s, the election, and the
-        // clients finding the new master take 5 to 8 s here. A worker's write after
-        // the LLM call waits only while the fill lock surely lives (LOCK_TTL / 2), so
-        // the lock is above twice that (docs/redis.md, "When Redis fails").
-        ("REDIS_FAILOVER_WAIT", "15s"),
-        ("LOCK_TTL", "30s"),
-        ("CACHE_KEY_SECRET", "rehearsal-cache-key-secret-0123456789"),
-        ("AMQP_URL", amqp.as_str()),
-        ("RABBITMQ_QUORUM", "true"),
-        ("LLM_API_KEY", "sk-rehearsal"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .chain([(
-        "LLM_BASE_URL".to_owned(),
-        format!("http://127.0.0.1:{sim_port}/v1"),
-    )])
-    .collect();
-    // A service of the fleet on a port of its own, with the shared settings.
+    let shared = fleet::shared_env(
+        &[
+            ("RUST_LOG", "info"),
+            ("REDIS_URL", cluster.url.as_str()),
+            ("REDIS_CLUSTER", "true"),
+            // Ten processes share two cores here: a Redis call can wait its turn.
+            ("REDIS_TIMEOUT_MS", "1000"),
+            // Cover the failover below: the node timeout of 2 s, the election, and the
+            // clients finding the new master take 5 to 8 s here. A worker's write after
+            // the LLM call waits only while the fill lock surely lives (LOCK_TTL / 2),
+            // so the lock is above twice that (docs/redis.md, "When Redis fails").
+            ("REDIS_FAILOVER_WAIT", "15s"),
+            ("LOCK_TTL", "30s"),
+            ("CACHE_KEY_SECRET", "rehearsal-cache-key-secret-0123456789"),
+            ("AMQP_URL", amqp.as_str()),
+            ("RABBITMQ_QUORUM", "true"),
+            ("LLM_API_KEY", "sk-rehearsal"),
+        ],
+        sim.port,
+    );
     let service = |name: &str, binary: &str, extra: Vec<(&str, String)>| {
-        let port = port();
-        let mut env = shared.clone();
-        env.push(("BIND_ADDR".to_owned(), format!("127.0.0.1:{port}")));
-        env.extend(extra.into_iter().map(|(k, v)| (k.to_owned(), v)));
-        Service::new(name, bin(binary), port, env, &logs)
+        Service::member(name, bin(binary), &shared, extra, &logs)
     };
 
     let mut analytics = service(
