@@ -119,7 +119,10 @@ impl NarrativeService {
                         .await
                     {
                         JobFill::Ended(result) => return result,
-                        JobFill::LockGone => continue,
+                        // Not past `give_up`: a failure whose signal was lost must not
+                        // publish the key again and again.
+                        JobFill::LockGone if Instant::now() < give_up => continue,
+                        JobFill::LockGone => return Err(FillError::GaveUp),
                         JobFill::NotQueued => {
                             // The job may still have been enqueued (a lost confirm):
                             // give up its token, so a worker that gets it finds another
@@ -149,15 +152,18 @@ impl NarrativeService {
                     if redis_outage_outlasts(shared, failed_at) {
                         // The breaker may still be open on an outage that is over (a
                         // restart another instance already saw end): one read past it
-                        // decides before this instance pays the LLM alone.
-                        // Any answer (a value, none, one this instance cannot read)
-                        // means Redis is back: look again from the start.
-                        if let Ok(_) | Err(StoreError::Corrupt(_)) = shared.redis().probe(key).await
-                        {
-                            continue;
+                        // decides before this instance pays the LLM alone. Any answer
+                        // (a value, none, one this instance cannot read) means Redis
+                        // is back, and its success has closed the breaker: the next
+                        // round, after the poll below, looks again.
+                        let back = matches!(
+                            shared.redis().probe(key).await,
+                            Ok(_) | Err(StoreError::Corrupt(_))
+                        );
+                        if !back {
+                            tracing::warn!(%error, "redis still failing; generating in this instance alone");
+                            return self.fill_alone(shared, keyed, mode).await;
                         }
-                        tracing::warn!(%error, "redis still failing; generating in this instance alone");
-                        return self.fill_alone(shared, keyed, mode).await;
                     }
                     // Otherwise polled below, like a key held elsewhere.
                 }
