@@ -90,8 +90,8 @@ impl ConfirmedPublisher {
                 .open
                 .as_ref()
                 .is_some_and(|(connection, _)| connection.status().connected()),
-            // Someone is connecting right now.
-            Err(_) => true,
+            // The lock is held only while connecting: not connected yet.
+            Err(_) => false,
         }
     }
 
