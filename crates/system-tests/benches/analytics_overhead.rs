@@ -8,7 +8,7 @@
 //! loop, concurrency 32), which `scripts/bench.sh` builds first. So the "on" figure
 //! pays for the whole pipeline's CPU, not just the publish.
 //!
-//! `cargo build --release -p loadgen && cargo bench -p api-gateway --bench analytics_overhead`
+//! `cargo build --release -p loadgen && cargo bench -p system-tests --bench analytics_overhead`
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -6,7 +6,7 @@
 //! on loopback. Distinct user misses, one at a time, end to end minus the simulated
 //! 500 ms, in three phases: before, while a pre-warm of 500 profiles runs, and after it.
 //!
-//! `cargo bench -p api-gateway --bench prewarm_latency`
+//! `cargo bench -p system-tests --bench prewarm_latency`
 
 use std::time::{Duration, Instant};
 

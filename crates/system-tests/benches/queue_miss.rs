@@ -9,7 +9,7 @@
 //! 2. Worker throughput: one worker with prefetch C takes 4*C concurrent misses;
 //!    jobs/s against the ceiling of C / 0.5 s.
 //!
-//! `cargo bench -p api-gateway --bench queue_miss`
+//! `cargo bench -p system-tests --bench queue_miss`
 
 use std::time::{Duration, Instant};
 
