@@ -27,6 +27,9 @@ pub struct PublisherSettings {
     pub max_batch: usize,
     /// How long a batch may wait to fill.
     pub linger: Duration,
+    /// How long a batch waits for the broker's confirm (at least the fleet's
+    /// `AMQP_CONFIRM_TIMEOUT_MS`).
+    pub confirm_timeout: Duration,
     /// How long the last batches get at shutdown.
     pub drain_timeout: Duration,
 }
@@ -37,6 +40,7 @@ impl Default for PublisherSettings {
             capacity: 100_000,
             max_batch: 1_000,
             linger: Duration::from_millis(200),
+            confirm_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
         }
     }
@@ -296,6 +300,7 @@ impl PublisherTask {
                 body: &body,
                 content_type: "application/json",
                 correlation_id: None,
+                confirm_timeout: Some(self.settings.confirm_timeout),
             })
             .await
     }

@@ -248,15 +248,17 @@ fn analytics_settings(
     let Some(database_url) = database_url_from(vars)? else {
         return Ok(None);
     };
-    queue.ok_or_else(|| {
+    let queue = queue.ok_or_else(|| {
         ConfigError::new(
             "DATABASE_URL",
             "needs AMQP_URL too: events reach Postgres through RabbitMQ and the analytics service",
         )
     })?;
+    let defaults = PublisherSettings::default();
     let events = PublisherSettings {
         capacity,
-        ..PublisherSettings::default()
+        confirm_timeout: queue.confirm_timeout.max(defaults.confirm_timeout),
+        ..defaults
     };
     Ok(Some(AnalyticsSettings {
         database_url,

@@ -106,8 +106,8 @@ impl Holder {
         &self.bus
     }
 
-    /// Counts an entry that could not be read (wherever it was found).
-    pub fn count_unreadable(&self, key: &CacheKey, error: &str) {
+    /// Counts an entry that could not be read, which this fill replaces.
+    fn count_unreadable(&self, key: &CacheKey, error: &str) {
         self.unreadable.inc();
         tracing::warn!(cache_key = %key, %error, "stored entry cannot be read; the next generation replaces it");
     }

@@ -32,6 +32,7 @@ impl Job {
                 body: &body,
                 content_type: "application/json",
                 correlation_id: Some(&self.request_id),
+                confirm_timeout: None,
             })
             .await
     }

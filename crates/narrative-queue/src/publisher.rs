@@ -42,6 +42,10 @@ pub struct Message<'a> {
     pub content_type: &'static str,
     /// For tracing across services (a job's request id).
     pub correlation_id: Option<&'a str>,
+    /// How long to wait for the confirm; `None` is `AMQP_CONFIRM_TIMEOUT_MS`. A job
+    /// takes the short default (a miss waits on it); an event batch, retried until it
+    /// lands, can afford longer than a re-send of a thousand events costs.
+    pub confirm_timeout: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -200,7 +204,10 @@ impl ConfirmedPublisher {
                 )),
             }
         };
-        tokio::time::timeout(self.settings.confirm_timeout, publish)
+        let patience = message
+            .confirm_timeout
+            .unwrap_or(self.settings.confirm_timeout);
+        tokio::time::timeout(patience, publish)
             .await
             .map_err(|_| PublishError::ConfirmTimeout)?
     }
