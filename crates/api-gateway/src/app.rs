@@ -23,7 +23,8 @@ use crate::http;
 use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
 use crate::service::{
-    AnalyticsSource, Distributed, NarrativeService, PrewarmRuns, RedisTallies, ServiceParts,
+    AnalyticsSource, Distributed, FillStrategy, InProcessFill, NarrativeService, PrewarmRuns,
+    RedisFill, RedisTallies, ServiceParts, WorkerFill, Workers,
 };
 use crate::settings::{RedisSettings, Settings};
 
@@ -107,34 +108,39 @@ impl App {
             .queue
             .clone()
             .map(|queue| Arc::new(ConfirmedPublisher::new(queue, BROKER_FAIL_FAST)));
-        let (store, distributed): (Arc<dyn CacheStore>, _) = match &settings.redis {
-            None => (
-                Arc::new(MemoryStore::new(settings.memory_cache_max_bytes)),
-                None,
-            ),
-            Some(redis) => {
-                let shared = distributed(
-                    redis,
-                    &settings,
-                    &metrics,
-                    broker.clone(),
-                    &background,
-                    &background_tasks,
-                );
-                (
-                    Arc::clone(&shared.tiers) as Arc<dyn CacheStore>,
-                    Some(shared),
-                )
-            }
-        };
-        let mode = if distributed.is_some() {
+        // The fill strategy, chosen once: in process, or through Redis, with workers
+        // when jobs can be published.
+        let (store, strategy, redis): (Arc<dyn CacheStore>, Arc<dyn FillStrategy>, _) =
+            match &settings.redis {
+                None => (
+                    Arc::new(MemoryStore::new(settings.memory_cache_max_bytes)),
+                    Arc::new(InProcessFill::new(settings.erasure_tombstone)),
+                    None,
+                ),
+                Some(redis) => {
+                    let shared =
+                        distributed(redis, &settings, &metrics, &background, &background_tasks);
+                    let store = Arc::clone(&shared.tiers) as Arc<dyn CacheStore>;
+                    let backend = Arc::clone(shared.redis().backend());
+                    let redis = RedisFill { shared };
+                    let strategy: Arc<dyn FillStrategy> = match broker.clone() {
+                        None => Arc::new(redis),
+                        Some(jobs) => Arc::new(WorkerFill {
+                            redis,
+                            workers: Workers {
+                                jobs,
+                                job_wait_limit: settings.job_wait_limit,
+                            },
+                        }),
+                    };
+                    (store, strategy, Some(backend))
+                }
+            };
+        let mode = if redis.is_some() {
             "distributed"
         } else {
             "embedded"
         };
-        let redis = distributed
-            .as_ref()
-            .map(|shared: &Distributed| Arc::clone(shared.redis().backend()));
         let (sink, analytics, events): (Arc<dyn EventSink>, _, _) = match &settings.analytics {
             None => {
                 let memory = Arc::new(InMemoryAnalytics::new());
@@ -198,12 +204,12 @@ impl App {
             stale_after: settings.stale_after,
             previous_versions: settings.previous_versions.clone(),
             generation_wait: settings.generation_wait,
-            distributed,
+            strategy,
             user_index,
             erasure_tombstone: settings.erasure_tombstone,
             max_pending_generations: settings.max_pending_generations,
         }));
-        if service.distributed().is_some() {
+        if redis.is_some() {
             let flusher = Arc::clone(&service);
             let stop = background.clone();
             background_tasks.spawn(async move { flusher.flush_counters(stop).await });
@@ -262,7 +268,6 @@ fn distributed(
     redis: &RedisSettings,
     settings: &Settings,
     metrics: &Metrics,
-    jobs: Option<Arc<ConfirmedPublisher>>,
     background: &CancellationToken,
     tasks: &TaskTracker,
 ) -> Distributed {
@@ -294,8 +299,6 @@ fn distributed(
             metrics.unreadable_entries.clone(),
         ),
         tiers,
-        jobs,
-        job_wait_limit: settings.job_wait_limit,
     }
 }
 

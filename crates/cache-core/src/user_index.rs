@@ -43,6 +43,11 @@ pub trait UserIndex: Send + Sync + std::fmt::Debug + 'static {
     async fn keys(&self, user: &str) -> Result<Vec<CacheKey>, StoreError>;
     /// Removes `keys`, now erased, from `user`'s index.
     async fn forget(&self, user: &str, keys: &[CacheKey]) -> Result<(), StoreError>;
+    /// How long a pair another instance recorded may take to be readable here (it
+    /// buffers before writing); `None` where every pair is readable at once.
+    fn late_writes_within(&self) -> Option<Duration> {
+        None
+    }
 }
 
 #[derive(Debug, Default)]
@@ -155,6 +160,12 @@ impl RedisUserIndex {
 
 #[async_trait::async_trait]
 impl UserIndex for RedisUserIndex {
+    /// Other instances write what they recorded every [`FLUSH_INTERVAL`] (when their
+    /// Redis calls succeed): half an interval more covers one that was mid-flush.
+    fn late_writes_within(&self) -> Option<Duration> {
+        Some(FLUSH_INTERVAL * 3 / 2)
+    }
+
     fn record(&self, user: &str, key: &CacheKey) {
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(keys) = pending.get_mut(user) {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use analytics::InMemoryAnalytics;
 use api_gateway::service::{
-    Caller, Directives, NarrativeService, Pacer, RunProgress, ServiceParts, Source,
+    Caller, Directives, InProcessFill, NarrativeService, Pacer, RunProgress, ServiceParts, Source,
 };
 use api_gateway::Metrics;
 use cache_core::{
@@ -92,7 +92,7 @@ fn service(settings: &SimSettings, llm: Arc<SimulatedLlm>) -> Arc<NarrativeServi
         ttl: month,
         stale_after: month,
         generation_wait: settings.generation_wait,
-        distributed: None,
+        strategy: Arc::new(InProcessFill::new(Duration::from_secs(3600))),
         previous_versions: Vec::new(),
         user_index: Arc::new(cache_core::user_index::MemoryUserIndex::default()),
         erasure_tombstone: Duration::from_secs(3600),

@@ -57,11 +57,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             }),
         ),
     };
-    let queue = match state
-        .service
-        .distributed()
-        .and_then(|shared| shared.jobs.as_ref())
-    {
+    let queue = match state.service.jobs() {
         None => serde_json::json!({"kind": "in-process", "state": "up"}),
         Some(jobs) => {
             serde_json::json!({"kind": "rabbitmq", "state": if jobs.is_connected().await { "up" } else { "down" }})

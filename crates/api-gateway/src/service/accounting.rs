@@ -121,10 +121,7 @@ impl NarrativeService {
                 StoreStats::default()
             }
         };
-        let global = match &self.distributed {
-            Some(shared) => self.counters.global(shared.redis().backend()).await.ok(),
-            None => None,
-        };
+        let global = self.strategy.fleet_counts(&self.counters).await;
         ServiceStats {
             store,
             counts: global.unwrap_or_else(|| self.counters.local()),
@@ -136,16 +133,12 @@ impl NarrativeService {
     /// Adds this instance's counts to the shared ones, every second until `stop`, and
     /// once more at the end.
     pub async fn flush_counters(&self, stop: tokio_util::sync::CancellationToken) {
-        let Some(shared) = &self.distributed else {
-            return;
-        };
-        let backend = shared.redis().backend();
         loop {
             let stopping = tokio::select! {
                 () = stop.cancelled() => true,
                 () = tokio::time::sleep(Duration::from_secs(1)) => false,
             };
-            if let Err(error) = self.counters.flush(backend).await {
+            if let Err(error) = self.strategy.share_counts(&self.counters).await {
                 tracing::debug!(%error, "hit counters not flushed; they are kept for the next try");
             }
             if let Err(error) = self.user_index.flush().await {

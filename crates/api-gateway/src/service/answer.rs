@@ -411,11 +411,7 @@ impl NarrativeService {
             return Lookup::Pending;
         }
         // Another instance may be generating it: its fill lock says so.
-        let held_elsewhere = match &self.distributed {
-            Some(shared) => shared.lock().is_held(key).await.unwrap_or(false),
-            None => false,
-        };
-        if held_elsewhere {
+        if self.strategy.held_elsewhere(key).await {
             Lookup::Pending
         } else {
             Lookup::Missing

@@ -1,9 +1,7 @@
-//! Erasure by user: every entry the user asked for is deleted, with its fill lock
-//! revoked and a tombstone left (with Redis), or fenced in process (embedded).
+//! Erasure by user: every entry the user asked for is deleted, as the fill strategy
+//! deletes it (with its fill lock revoked and a tombstone left with Redis, fenced in
+//! process in embedded mode).
 
-use std::time::Instant;
-
-use cache_core::signals::Signal;
 use cache_core::{CacheKey, StoreError};
 
 use super::NarrativeService;
@@ -19,10 +17,11 @@ impl NarrativeService {
         let mut deleted = 0;
         for pass in 0..2 {
             if pass == 1 {
-                if self.distributed.is_none() {
+                // Pairs other instances recorded but had not written yet.
+                let Some(late) = self.user_index.late_writes_within() else {
                     break;
-                }
-                tokio::time::sleep(cache_core::user_index::FLUSH_INTERVAL * 3 / 2).await;
+                };
+                tokio::time::sleep(late).await;
             }
             let keys = self.user_index.keys(user_hash).await?;
             let mut erased = Vec::with_capacity(keys.len());
@@ -48,27 +47,7 @@ impl NarrativeService {
         Ok(deleted)
     }
 
-    /// Embedded mode's fence: generations that began before now store nothing.
-    pub(super) fn fence_locally(&self, key: &CacheKey) {
-        let now = Instant::now();
-        let mut erased = self
-            .erased
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        erased.retain(|_, at| now.duration_since(*at) < self.erasure_tombstone);
-        erased.insert(key.clone(), now);
-    }
-
-    pub(super) async fn erase_key(&self, key: &CacheKey) -> Result<bool, StoreError> {
-        let Some(shared) = &self.distributed else {
-            self.fence_locally(key);
-            return self.store.delete(key).await;
-        };
-        let existed = shared.lock().erase(key, self.erasure_tombstone).await?;
-        shared.tiers.forget_l1(key);
-        if let Err(error) = shared.bus().publish(Signal::Invalidate, key).await {
-            tracing::warn!(%error, "could not tell other instances to drop an erased entry; their copies expire with L1_TTL");
-        }
-        Ok(existed)
+    async fn erase_key(&self, key: &CacheKey) -> Result<bool, StoreError> {
+        self.strategy.erase(self, key).await
     }
 }

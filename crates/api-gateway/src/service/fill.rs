@@ -1,6 +1,7 @@
-//! Flights and the fill: one flight per key per instance (the first request leads, in
-//! a tracked task bounded by `MAX_PENDING_GENERATIONS`), which fills the key in
-//! process (embedded mode) or through the fill protocol with Redis (`distributed`).
+//! Flights: one per key per instance (the first request leads, in a tracked task
+//! bounded by `MAX_PENDING_GENERATIONS`), whose leader fills the key as the
+//! instance's fill strategy does (`strategy`), and the generation every strategy
+//! calls.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -157,68 +158,23 @@ impl NarrativeService {
         true
     }
 
-    /// The leader's work: look once more (a flight that just ended may have stored the
-    /// value between our read and our join), then generate and store, or, with Redis,
-    /// coordinate with the other instances first.
+    /// The leader's work, as the fill strategy chosen at build time does it.
     pub(super) async fn fill(
         &self,
         keyed: &KeyedProfile,
         mode: FillMode,
         leader: &FlightLeader,
     ) -> FlightResult {
-        if let Some(distributed) = &self.distributed {
-            return self.fill_shared(distributed, keyed, mode, leader).await;
-        }
-        // In process, the flight itself is what every lookup sees.
-        leader.claim();
-        // The erasure fence counts from here: an erasure after the look below must
-        // not see this flight's value stored.
-        let started = Instant::now();
-        if let Some((envelope, _, _)) = self.cached(&keyed.key).await {
-            let will_do = match mode {
-                FillMode::Miss | FillMode::Prewarm => true,
-                FillMode::Replace { older_than_ms } => envelope.created_at_ms > older_than_ms,
-            };
-            if will_do {
-                return Ok(envelope);
-            }
-        }
-        let envelope = self.generate(keyed, mode.trigger()).await?;
-        self.store_locally(keyed, &envelope, started).await;
-        Ok(envelope)
+        self.strategy.fill(self, keyed, mode, leader).await
     }
 
-    /// Stores a generation that started at `started`, unless the key was erased since.
-    pub(super) async fn store_locally(
-        &self,
-        keyed: &KeyedProfile,
-        envelope: &Arc<Envelope>,
-        started: Instant,
-    ) {
-        if self.erased_since(&keyed.key, started) {
-            tracing::info!(cache_key = %keyed.key, "entry erased while it was generated; not stored");
-            return;
-        }
-        if let Err(error) = self
-            .store
-            .put(&keyed.key, Arc::clone(envelope), self.ttl)
-            .await
-        {
+    /// Stores a generated narrative; a store that fails is counted and logged, and the
+    /// narrative is still served.
+    pub(super) async fn store_or_warn(&self, key: &CacheKey, envelope: &Arc<Envelope>) {
+        if let Err(error) = self.store.put(key, Arc::clone(envelope), self.ttl).await {
             self.metrics.store_errors.inc();
             tracing::warn!(%error, store = self.store.name(), "cache write failed; the narrative is served but not shared");
         }
-        // An erasure between the check and the put: take the value back out.
-        if self.erased_since(&keyed.key, started) {
-            let _ = self.store.delete(&keyed.key).await;
-        }
-    }
-
-    pub(super) fn erased_since(&self, key: &CacheKey, started: Instant) -> bool {
-        self.erased
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(key)
-            .is_some_and(|erased_at| *erased_at >= started)
     }
 
     /// Calls the generator and accounts for it. Only complete outputs come back.

@@ -12,15 +12,18 @@
 //! refresh that fails leaves the stale entry in place, served until `CACHE_TTL`
 //! (stale-if-error).
 //!
-//! With Redis configured the flight's leader also coordinates with other instances
-//! (`distributed`): it takes the key's fill lock in Redis or waits for the holder's
-//! completion signal, and fills the key through the fill protocol (`narrative-fill`).
+//! How the flight's leader fills the key is the [`FillStrategy`] chosen when the app
+//! is built: in process ([`InProcessFill`], embedded mode), or coordinated with other
+//! instances through Redis ([`RedisFill`]: the leader takes the key's fill lock or
+//! waits for the holder's completion signal, and fills the key through the fill
+//! protocol of `narrative-fill`), with workers generating misses ([`WorkerFill`]).
 //!
 //! By idea: `answer` is the answer policy (hit, stale, revalidation, coalesced miss,
-//! template, 202) and its types; `fill` the flights and the in-process fill;
-//! `distributed` the fill with Redis and workers; `accounting` counts every answer
-//! once and reports stats; `erasure` erases by user; `counters`, `reporting` and
-//! `prewarm` are the shared hit counters, analytics reads and pre-warm runs.
+//! template, 202) and its types; `fill` the flights and the generation; `strategy`
+//! the fill strategies' trait and the in-process one; `distributed` the fill with
+//! Redis and workers; `accounting` counts every answer once and reports stats;
+//! `erasure` erases by user; `counters`, `reporting` and `prewarm` are the shared hit
+//! counters, analytics reads and pre-warm runs.
 
 mod accounting;
 mod answer;
@@ -30,9 +33,10 @@ mod erasure;
 mod fill;
 mod prewarm;
 mod reporting;
+mod strategy;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use analytics::{EventSink, Trigger};
 use cache_core::user_index::UserIndex;
@@ -45,11 +49,12 @@ use tokio_util::task::TaskTracker;
 pub use accounting::ServiceStats;
 pub use answer::{Answer, Caller, Directives, Forwarded, Lookup, NotCached, Source};
 pub use counters::{Count, Counters, Totals};
-pub use distributed::Distributed;
+pub use distributed::{Distributed, RedisFill, WorkerFill, Workers};
 pub use fill::{FillError, FillMode};
 use fill::{FlightLeader, FlightResult, Looked};
-pub use prewarm::{Pacer, PrewarmRuns, RunProgress, Step};
+pub use prewarm::{Pacer, PrewarmRuns, PrewarmStart, RunProgress, Step};
 pub use reporting::{AnalyticsSource, RedisTallies};
+pub use strategy::{FillStrategy, InProcessFill};
 
 use crate::metrics::Metrics;
 
@@ -65,7 +70,8 @@ pub struct NarrativeService {
     ttl: Duration,
     stale_after: Duration,
     generation_wait: Duration,
-    distributed: Option<Distributed>,
+    /// In process, with Redis, or with Redis and workers: chosen once, at build.
+    strategy: Arc<dyn FillStrategy>,
     /// `narr:<version>:<promptHash>:` of earlier versions, newest first.
     previous_prefixes: Vec<String>,
     counters: Counters,
@@ -73,9 +79,6 @@ pub struct NarrativeService {
     user_index: Arc<dyn UserIndex>,
     /// How long an erasure's tombstone keeps jobs enqueued before it from writing.
     erasure_tombstone: Duration,
-    /// Embedded mode's fence: when each key was last erased here. A generation that
-    /// started before that stores nothing.
-    erased: std::sync::Mutex<std::collections::HashMap<CacheKey, Instant>>,
     /// `MAX_PENDING_GENERATIONS`: flights (and refreshes) running at most.
     max_pending: usize,
 }
@@ -90,8 +93,8 @@ pub struct ServiceParts {
     pub ttl: Duration,
     pub stale_after: Duration,
     pub generation_wait: Duration,
-    /// Set when a Redis is shared with other instances.
-    pub distributed: Option<Distributed>,
+    /// How a missed key is filled: [`InProcessFill`], [`RedisFill`] or [`WorkerFill`].
+    pub strategy: Arc<dyn FillStrategy>,
     /// Earlier versions whose entries answer a miss as stale during a rollout.
     pub previous_versions: Vec<(cache_core::EngineVersion, cache_core::PromptHash)>,
     pub user_index: Arc<dyn UserIndex>,
@@ -110,7 +113,7 @@ impl NarrativeService {
             ttl,
             stale_after,
             generation_wait,
-            distributed,
+            strategy,
             previous_versions,
             user_index,
             erasure_tombstone,
@@ -127,7 +130,7 @@ impl NarrativeService {
             ttl,
             stale_after,
             generation_wait,
-            distributed,
+            strategy,
             previous_prefixes: previous_versions
                 .iter()
                 .map(|(version, hash)| format!("narr:{version}:{hash}:"))
@@ -135,7 +138,6 @@ impl NarrativeService {
             counters: Counters::default(),
             user_index,
             erasure_tombstone,
-            erased: std::sync::Mutex::new(std::collections::HashMap::new()),
             max_pending: max_pending_generations,
         }
     }
@@ -152,8 +154,14 @@ impl NarrativeService {
         self.store.name()
     }
 
+    /// The Redis parts when instances share one, for reports.
     pub fn distributed(&self) -> Option<&Distributed> {
-        self.distributed.as_ref()
+        self.strategy.shared()
+    }
+
+    /// The job queue's publisher when workers generate, for reports.
+    pub fn jobs(&self) -> Option<&narrative_queue::ConfirmedPublisher> {
+        self.strategy.jobs()
     }
 
     pub fn ttl(&self) -> Duration {

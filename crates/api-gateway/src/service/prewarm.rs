@@ -22,13 +22,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use cache_core::{now_ms, KeyedProfile};
-use narrative_queue::{Job, JOB_VERSION};
+use cache_core::KeyedProfile;
 use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{FillMode, NarrativeService, Trigger};
+use super::NarrativeService;
 
 /// Runs whose progress stays queryable.
 pub const RUNS_KEPT: usize = 32;
@@ -213,8 +212,8 @@ impl NarrativeService {
                 () = pacer.wait() => {}
             }
             match self.prewarm_start(&keyed).await {
-                Started::Done(step) => run.count(step),
-                Started::Flight(flight) => {
+                PrewarmStart::Done(step) => run.count(step),
+                PrewarmStart::Flight(flight) => {
                     let run = Arc::clone(&run);
                     generating.spawn(async move { run.count(flight.await) });
                 }
@@ -223,70 +222,32 @@ impl NarrativeService {
         while generating.join_next().await.is_some() {}
     }
 
-    /// Whether an entry is stored, without reading it: with Redis an `EXISTS`, so that
-    /// planning thousands of profiles neither decodes them nor copies them into L1
-    /// (which would evict the entries users are hitting). An error counts as absent:
-    /// the worker or flight looks again before generating.
     async fn is_stored(&self, key: &cache_core::CacheKey) -> bool {
-        let Some(shared) = &self.distributed else {
-            return self.cached(key).await.is_some();
-        };
-        let name = key.as_str().to_owned();
-        shared
-            .redis()
-            .backend()
-            .call(|mut conn| async move {
-                redis::cmd("EXISTS")
-                    .arg(name)
-                    .query_async::<bool>(&mut conn)
-                    .await
-            })
-            .await
-            .unwrap_or(false)
+        self.strategy.is_stored(self, key).await
     }
 
-    async fn prewarm_start(self: &Arc<Self>, keyed: &KeyedProfile) -> Started {
+    async fn prewarm_start(self: &Arc<Self>, keyed: &KeyedProfile) -> PrewarmStart {
         if self.is_stored(&keyed.key).await {
-            return Started::Done(Step::Skipped);
+            return PrewarmStart::Done(Step::Skipped);
         }
-        let jobs = self
-            .distributed
-            .as_ref()
-            .and_then(|shared| shared.jobs.as_ref());
-        if let Some(jobs) = jobs {
-            let job = Job {
-                version: JOB_VERSION,
-                key: keyed.key.to_string(),
-                canonical: keyed.canonical_json.clone(),
-                // The worker takes the lock when it starts the job (see the module doc).
-                lock_token: String::new(),
-                trigger: Trigger::Prewarm,
-                request_id: format!("prewarm-{:016x}", rand::random::<u64>()),
-                enqueued_at_ms: now_ms(),
-            };
-            return Started::Done(match job.publish(jobs).await {
-                Ok(()) => Step::Queued,
-                Err(error) => {
-                    tracing::warn!(%error, "prewarm job not enqueued; the next run retries it");
-                    Step::Failed
-                }
-            });
-        }
-        let (follower, collapsed) = self.join_flight(keyed, FillMode::Prewarm);
-        Started::Flight(Box::pin(async move {
-            match follower.wait().await {
-                // A flight a user started was already generating it.
-                Some(Ok(_)) if collapsed => Step::Skipped,
-                Some(Ok(_)) => Step::Generated,
-                Some(Err(_)) | None => Step::Failed,
-            }
-        }))
+        self.strategy.prewarm(self, keyed).await
     }
 }
 
-enum Started {
+/// How a pre-warm of one profile began: done at once (skipped, queued, failed), or a
+/// flight to wait for.
+pub enum PrewarmStart {
     Done(Step),
     Flight(std::pin::Pin<Box<dyn std::future::Future<Output = Step> + Send>>),
+}
+
+impl std::fmt::Debug for PrewarmStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Done(step) => f.debug_tuple("Done").field(step).finish(),
+            Self::Flight(_) => f.write_str("Flight"),
+        }
+    }
 }
 
 #[cfg(test)]
