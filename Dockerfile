@@ -21,6 +21,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY crates/analytics/Cargo.toml crates/analytics/
 COPY crates/api-gateway/Cargo.toml crates/api-gateway/
 COPY crates/cache-core/Cargo.toml crates/cache-core/
+COPY crates/cache-redis/Cargo.toml crates/cache-redis/
 COPY crates/generator-worker/Cargo.toml crates/generator-worker/
 COPY crates/llm-sim/Cargo.toml crates/llm-sim/
 COPY crates/loadgen/Cargo.toml crates/loadgen/

@@ -12,12 +12,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use cache_core::codec::{EncryptionKeys, ValueCodec};
-use cache_core::redis_backend::{RedisBackend, RedisTarget, RedisTimeouts};
 use cache_core::{
     CacheKeySecret, CacheStore, EngineVersion, Envelope, KeyDeriver, ProfileInput, PromptHash,
-    QuantizationStep, RedisStore,
+    QuantizationStep,
 };
+use cache_redis::backend::{RedisBackend, RedisTarget, RedisTimeouts};
+use cache_redis::codec::{EncryptionKeys, ValueCodec};
+use cache_redis::RedisStore;
 use futures::future::join_all;
 
 const SYSTEMS: [&str; 8] = [

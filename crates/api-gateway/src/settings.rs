@@ -6,8 +6,8 @@ use std::time::Duration;
 use analytics::settings::database_url_from;
 use analytics::PublisherSettings;
 use cache_core::config::{ConfigError, Vars};
-use cache_core::redis_backend::RedisConfig;
 use cache_core::{CacheKeySecret, EngineVersion, PromptHash, QuantizationStep};
+use cache_redis::backend::RedisConfig;
 
 use crate::auth::{BearerSecret, ClientKeys};
 use crate::limits::RateLimit;
@@ -387,7 +387,7 @@ mod tests {
         ]))
         .expect("valid");
         assert!(
-            matches!(cluster.redis.map(|r| r.shared.target), Some(cache_core::redis_backend::RedisTarget::Cluster(urls)) if urls.len() == 2)
+            matches!(cluster.redis.map(|r| r.shared.target), Some(cache_redis::backend::RedisTarget::Cluster(urls)) if urls.len() == 2)
         );
     }
 }

@@ -1,4 +1,4 @@
-//! The heart of narrative-cache, shared by every service.
+//! The cache's domain, shared by every service, with nothing of Redis in it.
 //!
 //! **The domain.** A request body becomes a [`ProfileInput`] (`profile`), which
 //! validates into a [`CanonicalProfile`] with percentages quantized to a
@@ -8,27 +8,22 @@
 //! (`envelope`); concurrent misses for one key in a process are coalesced by
 //! [`SingleFlight`] (`single_flight`).
 //!
-//! **The stores.** `store` is the [`CacheStore`] trait with its in-memory, Redis and
-//! tiered (L1 + Redis) implementations. On Redis: `redis_backend` is the connection
-//! (standalone or Cluster) with timeouts and a `breaker`; `codec` compresses and seals
-//! values; `lock` is the fill lock and its scripts (fenced writes, adoption by a worker,
-//! the erasure tombstone); `signals` carries `done`, `failed` and L1 invalidation over
-//! pub/sub; `user_index` remembers which keys each (hashed) user asked for.
+//! **The stores.** `store` is the [`CacheStore`] trait with its in-memory and tiered
+//! (L1 in front of a shared store) implementations; `user_index` is the [`UserIndex`]
+//! trait (which keys each hashed user asked for) with its in-memory one. Their Redis
+//! implementations, and the rest of the Redis side (connection and breaker, codec,
+//! fill lock, signals), are the `cache-redis` crate: services that never talk to
+//! Redis (analytics, the LLM simulator) do not link it, nor AES.
 //!
 //! **For every binary.** `config` reads settings from the environment, `telemetry`
 //! sets up logs, `shutdown` waits for SIGTERM or Ctrl-C.
 
-pub mod breaker;
-pub mod codec;
 pub mod config;
 pub mod envelope;
 pub mod key;
-pub mod lock;
 pub mod profile;
 pub mod quantize;
-pub mod redis_backend;
 pub mod shutdown;
-pub mod signals;
 pub mod single_flight;
 pub mod store;
 pub mod telemetry;
@@ -42,6 +37,5 @@ pub use key::{
 pub use profile::{CanonicalProfile, Classification, HdData, ProfileError, ProfileInput};
 pub use quantize::{QuantizationStep, Thousandths};
 pub use single_flight::{Flight, Follower, Leader, SingleFlight};
-pub use store::{
-    CacheStore, MemoryStore, RedisStore, StoreError, StoreStats, Tier, TierHits, TieredStore,
-};
+pub use store::{CacheStore, MemoryStore, StoreError, StoreStats, Tier, TierHits, TieredStore};
+pub use user_index::{MemoryUserIndex, UserIndex};

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use cache_core::config::{ConfigError, Vars};
-use cache_core::redis_backend::RedisConfig;
+use cache_redis::backend::RedisConfig;
 
 use narrative_gen::{guard_settings_from, llm_settings_from, GuardSettings, LlmSettings};
 use narrative_queue::{queue_settings_from, QueueSettings};

@@ -16,9 +16,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use analytics::EventSink;
-use cache_core::lock::{Acquired, LockToken};
-use cache_core::signals::Signal;
 use cache_core::{CacheKey, CanonicalProfile, Envelope, StoreError};
+use cache_redis::lock::{Acquired, LockToken};
+use cache_redis::signals::Signal;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 
 use narrative_fill::{generation_event, Filled, Holder, Want};

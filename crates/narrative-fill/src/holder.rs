@@ -20,9 +20,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cache_core::lock::{FencedWrite, FillLock, LockToken, WriteMode};
-use cache_core::signals::{Signal, SignalBus};
-use cache_core::{CacheKey, CacheStore, Envelope, RedisStore, StoreError};
+use cache_core::{CacheKey, CacheStore, Envelope, StoreError};
+use cache_redis::lock::{FencedWrite, FillLock, LockToken, WriteMode};
+use cache_redis::signals::{Signal, SignalBus};
+use cache_redis::RedisStore;
 use prometheus::IntCounter;
 
 use crate::patience::patiently_until;

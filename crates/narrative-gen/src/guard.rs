@@ -14,8 +14,8 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use cache_core::config::{ConfigError, Vars};
-use cache_core::redis_backend::RedisBackend;
 use cache_core::{CanonicalProfile, PromptHash};
+use cache_redis::backend::RedisBackend;
 use prometheus::{Gauge, IntCounter, IntGauge, Registry};
 use time::{Date, OffsetDateTime};
 use tokio::sync::Semaphore;

@@ -4,8 +4,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use cache_core::redis_backend::RedisBackend;
 use cache_core::StoreError;
+use cache_redis::backend::RedisBackend;
 
 /// The shared hash. It has no TTL, so `maxmemory-policy volatile-*` never evicts it.
 pub const COUNTERS_KEY: &str = "narrative:counters";

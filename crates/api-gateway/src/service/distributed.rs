@@ -22,11 +22,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cache_core::lock::{Acquired, FillLock, LockToken};
-use cache_core::signals::{Signal, SignalBus, Waiter};
-use cache_core::{
-    now_ms, CacheKey, CacheStore, Envelope, KeyedProfile, RedisStore, StoreError, TieredStore,
-};
+use cache_core::{now_ms, CacheKey, CacheStore, Envelope, KeyedProfile, StoreError, TieredStore};
+use cache_redis::lock::{Acquired, FillLock, LockToken};
+use cache_redis::signals::{Signal, SignalBus, Waiter};
+use cache_redis::RedisStore;
 use narrative_fill::{Filled, Holder, Want};
 use narrative_queue::{ConfirmedPublisher, Job, JOB_VERSION};
 

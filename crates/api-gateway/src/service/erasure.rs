@@ -9,7 +9,7 @@ use super::NarrativeService;
 impl NarrativeService {
     /// Erases what is cached for `user_hash`: every entry the user asked for, even if
     /// others share it (they regenerate it). With Redis each is deleted with its fill
-    /// lock revoked and a tombstone left ([`cache_core::lock::FillLock::erase`]), and
+    /// lock revoked and a tombstone left ([`cache_redis::lock::FillLock::erase`]), and
     /// every instance drops its L1 copy; the index is read again after a flush
     /// interval, for pairs other gateways had not written yet. Returns the entries
     /// deleted.

@@ -12,7 +12,7 @@ use analytics::summary::{ratio, Summary, SystemCount, TOP_SYSTEMS};
 use analytics::{
     AuditRecord, Batch, BatchObserver, InMemoryAnalytics, PgStore, PopularProfile, Range,
 };
-use cache_core::redis_backend::RedisBackend;
+use cache_redis::backend::RedisBackend;
 
 use super::NarrativeService;
 

@@ -421,10 +421,11 @@ async fn encrypted_entries_hold_no_plaintext_in_redis() {
 /// once (the pub/sub signal), not after L1_TTL.
 #[tokio::test]
 async fn replacing_an_entry_elsewhere_drops_l1_copies() {
-    use cache_core::codec::ValueCodec;
-    use cache_core::redis_backend::{RedisBackend, RedisTarget, RedisTimeouts};
-    use cache_core::signals::{Signal, SignalBus};
-    use cache_core::{CacheStore, RedisStore};
+    use cache_core::CacheStore;
+    use cache_redis::backend::{RedisBackend, RedisTarget, RedisTimeouts};
+    use cache_redis::codec::ValueCodec;
+    use cache_redis::signals::{Signal, SignalBus};
+    use cache_redis::RedisStore;
     use std::sync::Arc;
 
     let (sim, version) = (sim(10).await, unique_version("invalidate"));

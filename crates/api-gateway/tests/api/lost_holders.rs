@@ -5,9 +5,10 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use cache_core::codec::ValueCodec;
-use cache_core::redis_backend::{RedisBackend, RedisTarget, RedisTimeouts};
-use cache_core::{CacheStore, RedisStore};
+use cache_core::CacheStore;
+use cache_redis::backend::{RedisBackend, RedisTarget, RedisTimeouts};
+use cache_redis::codec::ValueCodec;
+use cache_redis::RedisStore;
 use llm_sim::SimConfig;
 use redis::AsyncCommands;
 

@@ -1,15 +1,13 @@
 //! Where envelopes live. Callers hold an `Arc<dyn CacheStore>` chosen once at start-up:
-//! [`MemoryStore`] in embedded mode (and as the in-process tier later), Redis when
-//! configured.
+//! [`MemoryStore`] in embedded mode, and [`TieredStore`] (a `MemoryStore` in front of
+//! `cache-redis`'s `RedisStore`) when Redis is configured.
 
 mod memory;
-mod redis;
 mod tiered;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use self::redis::RedisStore;
 pub use memory::MemoryStore;
 pub use tiered::{TierHits, TieredStore};
 

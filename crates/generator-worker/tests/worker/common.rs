@@ -5,11 +5,11 @@ use std::process::Child;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cache_core::lock::FillLock;
-use cache_core::redis_backend::RedisBackend;
 use cache_core::{
     CacheKey, CacheKeySecret, EngineVersion, KeyDeriver, ProfileInput, QuantizationStep,
 };
+use cache_redis::backend::RedisBackend;
+use cache_redis::lock::FillLock;
 use narrative_gen::{prompt, GenerationParams};
 use narrative_queue::{ConfirmedPublisher, Job, QueueSettings, Trigger, JOB_VERSION};
 

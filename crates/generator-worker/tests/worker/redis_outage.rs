@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::{enqueue_misses, Process};
-use cache_core::codec::ValueCodec;
-use cache_core::redis_backend::{RedisBackend, RedisTarget, RedisTimeouts};
-use cache_core::{CacheStore, RedisStore};
+use cache_core::CacheStore;
+use cache_redis::backend::{RedisBackend, RedisTarget, RedisTimeouts};
+use cache_redis::codec::ValueCodec;
+use cache_redis::RedisStore;
 use llm_sim::SimConfig;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,10 +3,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cache_core::lock::{Acquired, FencedWrite, FillLock, LockToken, WriteMode};
-use cache_core::redis_backend::{RedisBackend, RedisTarget, RedisTimeouts};
-use cache_core::signals::{Signal, SignalBus};
 use cache_core::CacheKey;
+use cache_redis::backend::{RedisBackend, RedisTarget, RedisTimeouts};
+use cache_redis::lock::{Acquired, FencedWrite, FillLock, LockToken, WriteMode};
+use cache_redis::signals::{Signal, SignalBus};
 use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
 
@@ -201,7 +201,7 @@ async fn an_erasure_revokes_the_lock_and_fences_work_begun_before_it() {
         Acquired::Erased,
         "nor can work begun before the erasure take the lock again"
     );
-    let stale_job = cache_core::lock::LockToken::from_job("queued-before".to_owned());
+    let stale_job = cache_redis::lock::LockToken::from_job("queued-before".to_owned());
     assert!(!lock.adopt(&key, &stale_job, before).await.expect("redis"));
 
     // Work begun after it stores as usual.
@@ -217,7 +217,7 @@ async fn an_erasure_revokes_the_lock_and_fences_work_begun_before_it() {
         FencedWrite::Written
     );
     assert!(lock.release(&key, &fresh).await.expect("redis"));
-    let new_job = cache_core::lock::LockToken::from_job("queued-after".to_owned());
+    let new_job = cache_redis::lock::LockToken::from_job("queued-after".to_owned());
     assert!(lock.adopt(&key, &new_job, after).await.expect("redis"));
     assert!(
         lock.erase(&key, ttl).await.expect("redis"),

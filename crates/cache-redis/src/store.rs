@@ -4,11 +4,11 @@ use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
 
-use super::{CacheStore, StoreError, StoreStats};
+use crate::backend::{RedisBackend, RedisConn};
 use crate::codec::ValueCodec;
-use crate::envelope::Envelope;
-use crate::key::CacheKey;
-use crate::redis_backend::{RedisBackend, RedisConn};
+use cache_core::envelope::Envelope;
+use cache_core::CacheKey;
+use cache_core::{CacheStore, StoreError, StoreStats};
 
 /// Narratives in Redis, compressed (and sealed when configured), each with its TTL.
 #[derive(Debug)]

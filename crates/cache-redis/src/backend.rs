@@ -17,7 +17,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
 use crate::breaker::{Breaker, BreakerState};
-use crate::store::StoreError;
+use cache_core::StoreError;
 
 /// A connection to either kind of deployment; cheap to clone.
 #[derive(Clone)]
@@ -361,9 +361,9 @@ pub struct RedisConfig {
 impl RedisConfig {
     /// `None` without `REDIS_URL`.
     pub fn from_vars(
-        vars: &crate::config::Vars,
-    ) -> Result<Option<Self>, crate::config::ConfigError> {
-        use crate::config::ConfigError;
+        vars: &cache_core::config::Vars,
+    ) -> Result<Option<Self>, cache_core::config::ConfigError> {
+        use cache_core::config::ConfigError;
         let cluster = vars.bool_or("REDIS_CLUSTER", false)?;
         let encryption = vars.parse_or("CACHE_ENCRYPTION_KEY", None, |text| {
             crate::codec::EncryptionKeys::parse(text).map(Some)

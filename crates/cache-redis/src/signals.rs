@@ -17,9 +17,9 @@ use futures::StreamExt as _;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::key::CacheKey;
-use crate::redis_backend::RedisBackend;
-use crate::store::StoreError;
+use crate::backend::RedisBackend;
+use cache_core::CacheKey;
+use cache_core::StoreError;
 
 pub const CHANNEL: &str = "narrative:signals";
 
@@ -161,8 +161,8 @@ impl SignalBus {
 
     async fn subscribe_loop(&self, shutdown: CancellationToken) {
         let urls = match self.backend.target() {
-            crate::redis_backend::RedisTarget::Single(url) => vec![url.clone()],
-            crate::redis_backend::RedisTarget::Cluster(urls) => urls.clone(),
+            crate::backend::RedisTarget::Single(url) => vec![url.clone()],
+            crate::backend::RedisTarget::Cluster(urls) => urls.clone(),
         };
         let connect_timeout = self.backend.timeouts().connect;
         let mut attempt = 0usize;

@@ -4,11 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use cache_core::codec::{EncryptionKeys, ValueCodec};
-use cache_core::redis_backend::{RedisBackend, RedisTarget, RedisTimeouts};
-use cache_core::{
-    now_ms, CacheKey, CacheStore, Envelope, MemoryStore, RedisStore, StoreError, TieredStore,
-};
+use cache_core::{now_ms, CacheKey, CacheStore, Envelope, MemoryStore, StoreError, TieredStore};
+use cache_redis::backend::{RedisBackend, RedisTarget, RedisTimeouts};
+use cache_redis::codec::{EncryptionKeys, ValueCodec};
+use cache_redis::RedisStore;
 use redis::AsyncCommands;
 use test_kit::RedisServer;
 

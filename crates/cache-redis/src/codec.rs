@@ -23,7 +23,7 @@ use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine as _;
 
-use crate::envelope::{Envelope, EnvelopeError};
+use cache_core::envelope::{Envelope, EnvelopeError};
 
 const COMPRESSED: u8 = b'B';
 const SEALED: u8 = b'S';

@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use redis::Script;
 
-use crate::key::CacheKey;
-use crate::redis_backend::RedisBackend;
-use crate::store::StoreError;
+use crate::backend::RedisBackend;
+use cache_core::CacheKey;
+use cache_core::StoreError;
 
 /// A held lock's proof of ownership.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -254,7 +254,10 @@ impl FillLock {
             .eval(
                 ERASE,
                 [key.as_str().to_owned(), key.lock_key(), key.tombstone_key()],
-                [ttl_ms.to_string(), crate::envelope::now_ms().to_string()],
+                [
+                    ttl_ms.to_string(),
+                    cache_core::envelope::now_ms().to_string(),
+                ],
             )
             .await?;
         Ok(deleted == 1)

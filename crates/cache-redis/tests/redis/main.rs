@@ -1,0 +1,4 @@
+//! `cache-redis` against a real redis-server, one per test binary (test-kit).
+
+mod lock;
+mod store;
