@@ -62,19 +62,30 @@ impl Range {
     }
 }
 
+/// The instants a range may name: Unix time onwards, to the end of year 9999. Outside
+/// them, moving to UTC (9999-12-31T23:59:59-23:59 is in year 10000) or stepping back
+/// the default 30 days would leave what the time and Postgres types hold.
+const EARLIEST: OffsetDateTime = time::macros::datetime!(1970-01-01 00:00 UTC);
+const LATEST: OffsetDateTime = time::macros::datetime!(9999-12-31 23:59:59 UTC);
+
 fn parse_instant(field: &'static str, text: &str) -> Result<OffsetDateTime, RangeError> {
-    if let Ok(at) = OffsetDateTime::parse(text, &Rfc3339) {
-        return Ok(at.to_offset(time::UtcOffset::UTC));
-    }
     let date_format = time::macros::format_description!("[year]-[month]-[day]");
-    if let Ok(date) = Date::parse(text, &date_format) {
-        return Ok(date.with_time(Time::MIDNIGHT).assume_utc());
-    }
-    Err(RangeError {
-        field,
-        message: "expected an RFC 3339 time (2026-11-25T08:00:00Z) or a date (2026-11-25)"
-            .to_owned(),
-    })
+    let at = if let Ok(at) = OffsetDateTime::parse(text, &Rfc3339) {
+        at.checked_to_offset(time::UtcOffset::UTC)
+    } else if let Ok(date) = Date::parse(text, &date_format) {
+        Some(date.with_time(Time::MIDNIGHT).assume_utc())
+    } else {
+        return Err(RangeError {
+            field,
+            message: "expected an RFC 3339 time (2026-11-25T08:00:00Z) or a date (2026-11-25)"
+                .to_owned(),
+        });
+    };
+    at.filter(|at| (EARLIEST..=LATEST).contains(at))
+        .ok_or_else(|| RangeError {
+            field,
+            message: "must be from 1970-01-01 to 9999-12-31 (UTC)".to_owned(),
+        })
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -192,6 +203,24 @@ mod tests {
             "from"
         );
         assert!(Range::parse(Some("2020-01-01"), Some("2026-01-01"), now).is_err());
+    }
+
+    /// Seen in a black-box run: the first panicked the handler (its UTC time is in
+    /// year 10000), the second answered a 500.
+    #[test]
+    fn instants_outside_what_the_types_hold_name_their_parameter() {
+        let now = datetime!(2026-11-25 12:00 UTC);
+        for (from, to, field) in [
+            (None, Some("9999-12-31T23:59:59-23:59"), "to"),
+            (Some("9999-12-31T23:59:59-23:59"), None, "from"),
+            (None, Some("0000-01-01"), "to"),
+            (Some("1969-12-31T23:59:59Z"), None, "from"),
+        ] {
+            let error = Range::parse(from, to, now).expect_err("out of range");
+            assert_eq!(error.field, field, "{from:?} {to:?}: {error}");
+        }
+        let latest = Range::parse(None, Some("9999-12-31T23:59:59Z"), now).expect("in range");
+        assert_eq!(latest.to, LATEST);
     }
 
     #[test]
