@@ -210,6 +210,8 @@ impl App {
             user_index,
             erasure_tombstone: settings.erasure_tombstone,
             max_pending_generations: settings.max_pending_generations,
+            known_systems: settings.known_systems.clone(),
+            revalidate_min_interval: settings.revalidate_min_interval,
         }));
         if redis.is_some() {
             let flusher = Arc::clone(&service);

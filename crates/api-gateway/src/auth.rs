@@ -36,6 +36,11 @@ impl std::fmt::Debug for BearerSecret {
     }
 }
 
+/// The client name of a request with the admin token, reserved.
+pub const ADMIN_CLIENT: &str = "admin";
+/// The client name of a request without a key where none is needed, reserved.
+pub const ANONYMOUS_CLIENT: &str = "anonymous";
+
 /// `API_KEYS`: named client keys. Empty means client routes are open (anonymous).
 #[derive(Debug, Clone, Default)]
 pub struct ClientKeys {
@@ -65,7 +70,7 @@ impl ClientKeys {
                     "client name {name:?} must be 1 to {MAX_CLIENT_NAME} of a-z, 0-9, - and _"
                 ));
             }
-            if name == "anonymous" || name == "admin" {
+            if name == ANONYMOUS_CLIENT || name == ADMIN_CLIENT {
                 return Err(format!("client name {name:?} is reserved"));
             }
             if key.len() < MIN_CLIENT_KEY_BYTES {

@@ -54,9 +54,10 @@ impl RateLimiter {
             bucket.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64(
-                (1.0 - bucket.tokens) / self.limit.per_second,
-            ))
+            // Settings bound the rate, so this is finite; saturate rather than panic
+            // on the request path if it ever is not.
+            let wait = (1.0 - bucket.tokens) / self.limit.per_second;
+            Err(Duration::try_from_secs_f64(wait).unwrap_or(Duration::MAX))
         }
     }
 

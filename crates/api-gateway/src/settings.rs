@@ -6,7 +6,7 @@ use std::time::Duration;
 use analytics::settings::database_url_from;
 use analytics::PublisherSettings;
 use cache_core::config::{ConfigError, Vars};
-use cache_core::{CacheKeySecret, EngineVersion, PromptHash, QuantizationStep};
+use cache_core::{CacheKeySecret, EngineVersion, KnownSystems, PromptHash, QuantizationStep};
 use cache_redis::backend::RedisConfig;
 
 use crate::auth::{BearerSecret, ClientKeys};
@@ -63,6 +63,11 @@ pub struct Settings {
     /// `ERASURE_TOMBSTONE_TTL`: how long an erased entry refuses work begun before
     /// its erasure (a queued job, a waiting flight).
     pub erasure_tombstone: Duration,
+    /// `STAR_SYSTEM_NAMES`: when set, profiles naming any other system are refused.
+    pub known_systems: Option<KnownSystems>,
+    /// `REVALIDATE_MIN_INTERVAL`: a client's `no-cache` or `max-age` regenerates an
+    /// entry only once it is this old (the admin token is exempt); `0s` lifts it.
+    pub revalidate_min_interval: Duration,
 }
 
 /// Distributed mode's Redis: where, how patient, and how values are sealed.
@@ -76,6 +81,9 @@ pub struct RedisSettings {
 
 /// The shortest `ADMIN_TOKEN` accepted: a guessable admin token spends the LLM budget.
 pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
+/// `RATE_LIMIT_RPS` at least (one request per 1,000 s) and at most.
+pub const MIN_RATE_LIMIT_RPS: f64 = 0.001;
+pub const MAX_RATE_LIMIT_RPS: f64 = 1_000_000.0;
 
 pub const MIN_SECRET_BYTES: usize = 16;
 
@@ -134,10 +142,15 @@ impl Settings {
             None => None,
             Some(_) => {
                 let per_second = vars.from_str_or("RATE_LIMIT_RPS", 0.0f64)?;
-                if !(per_second.is_finite() && per_second > 0.0) {
+                // Bounded so that a client's wait (up to 1 / rate) is a time a
+                // `Retry-After` can say.
+                if !(MIN_RATE_LIMIT_RPS..=MAX_RATE_LIMIT_RPS).contains(&per_second) {
                     return Err(ConfigError::new(
                         "RATE_LIMIT_RPS",
-                        "must be a positive number of requests per second",
+                        format!(
+                            "must be a number of requests per second from {MIN_RATE_LIMIT_RPS} \
+                             to {MAX_RATE_LIMIT_RPS}"
+                        ),
                     ));
                 }
                 let burst = vars.from_str_or("RATE_LIMIT_BURST", (per_second * 2.0).max(1.0))?;
@@ -162,7 +175,13 @@ impl Settings {
                 "must be at least 1",
             ));
         }
+        let known_systems = vars.parse_or("STAR_SYSTEM_NAMES", None, |list| {
+            KnownSystems::parse(list).map(Some)
+        })?;
         Ok(Self {
+            known_systems,
+            revalidate_min_interval: vars
+                .duration_or("REVALIDATE_MIN_INTERVAL", Duration::from_secs(60))?,
             erasure_tombstone,
             max_pending_generations,
             job_wait_limit: positive(
@@ -340,6 +359,11 @@ mod tests {
             ("API_KEYS", "app:secret", &[]),
             ("BIND_ADDR", "0.0.0.0:8080", &[]),
             ("RATE_LIMIT_RPS", "0", &[]),
+            // Accepted once, then panicked on the request path (`Duration::from_secs_f64`).
+            ("RATE_LIMIT_RPS", "1e-20", &[]),
+            ("RATE_LIMIT_RPS", "1e300", &[]),
+            ("STAR_SYSTEM_NAMES", " , ", &[]),
+            ("STAR_SYSTEM_NAMES", "Sirius,Vega\u{202e}", &[]),
             ("RATE_LIMIT_BURST", "0.5", &[("RATE_LIMIT_RPS", "10")]),
             ("ALLOW_ANONYMOUS", "maybe", &[]),
             ("LLM_MAX_CONCURRENCY", "0", &[]),

@@ -34,7 +34,9 @@ pub use envelope::{now_ms, Envelope, EnvelopeError, UnixMillis};
 pub use key::{
     CacheKey, CacheKeySecret, EngineVersion, InvalidKey, KeyDeriver, KeyedProfile, PromptHash,
 };
-pub use profile::{CanonicalProfile, Classification, HdData, ProfileError, ProfileInput};
+pub use profile::{
+    CanonicalProfile, Classification, HdData, KnownSystems, ProfileError, ProfileInput,
+};
 pub use quantize::{QuantizationStep, Thousandths};
 pub use single_flight::{Flight, Follower, Leader, SingleFlight};
 pub use store::{CacheStore, MemoryStore, StoreError, StoreStats, Tier, TierHits, TieredStore};

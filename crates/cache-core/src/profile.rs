@@ -107,15 +107,17 @@ impl<'de> Deserialize<'de> for Percentages {
 }
 
 impl ProfileInput {
-    /// Parses a JSON body. Syntax errors, wrong types and unknown fields are reported
-    /// with the path of the offending field.
+    /// Parses a JSON body: exactly one JSON document (only whitespace may follow it).
+    /// Syntax errors, wrong types and unknown fields are reported with the path of the
+    /// offending field.
     pub fn from_json(body: &[u8]) -> Result<Self, ProfileError> {
         // Tracking the path costs on every parse; only a rejected body needs it.
+        // `from_slice` refuses trailing data itself.
         if let Ok(input) = serde_json::from_slice(body) {
             return Ok(input);
         }
-        let de = &mut serde_json::Deserializer::from_slice(body);
-        let input: Self = serde_path_to_error::deserialize(de).map_err(|err| {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let input: Self = serde_path_to_error::deserialize(&mut de).map_err(|err| {
             let path = err.path().to_string();
             let inner = err.into_inner();
             let message = inner.to_string();
@@ -133,6 +135,11 @@ impl ProfileInput {
                 );
             }
             ProfileError::new(field, strip_position(&message))
+        })?;
+        // The document parsed, so what made `from_slice` fail comes after it: a second
+        // document, or anything else. A body is one document.
+        de.end().map_err(|_| {
+            ProfileError::new("body", "must be one JSON document, with nothing after it")
         })?;
         Ok(input)
     }
@@ -271,9 +278,27 @@ fn parse_classification(raw: Option<&str>) -> Result<Classification, ProfileErro
     }
 }
 
+/// What a star-system name may hold besides letters, digits and spaces. Nothing that
+/// could end the quoted data a name becomes in the prompt (`"`, `<`, a line break) is
+/// among them.
+pub const NAME_PUNCTUATION: [char; 3] = ['\'', '-', '.'];
+
+/// Why a name was refused for what it holds, as its error message says it.
+pub const NAME_CHARACTERS: &str =
+    "may hold only letters, digits, spaces and ' - . (no control, format or other characters)";
+
 /// Trims, collapses inner whitespace and writes each word in Title Case (also after a
-/// hyphen: `"alpha-centauri"` is `"Alpha-Centauri"`).
+/// hyphen: `"alpha-centauri"` is `"Alpha-Centauri"`). Letters, digits, whitespace and
+/// [`NAME_PUNCTUATION`] only: control and format characters (NUL, bidi overrides,
+/// zero-width joiners) and every other symbol are refused, so a name is a name when
+/// it reaches the prompt.
 pub fn normalize_name(raw: &str) -> Result<String, String> {
+    if !raw
+        .chars()
+        .all(|c| c.is_alphanumeric() || c.is_whitespace() || NAME_PUNCTUATION.contains(&c))
+    {
+        return Err(NAME_CHARACTERS.to_owned());
+    }
     let mut name = String::with_capacity(raw.len());
     let mut capitalize_next = true;
     for (i, word) in raw.split_whitespace().enumerate() {
@@ -301,6 +326,40 @@ pub fn normalize_name(raw: &str) -> Result<String, String> {
         ));
     }
     Ok(name)
+}
+
+/// The star systems a deployment knows (`STAR_SYSTEM_NAMES`), when it refuses others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownSystems(std::collections::BTreeSet<String>);
+
+impl KnownSystems {
+    /// A comma-separated list of names, each normalized as a request's would be.
+    pub fn parse(list: &str) -> Result<Self, String> {
+        let mut names = std::collections::BTreeSet::new();
+        for raw in list.split(',').filter(|raw| !raw.trim().is_empty()) {
+            names.insert(normalize_name(raw).map_err(|m| format!("{raw:?} {m}"))?);
+        }
+        if names.is_empty() {
+            return Err("must list at least one star-system name".to_owned());
+        }
+        Ok(Self(names))
+    }
+
+    /// Refuses a profile naming a system not in the list (zero shares are dropped
+    /// from the canonical form, so they are not checked: they reach no prompt).
+    pub fn check(&self, profile: &CanonicalProfile) -> Result<(), ProfileError> {
+        match profile
+            .percentages
+            .iter()
+            .find(|(name, _)| !self.0.contains(name))
+        {
+            Some((name, _)) => Err(ProfileError::new(
+                format!("percentages.{name}"),
+                "is not a star system this service knows (STAR_SYSTEM_NAMES)",
+            )),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Quantized entries sorted by name, zeros dropped.
@@ -333,7 +392,14 @@ fn canonical_percentages(
     let mut sum = 0.0;
     for (raw_name, value) in &raw.0 {
         let field = || format!("percentages.{raw_name}");
-        let name = normalize_name(raw_name).map_err(|m| ProfileError::new(field(), m))?;
+        let name = normalize_name(raw_name).map_err(|message| {
+            if message == NAME_CHARACTERS {
+                // The field would echo the very characters refused: name the map.
+                ProfileError::new("percentages", format!("a star-system name {message}"))
+            } else {
+                ProfileError::new(field(), message)
+            }
+        })?;
         let rounded = Thousandths::round_from_f64(*value)
             .filter(|t| *t <= Thousandths(100_000))
             .ok_or_else(|| ProfileError::new(field(), "must be a number from 0 to 100"))?;

@@ -98,6 +98,8 @@ fn service(settings: &SimSettings, llm: Arc<SimulatedLlm>) -> Arc<NarrativeServi
         erasure_tombstone: Duration::from_secs(3600),
         // The simulation measures hit rate, not load shedding.
         max_pending_generations: usize::MAX,
+        known_systems: None,
+        revalidate_min_interval: Duration::ZERO,
     }))
 }
 

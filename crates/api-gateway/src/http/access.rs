@@ -45,14 +45,14 @@ impl Client {
     fn identify(parts: &Parts, state: &AppState) -> Result<Self, ApiError> {
         let keys = &state.settings.client_keys;
         if keys.is_empty() {
-            return Ok(Self("anonymous".to_owned()));
+            return Ok(Self(crate::auth::ANONYMOUS_CLIENT.to_owned()));
         }
         let token = bearer(parts).ok_or(ApiError::Unauthorized)?;
         if let Some(name) = keys.identify(token) {
             return Ok(Self(name.to_owned()));
         }
         if is_admin(state, token) {
-            return Ok(Self("admin".to_owned()));
+            return Ok(Self(crate::auth::ADMIN_CLIENT.to_owned()));
         }
         Err(ApiError::Unauthorized)
     }

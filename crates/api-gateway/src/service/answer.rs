@@ -100,11 +100,12 @@ impl Answer {
         }
     }
 
-    /// A generation for this request alone (`no-store`), kept nowhere.
-    fn unstored(envelope: Arc<Envelope>, forwarded: Option<Forwarded>) -> Self {
+    /// A generation for `no-store` requests (this one, or one it `collapsed` onto),
+    /// kept nowhere.
+    fn unstored(envelope: Arc<Envelope>, collapsed: bool, forwarded: Option<Forwarded>) -> Self {
         Self {
             stored: false,
-            ..Self::generated(envelope, false, forwarded)
+            ..Self::generated(envelope, collapsed, forwarded)
         }
     }
 
@@ -129,6 +130,14 @@ pub struct Caller {
     pub client: String,
     /// The keyed hash of the request's `userId`.
     pub user_hash: Option<String>,
+}
+
+impl Caller {
+    /// The admin token's holder, exempt from `REVALIDATE_MIN_INTERVAL` (no client key
+    /// may be named `admin`).
+    pub fn is_admin(&self) -> bool {
+        self.client == crate::auth::ADMIN_CLIENT
+    }
 }
 
 impl Default for Caller {
@@ -193,7 +202,7 @@ impl NarrativeService {
         // Indexed before the answer: an erasure while this request's generation runs
         // must find (and fence) its key.
         self.index_user(keyed, caller);
-        let answered = self.answer_with(keyed, started, directives).await;
+        let answered = self.answer_with(keyed, started, directives, caller).await;
         match &answered {
             Ok(answer) => self.account(answer, keyed, started, caller),
             Err(NotCached) => {
@@ -208,6 +217,7 @@ impl NarrativeService {
         keyed: &KeyedProfile,
         started: Instant,
         directives: Directives,
+        caller: &Caller,
     ) -> Result<Answer, NotCached> {
         let deadline = started + self.generation_wait;
         let answer = match self.cached(&keyed.key).await {
@@ -215,7 +225,11 @@ impl NarrativeService {
                 let too_old = directives
                     .max_age
                     .is_some_and(|max| age > Duration::from_secs(max));
-                if !directives.no_cache && !too_old {
+                // A client may force a key's regeneration once per
+                // `REVALIDATE_MIN_INTERVAL`: within it, the entry (the newest there
+                // is) answers, so `no-cache` in a loop is not a paid call each.
+                let forced_too_soon = age < self.revalidate_min_interval && !caller.is_admin();
+                if (!directives.no_cache && !too_old) || forced_too_soon {
                     self.answer_cached(keyed, envelope, age, tier)
                 } else if directives.only_if_cached {
                     return Err(NotCached);
@@ -308,9 +322,9 @@ impl NarrativeService {
         self.fallback(keyed, collapsed)
     }
 
-    /// `no-store`: a generation for this request alone, kept nowhere.
+    /// `no-store`: a generation kept nowhere, coalesced with the key's flight.
     pub(super) async fn generate_unstored(
-        &self,
+        self: &Arc<Self>,
         keyed: &KeyedProfile,
         forwarded: Option<Forwarded>,
         deadline: Instant,
@@ -320,9 +334,10 @@ impl NarrativeService {
         } else {
             Trigger::Miss
         };
-        match tokio::time::timeout_at(deadline.into(), self.generate(keyed, trigger)).await {
-            Ok(Ok(envelope)) => Answer::unstored(envelope, forwarded),
-            _ => self.fallback(keyed, false),
+        let (follower, collapsed) = self.join_unstored(keyed, trigger);
+        match tokio::time::timeout_at(deadline.into(), follower.wait()).await {
+            Ok(Some(Ok(envelope))) => Answer::unstored(envelope, collapsed, forwarded),
+            Ok(Some(Err(_))) | Ok(None) | Err(_) => self.fallback(keyed, collapsed),
         }
     }
 

@@ -52,6 +52,15 @@ impl FillMode {
     }
 }
 
+/// What a flight's leader does.
+#[derive(Debug, Clone, Copy)]
+enum FlightWork {
+    /// Fill the key, as the fill strategy does.
+    Fill(FillMode),
+    /// Generate for `no-store` requests, keeping the result nowhere.
+    Unstored(Trigger),
+}
+
 /// A flight ends with the stored envelope, or with why there is none.
 pub(super) type FlightResult = Result<Arc<Envelope>, FillError>;
 
@@ -124,6 +133,27 @@ impl NarrativeService {
         keyed: &KeyedProfile,
         mode: FillMode,
     ) -> (Follower<FlightResult>, bool) {
+        self.join(keyed, FlightWork::Fill(mode))
+    }
+
+    /// Joins the key's flight for a `no-store` request, starting one that generates
+    /// and keeps the result nowhere when there is none: concurrent `no-store`
+    /// requests for a key cost one LLM call per instance, not one each. A `no-store`
+    /// request that finds a fill running joins it; the fill stores what it was going
+    /// to store anyway.
+    pub(super) fn join_unstored(
+        self: &Arc<Self>,
+        keyed: &KeyedProfile,
+        trigger: Trigger,
+    ) -> (Follower<FlightResult>, bool) {
+        self.join(keyed, FlightWork::Unstored(trigger))
+    }
+
+    fn join(
+        self: &Arc<Self>,
+        keyed: &KeyedProfile,
+        work: FlightWork,
+    ) -> (Follower<FlightResult>, bool) {
         match self.flights.join(&keyed.key) {
             Flight::Leader(leader) => {
                 let follower = leader.follower();
@@ -134,7 +164,15 @@ impl NarrativeService {
                 let service = Arc::clone(self);
                 let keyed = keyed.clone();
                 self.tasks.spawn(async move {
-                    let result = service.fill(&keyed, mode, &leader).await;
+                    let result = match work {
+                        FlightWork::Fill(mode) => service.fill(&keyed, mode, &leader).await,
+                        FlightWork::Unstored(trigger) => {
+                            // Nothing is stored, so there is nothing to coordinate
+                            // beyond this flight: no lock, no job.
+                            leader.claim();
+                            service.generate(&keyed, trigger).await
+                        }
+                    };
                     leader.complete(result);
                 });
                 (follower, false)

@@ -41,7 +41,8 @@ use std::time::Duration;
 use analytics::{EventSink, Trigger};
 use cache_core::user_index::UserIndex;
 use cache_core::{
-    CacheKey, CacheStore, KeyDeriver, KeyedProfile, ProfileError, ProfileInput, SingleFlight,
+    CacheKey, CacheStore, KeyDeriver, KeyedProfile, KnownSystems, ProfileError, ProfileInput,
+    SingleFlight,
 };
 use narrative_gen::NarrativeGenerator;
 use tokio_util::task::TaskTracker;
@@ -81,6 +82,10 @@ pub struct NarrativeService {
     erasure_tombstone: Duration,
     /// `MAX_PENDING_GENERATIONS`: flights (and refreshes) running at most.
     max_pending: usize,
+    /// `STAR_SYSTEM_NAMES`: the only systems a profile may name, when set.
+    known_systems: Option<KnownSystems>,
+    /// `REVALIDATE_MIN_INTERVAL`: how young an entry a client cannot force out.
+    revalidate_min_interval: Duration,
 }
 
 #[derive(Debug)]
@@ -100,6 +105,8 @@ pub struct ServiceParts {
     pub user_index: Arc<dyn UserIndex>,
     pub erasure_tombstone: Duration,
     pub max_pending_generations: usize,
+    pub known_systems: Option<KnownSystems>,
+    pub revalidate_min_interval: Duration,
 }
 
 impl NarrativeService {
@@ -118,6 +125,8 @@ impl NarrativeService {
             user_index,
             erasure_tombstone,
             max_pending_generations,
+            known_systems,
+            revalidate_min_interval,
         } = parts;
         Self {
             deriver,
@@ -139,6 +148,8 @@ impl NarrativeService {
             user_index,
             erasure_tombstone,
             max_pending: max_pending_generations,
+            known_systems,
+            revalidate_min_interval,
         }
     }
 
@@ -168,8 +179,14 @@ impl NarrativeService {
         self.ttl
     }
 
+    /// The profile's canonical form and key, refused when it names a system outside
+    /// `STAR_SYSTEM_NAMES` (if set).
     pub fn derive(&self, input: &ProfileInput) -> Result<KeyedProfile, ProfileError> {
-        self.deriver.derive(input)
+        let keyed = self.deriver.derive(input)?;
+        if let Some(known) = &self.known_systems {
+            known.check(&keyed.profile)?;
+        }
+        Ok(keyed)
     }
 
     /// Stops accepting generations and waits up to `grace` for those running to be

@@ -18,6 +18,9 @@ async fn post_with(app: &TestApp, body: &Value, cache_control: &str) -> Reply {
     reply(request.send().await.expect("send")).await
 }
 
+/// Without `REVALIDATE_MIN_INTERVAL`, so that a directive regenerates at once.
+const UNLIMITED: &[(&str, &str)] = &[("REVALIDATE_MIN_INTERVAL", "0s")];
+
 fn fast() -> SimConfig {
     SimConfig {
         latency_ms: 20,
@@ -32,7 +35,7 @@ async fn no_cache_regenerates_once_for_many_concurrent_requests() {
             latency_ms: 300,
             ..SimConfig::default()
         },
-        &[],
+        UNLIMITED,
     )
     .await;
     let first = app.post_narrative(&profile(1)).await;
@@ -91,7 +94,7 @@ async fn no_store_keeps_nothing() {
 
 #[tokio::test]
 async fn max_age_treats_older_entries_as_misses() {
-    let app = spawn_app(fast(), &[]).await;
+    let app = spawn_app(fast(), UNLIMITED).await;
     app.post_narrative(&profile(3)).await;
     assert_eq!(
         post_with(&app, &profile(3), "max-age=60").await.source(),
@@ -131,7 +134,7 @@ async fn only_if_cached_answers_504_when_nothing_is_stored() {
 
 #[tokio::test]
 async fn stale_if_error_allows_the_stored_entry_when_regeneration_fails() {
-    let app = spawn_app(fast(), &[]).await;
+    let app = spawn_app(fast(), UNLIMITED).await;
     let stored = app.post_narrative(&profile(5)).await;
     app.sim.sim.set_config(SimConfig {
         latency_ms: 5,
@@ -155,7 +158,7 @@ async fn stale_if_error_allows_the_stored_entry_when_regeneration_fails() {
 /// Absurd directive values never break a request (an overflow here once panicked).
 #[tokio::test]
 async fn huge_directive_values_are_harmless() {
-    let app = spawn_app(fast(), &[]).await;
+    let app = spawn_app(fast(), UNLIMITED).await;
     app.post_narrative(&profile(6)).await;
     app.sim.sim.set_config(SimConfig {
         latency_ms: 5,
@@ -185,4 +188,63 @@ async fn respond_async_honours_only_if_cached() {
     let reply = reply(request.send().await.expect("send")).await;
     assert_eq!(reply.status, 504);
     assert_eq!(app.llm_calls(), 0);
+}
+
+/// Seen in a black-box run: `no-cache` in a loop was one paid generation per request.
+#[tokio::test]
+async fn a_client_forces_a_regeneration_at_most_once_per_interval() {
+    let app = spawn_app(fast(), &[]).await;
+    let mut sources = Vec::new();
+    for _ in 0..15 {
+        sources.push(
+            post_with(&app, &profile(20), "no-cache")
+                .await
+                .source()
+                .to_owned(),
+        );
+    }
+    assert!(
+        app.llm_calls() <= 2,
+        "15 no-cache requests: {} LLM calls",
+        app.llm_calls()
+    );
+    assert_eq!(sources[0], "generated");
+    assert!(sources[1..].iter().all(|s| s == "cache"), "{sources:?}");
+    let max_age = post_with(&app, &profile(20), "max-age=0").await;
+    assert_eq!(
+        max_age.source(),
+        "cache",
+        "max-age=0 is limited the same way"
+    );
+    assert_eq!(app.llm_calls(), 1);
+}
+
+/// Seen in a black-box run: N concurrent `no-store` requests were N paid calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_no_store_requests_share_one_call_and_keep_nothing() {
+    let app = spawn_app(
+        SimConfig {
+            latency_ms: 300,
+            ..SimConfig::default()
+        },
+        &[],
+    )
+    .await;
+    let body = profile(21);
+    let replies = join_all((0..20).map(|_| post_with(&app, &body, "no-store"))).await;
+    assert_eq!(app.llm_calls(), 1, "20 concurrent no-store requests");
+    assert!(
+        replies.iter().all(|r| r.source() == "generated"),
+        "{:?}",
+        replies.iter().map(Reply::source).collect::<Vec<_>>()
+    );
+    let body = replies[0].body["narrative"].clone();
+    assert!(
+        replies.iter().all(|r| r.body["narrative"] == body),
+        "one generation for all"
+    );
+    assert_eq!(app.stats().await["keys"], 0, "nothing kept");
+    let after = app.post_narrative(&profile(21)).await;
+    assert_eq!(after.source(), "generated", "the next request misses");
+    assert_eq!(app.llm_calls(), 2);
 }

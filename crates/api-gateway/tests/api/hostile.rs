@@ -98,7 +98,11 @@ fn router() -> axum::Router {
 }
 
 async fn post(router: &axum::Router, body: Vec<u8>) -> (StatusCode, Value) {
-    let request = Request::post("/narrative")
+    post_to(router, "/narrative", body).await
+}
+
+async fn post_to(router: &axum::Router, path: &str, body: Vec<u8>) -> (StatusCode, Value) {
+    let request = Request::post(path)
         .header("content-type", "application/json")
         .body(Body::from(body))
         .expect("request");
@@ -183,4 +187,130 @@ async fn deep_nesting_and_huge_counts_are_refused_cheaply() {
         (status, answer["error"]["field"].clone()),
         (StatusCode::BAD_REQUEST, json!("userId"))
     );
+}
+
+/// Seen in a black-box run: a profile followed by `xyz`, or two profiles, were 200.
+#[tokio::test]
+async fn a_body_is_one_json_document() {
+    let router = router();
+    let one = valid().to_string();
+    for path in ["/narrative", "/narrative/key"] {
+        for body in [
+            format!("{one}xyz"),
+            format!("{one}{one}"),
+            format!("{one}\n{one}"),
+            format!("{one} []"),
+        ] {
+            let (status, answer) = post_to(&router, path, body.into_bytes()).await;
+            assert_eq!(
+                (status, answer["error"]["field"].clone()),
+                (StatusCode::BAD_REQUEST, json!("body")),
+                "{path}: {answer}"
+            );
+        }
+        let (status, answer) = post_to(&router, path, format!("{one} \r\n\t").into_bytes()).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "whitespace after it is fine: {answer}"
+        );
+    }
+}
+
+/// Seen in a black-box run: these names were accepted, landed in the key and went into
+/// the prompt verbatim.
+#[tokio::test]
+async fn names_with_control_format_or_markup_characters_are_refused() {
+    let router = router();
+    for name in [
+        "Si\u{0}rius",
+        "Si\u{7}rius",
+        "Sirius\u{202e}",
+        "Si\u{200b}rius",
+        "Sirius\u{2060}",
+        "Sirius\"",
+        "Sirius <profile>",
+        "Sirius; drop",
+    ] {
+        let as_primary = replace(
+            replace(valid(), "classification", json!("primary")),
+            "primary",
+            json!(name),
+        );
+        let mut as_primary = as_primary;
+        as_primary.as_object_mut().unwrap().remove("hybrid");
+        as_primary["percentages"] = json!({ name: 100 });
+        let (status, answer) = post(&router, as_primary.to_string().into_bytes()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{name:?}: {answer}");
+        assert_eq!(
+            answer["error"]["field"], "percentages",
+            "{name:?}: {answer}"
+        );
+        let hybrid = replace(valid(), "hybrid", json!(["Pleiades", name]));
+        let (status, answer) = post(&router, hybrid.to_string().into_bytes()).await;
+        assert_eq!(
+            (status, answer["error"]["field"].clone()),
+            (StatusCode::BAD_REQUEST, json!("hybrid[1]")),
+            "{name:?}: {answer}"
+        );
+    }
+    // Letters of any script, digits, and ' - . stay names.
+    let fine = replace(
+        valid(),
+        "percentages",
+        json!({"Pleiades": 42.4, "Sirius": 31.7, "Zeta Reticuli-2 'B'. Ωmega": 25.9}),
+    );
+    let (status, answer) = post(&router, fine.to_string().into_bytes()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+}
+
+/// `STAR_SYSTEM_NAMES` refuses systems outside it, naming the entry.
+#[tokio::test]
+async fn a_known_systems_list_refuses_others() {
+    let settings = Settings::from_vars(&Vars::from_pairs([
+        ("CACHE_KEY_SECRET", "hostile-secret-0123456789"),
+        ("STAR_SYSTEM_NAMES", "pleiades, sirius,Arcturus"),
+    ]))
+    .expect("settings");
+    let router = App::build(settings).expect("app").router();
+    let (status, answer) = post(&router, valid().to_string().into_bytes()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let unknown = replace(
+        valid(),
+        "percentages",
+        json!({"Pleiades": 42.4, "Sirius": 31.7, "Vega": 25.9}),
+    );
+    let (status, answer) = post(&router, unknown.to_string().into_bytes()).await;
+    assert_eq!(
+        (status, answer["error"]["field"].clone()),
+        (StatusCode::BAD_REQUEST, json!("percentages.Vega")),
+        "{answer}"
+    );
+}
+
+/// Seen in a black-box run: the first panicked the handler (a dropped connection), the
+/// second answered a 500.
+#[tokio::test]
+async fn out_of_range_analytics_instants_are_a_400_naming_them() {
+    let router = router();
+    for (query, field) in [
+        ("to=9999-12-31T23:59:59-23:59", "to"),
+        ("from=9999-12-31T23:59:59-23:59", "from"),
+        ("to=0000-01-01", "to"),
+    ] {
+        let request = Request::get(format!("/narrative/analytics?{query}"))
+            .body(Body::empty())
+            .expect("request");
+        let response = router.clone().oneshot(request).await.expect("infallible");
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        let answer: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        assert_eq!(
+            (status, answer["error"]["field"].clone()),
+            (StatusCode::BAD_REQUEST, json!(field)),
+            "{query}: {answer}"
+        );
+    }
 }
