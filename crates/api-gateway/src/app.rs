@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::http;
 use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
+use crate::server;
 use crate::service::{
     AnalyticsSource, Distributed, FillStrategy, InProcessFill, NarrativeService, PrewarmRuns,
     RedisFill, RedisTallies, ServiceParts, WorkerFill, Workers,
@@ -306,19 +307,29 @@ fn distributed(
     }
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then drains: in-flight
-/// requests finish, and generations still running get `SHUTDOWN_GRACE` to be stored.
+/// Serves `app` on `listener` until `shutdown` resolves, then drains within one
+/// `SHUTDOWN_GRACE`, whatever clients do: in-flight requests finish, generations still
+/// running are stored, and what is not done by then is dropped.
 pub async fn run(
     listener: TcpListener,
     app: App,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "listening");
-    axum::serve(listener, app.router())
-        .with_graceful_shutdown(shutdown)
-        .await?;
-    let grace = app.state.settings.shutdown_grace;
-    if !app.state.service.drain(grace).await {
+    let settings = &app.state.settings;
+    let grace = settings.shutdown_grace;
+    let stopped = server::serve(listener, app.router(), settings.http, shutdown, grace).await;
+    if !stopped.connections_closed {
+        tracing::warn!(
+            ?grace,
+            "connections still open at the end of the shutdown grace period were closed"
+        );
+    }
+    // Generations ran on meanwhile; they get what is left of the same grace period.
+    let left = stopped
+        .deadline
+        .saturating_duration_since(tokio::time::Instant::now());
+    if !app.state.service.drain(left).await {
         tracing::warn!(
             ?grace,
             "generations still running at the end of the shutdown grace period were dropped"

@@ -12,6 +12,7 @@ pub mod auth;
 mod http;
 pub mod limits;
 pub mod metrics;
+mod server;
 pub mod service;
 pub mod settings;
 

@@ -31,6 +31,8 @@ pub struct Settings {
     pub memory_cache_max_bytes: u64,
     /// How long shutdown waits for generations in flight to finish and be stored.
     pub shutdown_grace: Duration,
+    /// How long clients have for each part of a request (`HTTP_*_TIMEOUT`).
+    pub http: HttpTimeouts,
     /// `None` in embedded mode.
     pub redis: Option<RedisSettings>,
     /// Earlier `(ENGINE_VERSION, promptHash)` pairs whose entries may answer a miss as
@@ -68,6 +70,19 @@ pub struct Settings {
     /// `REVALIDATE_MIN_INTERVAL`: a client's `no-cache` or `max-age` regenerates an
     /// entry only once it is this old (the admin token is exempt); `0s` lifts it.
     pub revalidate_min_interval: Duration,
+}
+
+/// How long a client has for each part of a request, so that a slow or silent one
+/// cannot hold a connection (slowloris).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpTimeouts {
+    /// `HTTP_HEADER_TIMEOUT`: a new connection's first request headers, complete.
+    pub header: Duration,
+    /// `HTTP_BODY_TIMEOUT`: a request's whole body, from the end of its headers.
+    pub body: Duration,
+    /// `HTTP_IDLE_TIMEOUT`: a kept-alive connection's wait for its next request, and
+    /// that request's headers.
+    pub idle: Duration,
 }
 
 /// Distributed mode's Redis: where, how patient, and how values are sealed.
@@ -214,6 +229,20 @@ impl Settings {
             llm: llm_settings_from(vars)?,
             memory_cache_max_bytes: vars.from_str_or("MEMORY_CACHE_MAX_MB", 256u64)? * 1024 * 1024,
             shutdown_grace: vars.duration_or("SHUTDOWN_GRACE", Duration::from_secs(30))?,
+            http: HttpTimeouts {
+                header: positive(
+                    vars.duration_or("HTTP_HEADER_TIMEOUT", Duration::from_secs(10))?,
+                    "HTTP_HEADER_TIMEOUT",
+                )?,
+                body: positive(
+                    vars.duration_or("HTTP_BODY_TIMEOUT", Duration::from_secs(30))?,
+                    "HTTP_BODY_TIMEOUT",
+                )?,
+                idle: positive(
+                    vars.duration_or("HTTP_IDLE_TIMEOUT", Duration::from_secs(75))?,
+                    "HTTP_IDLE_TIMEOUT",
+                )?,
+            },
             redis,
             queue,
             analytics,

@@ -315,10 +315,11 @@ fn narrative_for(prompt: &str) -> String {
             .unwrap_or("unknown")
             .to_owned()
     };
-    let systems = line("- Star systems (percent):");
-    let hd_type = line("- Human Design type:");
-    let authority = line("- Authority:");
-    let profile = line("- Profile:");
+    // The prompt's data block (`narrative-gen/prompts/narrative.txt`); names come quoted.
+    let systems = line("star systems (percent):").replace('"', "");
+    let hd_type = line("Human Design type:");
+    let authority = line("authority:");
+    let profile = line("profile:");
     format!(
         "Your heritage weaves together {systems}. The strongest of these threads sets the tone of your inner life: \
          a quiet certainty about what matters, and a pull toward the people and work that feel like home.\n\n\

@@ -4,8 +4,6 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
@@ -16,6 +14,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::access::Admin;
+use super::body::RequestBody;
 use super::narrative::json_body;
 use super::ApiError;
 use crate::app::AppState;
@@ -90,7 +89,7 @@ async fn start_prewarm(
     _admin: Admin,
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     let body = json_body(&headers, body)?;
     let request: PrewarmRequest =

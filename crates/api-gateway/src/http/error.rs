@@ -21,6 +21,9 @@ pub enum ApiError {
     },
     #[error("request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// The body did not arrive within `HTTP_BODY_TIMEOUT`.
+    #[error("request body not received within {} s", limit.as_secs())]
+    BodyTimeout { limit: std::time::Duration },
     #[error("Content-Type must be application/json")]
     UnsupportedMediaType,
     #[error("no narrative under this key")]
@@ -61,6 +64,7 @@ impl ApiError {
         match self {
             Self::InvalidProfile(_) | Self::InvalidParameter { .. } => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NotFound | Self::NoRoute => StatusCode::NOT_FOUND,
             Self::NotCached => StatusCode::GATEWAY_TIMEOUT,
@@ -78,6 +82,7 @@ impl ApiError {
             Self::InvalidProfile(_) => "invalid_profile",
             Self::InvalidParameter { .. } => "invalid_parameter",
             Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::BodyTimeout { .. } => "body_timeout",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::NotFound => "not_found",
             Self::NotCached => "not_cached",
@@ -102,6 +107,9 @@ impl IntoResponse for ApiError {
         let (message, field) = match &self {
             Self::InvalidProfile(e) => (e.message.clone(), Some(e.field.as_str())),
             Self::InvalidParameter { field, message } => (message.clone(), Some(*field)),
+            Self::PayloadTooLarge { .. } | Self::BodyTimeout { .. } => {
+                (self.to_string(), Some("body"))
+            }
             other => (other.to_string(), None),
         };
         let body = Body {

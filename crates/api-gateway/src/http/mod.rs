@@ -3,13 +3,14 @@
 
 mod access;
 mod admin;
+mod body;
 mod error;
 mod narrative;
 mod ops;
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -18,7 +19,7 @@ pub use error::ApiError;
 
 use crate::app::AppState;
 
-/// Every request body is limited to this many bytes.
+/// Every request body is limited to this many bytes (read by `body::RequestBody`).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -28,7 +29,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(ops::router())
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::map_response_with_state(
             Arc::clone(&state),
             finish,

@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use analytics::Range;
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -17,7 +17,8 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use super::access::Client;
-use super::{ApiError, MAX_BODY_BYTES};
+use super::body::RequestBody;
+use super::ApiError;
 use crate::app::AppState;
 use crate::service::{Answer, Caller, Directives, Forwarded, Lookup, NotCached, Source};
 
@@ -50,7 +51,7 @@ async fn post_narrative(
     client: Client,
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let (keyed, caller) = parse_profile(&state, &headers, body, client)?;
@@ -144,7 +145,7 @@ fn pending_response(key: &CacheKey) -> Response {
 fn parse_profile(
     state: &AppState,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Result<Bytes, ApiError>,
     Client(client): Client,
 ) -> Result<(KeyedProfile, Caller), ApiError> {
     let body = json_body(headers, body)?;
@@ -160,10 +161,11 @@ fn parse_profile(
     Ok((keyed, caller))
 }
 
-/// The body of a JSON request: 415 unless it says it is JSON, 413 over the limit.
+/// The body of a JSON request: 415 unless it says it is JSON; the read's own error
+/// (413 over the limit, 408 too slow) otherwise.
 pub(super) fn json_body(
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Result<Bytes, ApiError>,
 ) -> Result<Bytes, ApiError> {
     let is_json = headers
         .get(header::CONTENT_TYPE)
@@ -177,15 +179,7 @@ pub(super) fn json_body(
     if !is_json {
         return Err(ApiError::UnsupportedMediaType);
     }
-    body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge {
-            limit: MAX_BODY_BYTES,
-        },
-        _ => ApiError::InvalidParameter {
-            field: "body",
-            message: rejection.body_text(),
-        },
-    })
+    body
 }
 
 fn narrative_response(key: &CacheKey, answer: &Answer) -> Response {
@@ -290,7 +284,7 @@ async fn explain_key(
     client: Client,
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     let (keyed, _) = parse_profile(&state, &headers, body, client)?;
     let canonical: &RawValue =

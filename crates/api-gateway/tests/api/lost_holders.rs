@@ -2,7 +2,6 @@
 //! can be killed (SIGKILL) or frozen (SIGSTOP) and thawed (SIGCONT); the instance that
 //! takes over runs in this test.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use cache_core::CacheStore;
@@ -12,16 +11,7 @@ use cache_redis::RedisStore;
 use llm_sim::SimConfig;
 use redis::AsyncCommands;
 
-use crate::helpers::{profile, reply, spawn_app_with, unique_version};
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use crate::helpers::{profile, reply, spawn_app_with, spawn_process, unique_version, Process};
 
 /// A real `api-gateway` process sharing `redis_url`, with a short lock TTL and wait.
 async fn gateway_process(
@@ -29,33 +19,8 @@ async fn gateway_process(
     redis_url: &str,
     version: &str,
 ) -> (Process, String) {
-    let port = test_kit::free_port();
-    let process = Process(
-        Command::new(env!("CARGO_BIN_EXE_api-gateway"))
-            .env_clear()
-            .env("BIND_ADDR", format!("127.0.0.1:{port}"))
-            .env("REDIS_URL", redis_url)
-            .env("ENGINE_VERSION", version)
-            .env("CACHE_KEY_SECRET", "test-secret-0123456789")
-            .env("LLM_BASE_URL", sim.base_url())
-            .env("LLM_API_KEY", "sk-test")
-            .env("LOCK_TTL", "600ms")
-            .env("GENERATION_WAIT_MS", "100")
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("api-gateway starts"),
-    );
-    let url = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
-    test_kit::eventually(
-        "the gateway process to listen",
-        Duration::from_secs(10),
-        || async { client.get(format!("{url}/healthz")).send().await.is_ok() },
-    )
-    .await;
-    (process, url)
+    let vars = [("LOCK_TTL", "600ms"), ("GENERATION_WAIT_MS", "100")];
+    spawn_process(sim, redis_url, version, &vars).await
 }
 
 /// A leader killed (SIGKILL) while holding the lock: its lock expires, the next

@@ -2,6 +2,7 @@
 
 mod access;
 mod analytics;
+mod connections;
 mod directives;
 mod distributed;
 mod erasure;

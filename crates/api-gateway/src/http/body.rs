@@ -1,0 +1,68 @@
+//! Reading a request body: at most [`MAX_BODY_BYTES`], within `HTTP_BODY_TIMEOUT` of
+//! the request's headers, whatever pace the client sends it at.
+//!
+//! An oversize body is read on (and thrown away) up to [`DRAIN_BYTES`] more before
+//! the 413 is answered: a client that writes its whole body before reading (aiohttp
+//! does) would otherwise find the connection reset under it, the 413 unread.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use futures::StreamExt as _;
+
+use super::{ApiError, MAX_BODY_BYTES};
+use crate::app::AppState;
+
+/// How much of an oversize body is read and dropped so that its sender can read the
+/// 413; past it the connection is closed unread.
+pub const DRAIN_BYTES: usize = 1024 * 1024;
+
+/// A request's body, or why it could not be read: a handler argument that never
+/// rejects, so the handler decides what a bad body means (after checking the caller).
+#[derive(Debug)]
+pub struct RequestBody(pub Result<Bytes, ApiError>);
+
+impl FromRequest<Arc<AppState>> for RequestBody {
+    type Rejection = Infallible;
+
+    async fn from_request(request: Request, state: &Arc<AppState>) -> Result<Self, Infallible> {
+        let limit = state.settings.http.body;
+        Ok(Self(read(request.into_body(), MAX_BODY_BYTES, limit).await))
+    }
+}
+
+/// The whole of `body`, if it is at most `max_bytes` and arrives within `limit`.
+pub async fn read(
+    body: axum::body::Body,
+    max_bytes: usize,
+    limit: Duration,
+) -> Result<Bytes, ApiError> {
+    let mut frames = body.into_data_stream();
+    let whole = async {
+        let mut bytes = Vec::new();
+        while let Some(frame) = frames.next().await {
+            let frame = frame.map_err(|error| ApiError::InvalidParameter {
+                field: "body",
+                message: format!("the body could not be read: {error}"),
+            })?;
+            if bytes.len() + frame.len() > max_bytes {
+                let mut drained = 0;
+                while drained < DRAIN_BYTES {
+                    match frames.next().await {
+                        Some(Ok(more)) => drained += more.len(),
+                        Some(Err(_)) | None => break,
+                    }
+                }
+                return Err(ApiError::PayloadTooLarge { limit: max_bytes });
+            }
+            bytes.extend_from_slice(&frame);
+        }
+        Ok(Bytes::from(bytes))
+    };
+    tokio::time::timeout(limit, whole)
+        .await
+        .unwrap_or(Err(ApiError::BodyTimeout { limit }))
+}
