@@ -259,11 +259,7 @@ impl NarrativeService {
         self: &Arc<Self>,
         keyed: &KeyedProfile,
     ) -> Option<Answer> {
-        for prefix in &self.previous_prefixes {
-            let Ok(previous) = CacheKey::parse(&format!("{prefix}{{{}}}", keyed.key.digest()))
-            else {
-                continue;
-            };
+        for previous in self.previous_keys(&keyed.key) {
             if let Some((envelope, age, tier)) = self.cached(&previous).await {
                 let _ = self.join_flight(keyed, FillMode::Miss);
                 let stale_for = i64::try_from(age.as_secs().max(1)).unwrap_or(i64::MAX);
@@ -400,6 +396,16 @@ impl NarrativeService {
             None => self.account_pending(keyed, started, caller),
         }
         answer
+    }
+
+    /// `key`'s profile under each of `PREVIOUS_VERSIONS`, newest first.
+    pub(super) fn previous_keys<'a>(
+        &'a self,
+        key: &'a CacheKey,
+    ) -> impl Iterator<Item = CacheKey> + 'a {
+        self.previous_prefixes.iter().filter_map(move |prefix| {
+            CacheKey::parse(&format!("{prefix}{{{}}}", key.digest())).ok()
+        })
     }
 
     /// The template narrative, never stored.

@@ -1,6 +1,7 @@
-//! Erasure by user: every entry the user asked for is deleted, as the fill strategy
-//! deletes it (with its fill lock revoked and a tombstone left with Redis, fenced in
-//! process in embedded mode).
+//! Erasure by user: every entry the user asked for is deleted, under the current
+//! version and every `PREVIOUS_VERSIONS` one, as the fill strategy deletes it (with its
+//! fill lock revoked and a tombstone left with Redis, fenced in process in embedded
+//! mode).
 
 use cache_core::{CacheKey, StoreError};
 
@@ -27,9 +28,9 @@ impl NarrativeService {
             let mut erased = Vec::with_capacity(keys.len());
             let mut failure = None;
             for key in keys {
-                match self.erase_key(&key).await {
+                match self.erase_every_version(&key).await {
                     Ok(existed) => {
-                        deleted += u64::from(existed);
+                        deleted += existed;
                         erased.push(key);
                     }
                     Err(error) => {
@@ -47,7 +48,14 @@ impl NarrativeService {
         Ok(deleted)
     }
 
-    async fn erase_key(&self, key: &CacheKey) -> Result<bool, StoreError> {
-        self.strategy.erase(self, key).await
+    /// Erases `key` and the same profile's entries under every `PREVIOUS_VERSIONS`:
+    /// during a rollout a user is answered from those, and the index records the
+    /// current key only. Returns how many existed.
+    async fn erase_every_version(&self, key: &CacheKey) -> Result<u64, StoreError> {
+        let mut existed = u64::from(self.strategy.erase(self, key).await?);
+        for previous in self.previous_keys(key) {
+            existed += u64::from(self.strategy.erase(self, &previous).await?);
+        }
+        Ok(existed)
     }
 }

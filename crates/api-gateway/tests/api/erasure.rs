@@ -7,7 +7,12 @@ use std::time::Duration;
 use llm_sim::SimConfig;
 use serde_json::json;
 
-use crate::helpers::{anonymous, as_user, erase, reply, respond_async, spawn_app, ADMIN};
+use redis::AsyncCommands;
+
+use crate::helpers::{
+    anonymous, as_user, erase, reply, respond_async, spawn_app, spawn_app_with, unique_version,
+    ADMIN,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_erasure_removes_the_users_entries_and_fences_the_one_in_flight() {
@@ -130,4 +135,66 @@ async fn erasure_is_an_admin_route() {
     assert_eq!(too_long.status, 400);
     assert_eq!(too_long.body["error"]["field"], "userId");
     app.shutdown().await;
+}
+
+/// Seen in a review: during a rollout a user answered from a `PREVIOUS_VERSIONS`
+/// entry was indexed under the new key only, so erasing them left that entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_covers_the_entries_a_user_was_served_from_previous_versions() {
+    let sim = llm_sim::spawn(SimConfig {
+        latency_ms: 5,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let url = test_kit::redis().url.clone();
+    let (old, new) = (unique_version("erase-v1"), unique_version("erase-v2"));
+    let v1 = spawn_app_with(
+        sim.clone(),
+        &[
+            ("REDIS_URL", url.as_str()),
+            ("ENGINE_VERSION", old.as_str()),
+        ],
+    )
+    .await;
+    // Someone else's request stores the old version's entry.
+    let stored = v1.post_narrative(&as_user(1, "carol")).await;
+    assert_eq!(stored.source(), "generated");
+    let old_key = stored.key();
+    let previous = format!(
+        "{old}:{}",
+        v1.stats().await["promptHash"].as_str().expect("hash")
+    );
+    v1.shutdown().await;
+    // A gateway slow to generate, so that dave's answer is the old entry.
+    sim.sim.set_config(SimConfig {
+        latency_ms: 60_000,
+        ..SimConfig::default()
+    });
+    let v2 = spawn_app_with(
+        sim.clone(),
+        &[
+            ("REDIS_URL", url.as_str()),
+            ("ENGINE_VERSION", new.as_str()),
+            ("PREVIOUS_VERSIONS", previous.as_str()),
+            ("ADMIN_TOKEN", ADMIN),
+        ],
+    )
+    .await;
+    let served = v2.post_narrative(&as_user(1, "dave")).await;
+    assert_eq!(served.source(), "stale", "answered from the old version");
+    let erased = erase(&v2, "dave").await;
+    assert_eq!(erased.status, 200, "{:?}", erased.body);
+    let mut redis = redis::Client::open(url.as_str())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    assert!(
+        !redis
+            .exists::<_, bool>(old_key.as_str())
+            .await
+            .expect("EXISTS"),
+        "the old version's entry dave was served is erased"
+    );
 }

@@ -1,4 +1,5 @@
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use moka::sync::Cache;
@@ -9,9 +10,13 @@ use crate::key::CacheKey;
 
 /// A bounded in-process store with a TTL per entry, evicting the least useful entries
 /// (moka's TinyLFU) when its byte budget is full.
+///
+/// Its entries by engine version are counted as they come and go, so that stats (and
+/// every `/metrics` scrape) cost the same with a million entries as with ten.
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
     entries: Cache<CacheKey, Entry>,
+    by_version: Arc<Mutex<BTreeMap<String, u64>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -53,6 +58,7 @@ impl MemoryStore {
     }
 
     pub fn new(max_bytes: u64) -> Self {
+        let by_version: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
         let entries = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|key: &CacheKey, entry: &Entry| {
@@ -63,8 +69,26 @@ impl MemoryStore {
                     .saturating_add(ENTRY_OVERHEAD_BYTES)
             })
             .expire_after(PerEntryTtl)
+            // Every entry put is removed once, whatever the cause (replaced, erased,
+            // expired, evicted or refused admission): each put counts up, each
+            // removal down.
+            .eviction_listener({
+                let by_version = Arc::clone(&by_version);
+                move |key: Arc<CacheKey>, _, _| {
+                    let mut counts = by_version.lock().unwrap_or_else(PoisonError::into_inner);
+                    if let Some(count) = counts.get_mut(key.engine_version()) {
+                        *count = count.saturating_sub(1);
+                        if *count == 0 {
+                            counts.remove(key.engine_version());
+                        }
+                    }
+                }
+            })
             .build();
-        Self { entries }
+        Self {
+            entries,
+            by_version,
+        }
     }
 }
 
@@ -84,6 +108,12 @@ impl CacheStore for MemoryStore {
         envelope: Arc<Envelope>,
         ttl: Duration,
     ) -> Result<(), StoreError> {
+        *self
+            .by_version
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key.engine_version().to_owned())
+            .or_insert(0) += 1;
         self.entries.insert(key.clone(), Entry { envelope, ttl });
         Ok(())
     }
@@ -93,14 +123,14 @@ impl CacheStore for MemoryStore {
     }
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {
-        // moka applies inserts and evictions lazily; settle them so the counts are exact.
+        // moka applies inserts and evictions lazily; settle them (and their removal
+        // notifications) so the counts are exact.
         self.entries.run_pending_tasks();
-        let mut by_version = std::collections::BTreeMap::new();
-        for (key, _) in self.entries.iter() {
-            *by_version
-                .entry(key.engine_version().to_owned())
-                .or_insert(0) += 1;
-        }
+        let by_version = self
+            .by_version
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         Ok(StoreStats {
             entries: self.entries.entry_count(),
             memory_bytes: self.entries.weighted_size(),
@@ -188,5 +218,58 @@ mod tests {
         let stats = store.stats().await.expect("stats");
         assert!(stats.memory_bytes <= 64 * 1024, "{stats:?}");
         assert!(stats.entries < 64, "{stats:?}");
+    }
+
+    /// The counts kept as entries come and go match a walk over every entry, through
+    /// replacement, deletion, expiry and eviction past the byte budget.
+    #[tokio::test]
+    async fn counts_by_version_follow_every_way_an_entry_leaves() {
+        let versioned = |version: &str, n: u32| {
+            CacheKey::parse(&format!("narr:{version}:0123456789ab:{{{n:064x}}}")).expect("key")
+        };
+        let walked = |store: &MemoryStore| {
+            let mut counts = BTreeMap::new();
+            for (key, _) in store.entries.iter() {
+                *counts.entry(key.engine_version().to_owned()).or_insert(0) += 1;
+            }
+            counts
+        };
+        let store = MemoryStore::new(256 * 1024);
+        let body = "x".repeat(2000);
+        for n in 0..200 {
+            let version = if n % 3 == 0 { "v1" } else { "v2" };
+            let ttl = if n % 7 == 0 {
+                Duration::from_millis(20)
+            } else {
+                Duration::from_secs(60)
+            };
+            store
+                .put(&versioned(version, n), envelope(&body), ttl)
+                .await
+                .expect("put");
+        }
+        for n in 0..20 {
+            // Replaced, then deleted.
+            store
+                .put(
+                    &versioned("v2", n * 3 + 1),
+                    envelope("again"),
+                    Duration::from_secs(60),
+                )
+                .await
+                .expect("put");
+            store.delete(&versioned("v1", n * 3)).await.expect("delete");
+        }
+        // Always: the counts add up to what moka holds, expired entries it has not
+        // dropped yet included.
+        let stats = store.stats().await.expect("stats");
+        assert_eq!(stats.by_version.values().sum::<u64>(), stats.entries);
+        assert!(stats.entries < 200, "the budget evicted some: {stats:?}");
+        // moka drops expired entries on its timer wheel's next tick (about a second):
+        // then they match a walk over what is left.
+        std::thread::sleep(Duration::from_millis(1_300));
+        let stats = store.stats().await.expect("stats");
+        assert_eq!(stats.by_version, walked(&store));
+        assert_eq!(stats.by_version.values().sum::<u64>(), stats.entries);
     }
 }
