@@ -188,7 +188,12 @@ impl App {
             }
         };
         let user_index: Arc<dyn UserIndex> = match &redis {
-            Some(backend) => Arc::new(RedisUserIndex::new(Arc::clone(backend))),
+            // Twice CACHE_TTL: an entry lives CACHE_TTL from its last write, and a
+            // refresh may write it again after the user's last request.
+            Some(backend) => Arc::new(RedisUserIndex::new(
+                Arc::clone(backend),
+                settings.cache_ttl.saturating_mul(2),
+            )),
             None => Arc::new(MemoryUserIndex::default()),
         };
         let generator = Arc::new(GuardedGenerator::new(

@@ -63,6 +63,18 @@ impl ConnectionLike for RedisConn {
     }
 }
 
+/// The Cluster hash slot of `key`: CRC16 (XMODEM) of its hash tag (the part inside the
+/// first `{...}`, when not empty) or of the whole key, modulo 16384. Commands of one
+/// pipeline must share a slot.
+pub fn key_slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let tagged = key.find('{').and_then(|open| {
+        let close = key[open + 1..].find('}')?;
+        (close > 0).then(|| &bytes[open + 1..open + 1 + close])
+    });
+    crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(bytes)) % 16384
+}
+
 /// Where Redis is: `REDIS_URL` is one URL for a standalone server, or several
 /// comma-separated seed nodes (or one with `REDIS_CLUSTER=true`) for a Cluster.
 /// Its `Debug` shows hosts only: URLs may carry passwords.

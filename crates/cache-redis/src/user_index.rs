@@ -17,10 +17,14 @@ use std::time::Duration;
 use cache_core::user_index::{UserIndex, KEYS_PER_USER};
 use cache_core::{CacheKey, StoreError};
 
-use crate::backend::RedisBackend;
+use futures::StreamExt as _;
+
+use crate::backend::{key_slot, RedisBackend, RedisTarget};
 
 /// How often the buffer is written.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// Pipelines a flush has in flight at once.
+const PIPELINES_AT_ONCE: usize = 8;
 /// Users buffered between flushes at most; past it (Redis down for long) new users are
 /// not indexed, and a warning says so.
 pub const PENDING_USERS: usize = 100_000;
@@ -29,34 +33,114 @@ pub const PENDING_USERS: usize = 100_000;
 pub struct RedisUserIndex {
     backend: Arc<RedisBackend>,
     pending: Mutex<HashMap<String, HashSet<String>>>,
+    /// Every write sets the user's set to expire this long after it.
+    ttl: Duration,
 }
 
 fn index_key(user: &str) -> String {
     format!("useridx:{{{user}}}")
 }
 
+/// Users written in one pipeline at most.
+const USERS_PER_PIPELINE: usize = 500;
+
+/// What became of one user's pairs in a flush.
+enum Written {
+    Done,
+    /// Redis was unreachable or slow: kept for the next flush.
+    Retry(StoreError),
+    /// Redis refused the write (the key holds another type): dropped, or it would be
+    /// retried forever and hold up the rest.
+    Refused(StoreError),
+}
+
 impl RedisUserIndex {
-    pub fn new(backend: Arc<RedisBackend>) -> Self {
+    /// An index whose sets expire `ttl` after their last write: no shorter than
+    /// `CACHE_TTL`, so they outlive every entry they list that nobody asked for
+    /// since, and an index of random user ids does not grow without bound.
+    pub fn new(backend: Arc<RedisBackend>, ttl: Duration) -> Self {
         Self {
             backend,
             pending: Mutex::new(HashMap::new()),
+            ttl,
         }
     }
 
-    async fn write(&self, user: &str, members: Vec<String>) -> Result<(), StoreError> {
-        let set = index_key(user);
+    /// Writes `users`' pairs in one pipeline (their sets must share a Cluster slot):
+    /// `SADD` and `PEXPIRE` for each. A pipeline Redis refuses is written again user by
+    /// user, so that one refused set does not hold up the others.
+    async fn write(
+        &self,
+        users: Vec<(String, HashSet<String>)>,
+    ) -> Vec<(String, HashSet<String>, Written)> {
+        match self.write_pipeline(&users).await {
+            Ok(()) => users
+                .into_iter()
+                .map(|(u, k)| (u, k, Written::Done))
+                .collect(),
+            Err(StoreError::Refused(_)) if users.len() > 1 => {
+                let mut each = Vec::with_capacity(users.len());
+                for (user, keys) in users {
+                    let one = vec![(user, keys)];
+                    let outcome = match self.write_pipeline(&one).await {
+                        Ok(()) => Written::Done,
+                        Err(error @ StoreError::Refused(_)) => Written::Refused(error),
+                        Err(error) => Written::Retry(error),
+                    };
+                    let (user, keys) = one.into_iter().next().expect("one user");
+                    each.push((user, keys, outcome));
+                }
+                each
+            }
+            Err(error) => users
+                .into_iter()
+                .map(|(u, k)| {
+                    let outcome = match &error {
+                        StoreError::Refused(message) => {
+                            Written::Refused(StoreError::Refused(message.clone()))
+                        }
+                        other => Written::Retry(clone_error(other)),
+                    };
+                    (u, k, outcome)
+                })
+                .collect(),
+        }
+    }
+
+    async fn write_pipeline(&self, users: &[(String, HashSet<String>)]) -> Result<(), StoreError> {
+        let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
+        let mut pipe = redis::pipe();
+        for (user, keys) in users {
+            let set = index_key(user);
+            pipe.cmd("SADD")
+                .arg(&set)
+                .arg(keys.iter().collect::<Vec<_>>())
+                .ignore();
+            pipe.cmd("PEXPIRE").arg(&set).arg(ttl_ms).ignore();
+        }
         self.backend
             .call(|mut conn| {
-                let (set, members) = (set.clone(), members.clone());
-                async move {
-                    redis::cmd("SADD")
-                        .arg(&set)
-                        .arg(members)
-                        .query_async::<()>(&mut conn)
-                        .await
-                }
+                let pipe = pipe.clone();
+                async move { pipe.query_async::<()>(&mut conn).await }
             })
             .await
+    }
+
+    /// Puts pairs back for the next flush, within the buffer's bound.
+    fn keep(&self, user: String, keys: HashSet<String>) {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if pending.len() < PENDING_USERS || pending.contains_key(&user) {
+            pending.entry(user).or_default().extend(keys);
+        }
+    }
+}
+
+fn clone_error(error: &StoreError) -> StoreError {
+    match error {
+        StoreError::Timeout => StoreError::Timeout,
+        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+        StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
+        StoreError::Refused(m) => StoreError::Refused(m.clone()),
     }
 }
 
@@ -82,40 +166,74 @@ impl UserIndex for RedisUserIndex {
         }
     }
 
+    /// One pipeline per Cluster slot (per few hundred users on one server), sent a
+    /// few at a time. What fails to send is kept for the next flush; a set Redis
+    /// refuses is dropped with a warning. Returns the first error, if any.
     async fn flush(&self) -> Result<(), StoreError> {
         let batch =
             std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
-        let mut failure = None;
-        let mut unsent = HashMap::new();
-        for (user, keys) in batch {
-            if failure.is_some() {
-                unsent.insert(user, keys);
-                continue;
-            }
-            // One call per user: each user's set is its own Cluster slot, and a
-            // pipeline may not span slots.
-            if let Err(error) = self.write(&user, keys.iter().cloned().collect()).await {
-                failure = Some(error);
-                unsent.insert(user, keys);
-            }
-        }
-        let Some(error) = failure else {
+        if batch.is_empty() {
             return Ok(());
-        };
-        // Kept for the next flush (an erasure must not miss them for a Redis blip),
-        // within the same bound as new ones.
-        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        for (user, keys) in unsent {
-            if pending.len() < PENDING_USERS || pending.contains_key(&user) {
-                pending.entry(user).or_default().extend(keys);
+        }
+        let clustered = matches!(self.backend.target(), RedisTarget::Cluster(_));
+        let mut by_slot: HashMap<u16, Vec<(String, HashSet<String>)>> = HashMap::new();
+        for (user, keys) in batch {
+            let slot = if clustered {
+                key_slot(&index_key(&user))
+            } else {
+                0
+            };
+            by_slot.entry(slot).or_default().push((user, keys));
+        }
+        let pipelines = by_slot.into_values().flat_map(|mut users| {
+            let mut chunks = Vec::new();
+            while !users.is_empty() {
+                let rest = users.split_off(users.len().min(USERS_PER_PIPELINE));
+                chunks.push(std::mem::replace(&mut users, rest));
+            }
+            chunks
+        });
+        let written: Vec<_> = futures::stream::iter(pipelines)
+            .map(|users| self.write(users))
+            .buffer_unordered(PIPELINES_AT_ONCE)
+            .collect()
+            .await;
+        let mut first_error = None;
+        for (user, keys, outcome) in written.into_iter().flatten() {
+            match outcome {
+                Written::Done => {}
+                Written::Retry(error) => {
+                    self.keep(user, keys);
+                    first_error.get_or_insert(error);
+                }
+                Written::Refused(error) => {
+                    tracing::warn!(%error, "user index set refused by Redis; these pairs are not indexed for erasure");
+                    first_error.get_or_insert(error);
+                }
             }
         }
-        Err(error)
+        first_error.map_or(Ok(()), Err)
     }
 
+    /// Writes this user's own buffered pairs first, then reads the shared set: other
+    /// users' failing writes do not fail it.
     async fn keys(&self, user: &str) -> Result<Vec<CacheKey>, StoreError> {
-        // This gateway's own buffered pairs first, then the shared set.
-        self.flush().await?;
+        let own = self
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove_entry(user);
+        if let Some(own) = own {
+            if let Some((user, keys, outcome)) = self.write(vec![own]).await.into_iter().next() {
+                match outcome {
+                    Written::Done => {}
+                    Written::Retry(error) | Written::Refused(error) => {
+                        self.keep(user, keys);
+                        return Err(error);
+                    }
+                }
+            }
+        }
         let set = index_key(user);
         let members: Vec<String> = self
             .backend

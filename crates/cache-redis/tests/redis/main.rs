@@ -2,3 +2,4 @@
 
 mod lock;
 mod store;
+mod user_index;
