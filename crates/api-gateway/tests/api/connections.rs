@@ -11,7 +11,8 @@ use redis::AsyncCommands;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::helpers::{profile, reply, spawn_app, spawn_process, unique_version};
+use crate::helpers::{profile, reply, spawn_app, unique_version};
+use crate::process::spawn_process;
 
 fn fast() -> SimConfig {
     SimConfig {

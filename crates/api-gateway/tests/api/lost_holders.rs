@@ -11,7 +11,8 @@ use cache_redis::RedisStore;
 use llm_sim::SimConfig;
 use redis::AsyncCommands;
 
-use crate::helpers::{profile, reply, spawn_app_with, spawn_process, unique_version, Process};
+use crate::helpers::{profile, reply, spawn_app_with, unique_version};
+use crate::process::{spawn_process, Process};
 
 /// A real `api-gateway` process sharing `redis_url`, with a short lock TTL and wait.
 async fn gateway_process(

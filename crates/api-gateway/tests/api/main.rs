@@ -17,4 +17,5 @@ mod lost_holders;
 mod narrative;
 mod ops;
 mod prewarm;
+mod process;
 mod stampede;
