@@ -12,6 +12,7 @@ mod fill;
 mod freshness;
 mod helpers;
 mod hostile;
+mod http_fuzz;
 mod limits;
 mod lost_holders;
 mod narrative;
