@@ -135,10 +135,11 @@ impl Settings {
             }
         })?;
         let prewarm_rate = vars.from_str_or("PREWARM_RATE", 1.0f64)?;
-        if !(prewarm_rate.is_finite() && prewarm_rate > 0.0 && prewarm_rate <= 1_000.0) {
+        // At least one a thousand seconds: the pacer adds 1 / rate to a clock.
+        if !(0.001..=1_000.0).contains(&prewarm_rate) {
             return Err(ConfigError::new(
                 "PREWARM_RATE",
-                "must be a number of generations per second, above 0 and at most 1000",
+                "must be a number of generations per second, from 0.001 to 1000",
             ));
         }
         let client_keys = vars.parse_or("API_KEYS", ClientKeys::default(), ClientKeys::parse)?;
@@ -227,7 +228,10 @@ impl Settings {
             generation_wait: vars.millis_or("GENERATION_WAIT_MS", Duration::from_millis(4500))?,
             cache_key_secret,
             llm: llm_settings_from(vars)?,
-            memory_cache_max_bytes: vars.from_str_or("MEMORY_CACHE_MAX_MB", 256u64)? * 1024 * 1024,
+            memory_cache_max_bytes: vars
+                .from_str_or("MEMORY_CACHE_MAX_MB", 256u64)?
+                .checked_mul(1024 * 1024)
+                .ok_or_else(|| ConfigError::new("MEMORY_CACHE_MAX_MB", "is too large"))?,
             shutdown_grace: vars.duration_or("SHUTDOWN_GRACE", Duration::from_secs(30))?,
             http: HttpTimeouts {
                 header: positive(
@@ -400,6 +404,11 @@ mod tests {
             ("LLM_DAILY_BUDGET_USD", "lots", &[]),
             ("ADMIN_TOKEN", "short", &[]),
             ("PREWARM_RATE", "0", &[]),
+            ("PREWARM_RATE", "1e-18", &[]),
+            ("PREWARM_WINDOW", "400000000000s", &[]),
+            ("JOB_WAIT_LIMIT", "18446744073709551615s", &[]),
+            ("HTTP_IDLE_TIMEOUT", "300000000000000000s", &[]),
+            ("MEMORY_CACHE_MAX_MB", "18446744073709551615", &[]),
             ("PREWARM_RATE", "fast", &[]),
             ("PREWARM_WINDOW", "0s", &[]),
         ];

@@ -112,11 +112,24 @@ impl Vars {
             text.parse::<u64>()
                 .map(Duration::from_millis)
                 .map_err(|_| format!("{text:?} is not a whole number of milliseconds"))
+                .and_then(|duration| {
+                    if duration <= MAX_DURATION {
+                        Ok(duration)
+                    } else {
+                        Err(format!("{text:?} is longer than a century"))
+                    }
+                })
         })
     }
 }
 
-/// `250ms`, `90s`, `15m`, `12h`, `30d`, `2w`; a number and a unit, nothing else.
+/// The longest duration a setting may name: a century. Anything longer means "never"
+/// to a person, and would overflow the clocks it is added to (`Instant` and
+/// `OffsetDateTime` arithmetic panics) on the request path.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// `250ms`, `90s`, `15m`, `12h`, `30d`, `2w`; a number and a unit, nothing else, and at
+/// most [`MAX_DURATION`].
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -126,18 +139,24 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let number: u64 = number
         .parse()
         .map_err(|_| format!("{text:?} must be a number and a unit, like 30d, 90s or 250ms"))?;
-    let seconds = |n: u64| Ok(Duration::from_secs(n));
-    match unit.trim() {
-        "ms" => Ok(Duration::from_millis(number)),
-        "s" => seconds(number),
-        "m" => seconds(number * 60),
-        "h" => seconds(number * 3600),
-        "d" => seconds(number * 86_400),
-        "w" => seconds(number * 7 * 86_400),
-        other => Err(format!(
-            "{text:?} has unknown unit {other:?}; use ms, s, m, h, d or w"
-        )),
-    }
+    let per_unit: u64 = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        "w" => 7 * 86_400_000,
+        other => {
+            return Err(format!(
+                "{text:?} has unknown unit {other:?}; use ms, s, m, h, d or w"
+            ))
+        }
+    };
+    number
+        .checked_mul(per_unit)
+        .map(Duration::from_millis)
+        .filter(|duration| *duration <= MAX_DURATION)
+        .ok_or_else(|| format!("{text:?} is longer than a century"))
 }
 
 #[cfg(test)]
@@ -149,6 +168,17 @@ mod tests {
         assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("36500d"), Ok(MAX_DURATION));
+        // Accepted once; then overflowed the clocks they were added to on the request
+        // path (PREWARM_WINDOW, LOCK_TTL, JOB_WAIT_LIMIT, HTTP_IDLE_TIMEOUT).
+        for bad in [
+            "36501d",
+            "400000000000s",
+            "18446744073709551615s",
+            "30500000000000000w",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
         for bad in ["", "30", "d", "1.5h", "-1s", "3 days"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }

@@ -86,7 +86,7 @@ impl Envelope {
 
     /// Age of the entry at `now_ms`, never negative (clocks of two hosts may disagree).
     pub fn age_ms(&self, now_ms: UnixMillis) -> u64 {
-        u64::try_from(now_ms - self.created_at_ms).unwrap_or(0)
+        u64::try_from(now_ms.saturating_sub(self.created_at_ms)).unwrap_or(0)
     }
 }
 

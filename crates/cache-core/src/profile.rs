@@ -345,18 +345,25 @@ impl KnownSystems {
         Ok(Self(names))
     }
 
-    /// Refuses a profile naming a system not in the list (zero shares are dropped
-    /// from the canonical form, so they are not checked: they reach no prompt).
+    /// Refuses a profile naming a system not in the list: in its shares, and as its
+    /// primary or hybrid systems (which may name a share that quantized to zero and
+    /// left the shares, yet still reach the prompt).
     pub fn check(&self, profile: &CanonicalProfile) -> Result<(), ProfileError> {
-        match profile
-            .percentages
-            .iter()
-            .find(|(name, _)| !self.0.contains(name))
-        {
-            Some((name, _)) => Err(ProfileError::new(
-                format!("percentages.{name}"),
+        let unknown = |name: &String| !self.0.contains(name);
+        let refuse = |field: String| {
+            Err(ProfileError::new(
+                field,
                 "is not a star system this service knows (STAR_SYSTEM_NAMES)",
-            )),
+            ))
+        };
+        if profile.primary.as_ref().is_some_and(unknown) {
+            return refuse("primary".to_owned());
+        }
+        if let Some(i) = profile.hybrid.iter().position(unknown) {
+            return refuse(format!("hybrid[{i}]"));
+        }
+        match profile.percentages.iter().find(|(name, _)| unknown(name)) {
+            Some((name, _)) => refuse(format!("percentages.{name}")),
             None => Ok(()),
         }
     }

@@ -286,6 +286,19 @@ async fn a_known_systems_list_refuses_others() {
         (StatusCode::BAD_REQUEST, json!("percentages.Vega")),
         "{answer}"
     );
+    // Seen in a review: a primary system whose share quantizes to zero left the
+    // shares, and so the check, yet still reached the prompt.
+    let hidden = json!({
+        "classification": "primary", "primary": "Vega",
+        "percentages": {"Sirius": 99.6, "Vega": 0.4},
+        "hdData": {"type": "Generator", "authority": "Sacral", "profile": "2/4"},
+    });
+    let (status, answer) = post(&router, hidden.to_string().into_bytes()).await;
+    assert_eq!(
+        (status, answer["error"]["field"].clone()),
+        (StatusCode::BAD_REQUEST, json!("primary")),
+        "{answer}"
+    );
 }
 
 /// Seen in a black-box run: the first panicked the handler (a dropped connection), the
