@@ -9,6 +9,8 @@
 #    gateway's hit served from L1, and one with L1 off (every hit read from Redis).
 #    Each round measures all four back to back, so ratios between them hold on a
 #    shared, noisy machine even when absolute figures move.
+#    Then the embedded hit with 500 slowloris connections held against the same
+#    gateway (each trickling a header a byte a second), beside one without them.
 # 2. Key derivation: criterion, parse + validate + canonicalize + HMAC.
 # 3. Redis memory per entry over 100,000 entries against the raw narrative size.
 # 4. Misses through RabbitMQ workers: overhead over the LLM latency; worker jobs/s.
@@ -87,6 +89,13 @@ for round in $(seq "$rounds"); do
     load "round$round baseline build: embedded hit" "$base_embedded" "${hit[@]}"
     load "round$round baseline build: distributed hit (L1)" "$base_with_l1" "${hit[@]}"
   fi
+done
+# Longer than HTTP_HEADER_TIMEOUT, so the server is seen closing the slow ones.
+slow_seconds=$((seconds > 15 ? seconds : 15))
+echo "== embedded hit with and without 500 slow connections (HTTP_HEADER_TIMEOUT 10s), ${slow_seconds}s x ${rounds} rounds"
+for round in $(seq "$rounds"); do
+  load "round$round embedded hit, no slow clients" "$embedded" "${hit[@]}" --seconds "$slow_seconds"
+  load "round$round embedded hit, 500 slow clients" "$embedded" "${hit[@]}" --seconds "$slow_seconds" --slow 500
 done
 echo "== server time of hits (gateway histograms): share under 100 us / 250 us / 1 ms"
 for name in embedded with_l1 l2_only; do

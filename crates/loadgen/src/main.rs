@@ -9,6 +9,10 @@
 //! ```
 //! Prints one line of figures: requests/s, latency percentiles in microseconds, and
 //! how many responses were not 200 or lacked `--expect-header`.
+//!
+//! `--slow N` adds N hostile connections meanwhile, each trickling a request header a
+//! byte a second and reconnecting when the server closes it (slowloris); the line then
+//! also says how many the server closed and how long they lived on average.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -28,6 +32,7 @@ struct Args {
     warmup: f64,
     label: String,
     expect_header: Option<String>,
+    slow: usize,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -41,6 +46,7 @@ fn parse_args() -> anyhow::Result<Args> {
         warmup: 2.0,
         label: "run".into(),
         expect_header: None,
+        slow: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -57,6 +63,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--warmup" => args.warmup = value()?.parse().context("--warmup")?,
             "--label" => args.label = value()?,
             "--expect-header" => args.expect_header = Some(value()?.to_ascii_lowercase()),
+            "--slow" => args.slow = value()?.parse().context("--slow")?,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -154,6 +161,36 @@ async fn connection(
     }
 }
 
+/// One slowloris connection after another until `until`: returns how many the server
+/// closed, and how long they lived in all.
+async fn slow_client(addr: SocketAddr, until: Instant) -> (u64, Duration) {
+    const HEAD: &[u8] = b"GET /healthz HTTP/1.1\r\nhost: slow\r\nx-slow: ";
+    let (mut closed, mut lived) = (0, Duration::ZERO);
+    while Instant::now() < until {
+        let opened = Instant::now();
+        let Ok(mut stream) = TcpStream::connect(addr).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let mut buf = [0u8; 512];
+        for byte in HEAD.iter().cycle() {
+            if Instant::now() >= until {
+                return (closed, lived);
+            }
+            if stream.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            let read = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await;
+            if let Ok(Ok(0) | Err(_)) = read {
+                break;
+            }
+        }
+        closed += 1;
+        lived += opened.elapsed();
+    }
+    (closed, lived)
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
@@ -161,6 +198,9 @@ async fn main() -> anyhow::Result<()> {
     let start = Instant::now();
     let warm_until = start + Duration::from_secs_f64(args.warmup);
     let until = warm_until + Duration::from_secs_f64(args.seconds);
+    let slow: Vec<_> = (0..args.slow)
+        .map(|_| tokio::spawn(slow_client(args.addr, until)))
+        .collect();
     let tasks: Vec<_> = (0..args.concurrency)
         .map(|_| {
             tokio::spawn(connection(
@@ -179,6 +219,12 @@ async fn main() -> anyhow::Result<()> {
         total.add(&tally.latency_us)?;
         bad += tally.bad;
     }
+    let (mut slow_closed, mut slow_lived) = (0, Duration::ZERO);
+    for task in slow {
+        let (closed, lived) = task.await?;
+        slow_closed += closed;
+        slow_lived += lived;
+    }
     let measured = until.saturating_duration_since(warm_until).as_secs_f64();
     let count = total.len();
     println!(
@@ -191,6 +237,14 @@ async fn main() -> anyhow::Result<()> {
         max = total.max(),
         c = args.concurrency,
     );
+    if args.slow > 0 {
+        println!(
+            "{label}: slow={n} slow_closed_by_server={slow_closed} slow_mean_life_ms={life}",
+            label = args.label,
+            n = args.slow,
+            life = slow_lived.as_millis() / u128::from(slow_closed.max(1)),
+        );
+    }
     if bad > 0 {
         bail!(
             "{bad} responses were not 200 or lacked {:?}",
