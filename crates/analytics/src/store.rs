@@ -207,6 +207,13 @@ impl PgStore {
             .bind(cutoff.date())
             .execute(&self.pool)
             .await?;
+        // An erasure's marker anonymizes that user's events still queued when it was
+        // made. One older than the retention could only meet events older than it,
+        // which retention deletes anyway: the user's hash is kept no longer than that.
+        sqlx::query("DELETE FROM erased_users WHERE erased_at < $1")
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await?;
         Ok(dropped)
     }
 

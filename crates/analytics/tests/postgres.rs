@@ -384,3 +384,29 @@ async fn an_erased_user_has_no_events_left_and_late_ones_arrive_without_them() {
     // Idempotent.
     assert_eq!(store.erase_user("erase-me").await.expect("erase"), 0);
 }
+
+/// Seen in a review: the erasure marker kept the user's hash forever, though it is
+/// needed only while an event of theirs can still arrive.
+#[tokio::test]
+async fn erasure_markers_are_kept_as_long_as_events_are() {
+    let store = store("erase-retention").await;
+    let now = OffsetDateTime::now_utc();
+    store.erase_user("erased-long-ago").await.expect("erase");
+    store.erase_user("erased-today").await.expect("erase");
+    sqlx::query(
+        "UPDATE erased_users SET erased_at = now() - interval '10 days' \
+         WHERE user_hash = 'erased-long-ago'",
+    )
+    .execute(store.pool())
+    .await
+    .expect("backdate");
+    store
+        .apply_retention(now, Duration::from_secs(5 * 86_400))
+        .await
+        .expect("retention");
+    let left: Vec<String> = sqlx::query_scalar("SELECT user_hash FROM erased_users ORDER BY 1")
+        .fetch_all(store.pool())
+        .await
+        .expect("markers");
+    assert_eq!(left, ["erased-today"]);
+}
