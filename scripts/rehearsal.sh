@@ -8,6 +8,8 @@
 #
 #   scripts/rehearsal.sh [--seconds 60] [--clients 48] [--profiles 2000] [--hard] [--report FILE]
 #   scripts/rehearsal.sh --backlog [--seconds 60] [--report FILE]   (misses 3x faster than workers)
+#   scripts/rehearsal.sh --hostile [--seconds 60] [--report FILE]   (random profiles, user ids and
+#                                   directives at full rate: memory and LLM calls it costs)
 #
 # Needs the servers scripts/test.sh installs (redis-server, rabbitmq-server, postgresql).
 set -euo pipefail

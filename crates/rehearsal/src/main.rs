@@ -16,10 +16,13 @@
 //! LLM calls may exceed distinct profiles by those; nothing may be lost.
 //!
 //! `--backlog` runs the other scenario instead ([`backlog`]): misses three times
-//! faster than the workers, jobs waiting far longer than `LOCK_TTL`.
+//! faster than the workers, jobs waiting far longer than `LOCK_TTL`. `--hostile`
+//! ([`hostile`]): random profiles, user ids and directives as fast as a rate-limited
+//! gateway answers, and what that costs in memory and LLM calls.
 
 mod backlog;
 mod fleet;
+mod hostile;
 mod load;
 
 use std::collections::HashSet;
@@ -40,6 +43,7 @@ struct Args {
     profiles: usize,
     hard: bool,
     backlog: bool,
+    hostile: bool,
     report: Option<PathBuf>,
 }
 
@@ -51,6 +55,7 @@ fn parse_args() -> anyhow::Result<Args> {
         profiles: 2000,
         hard: false,
         backlog: false,
+        hostile: false,
         report: None,
     };
     let mut it = std::env::args().skip(1);
@@ -64,6 +69,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--report" => args.report = Some(value()?.into()),
             "--hard" => args.hard = true,
             "--backlog" => args.backlog = true,
+            "--hostile" => args.hostile = true,
             other => bail!("unknown flag {other}"),
         }
     }
@@ -103,6 +109,20 @@ impl Timeline {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
+    if args.hostile {
+        let shape = hostile::Shape {
+            seconds: args.seconds,
+            clients: 64,
+            rate_limit_rps: 200,
+            max_pending: 128,
+            budget_usd: 0.5,
+        };
+        let report = hostile::run(&args.bin_dir, shape).await?;
+        if let Some(path) = &args.report {
+            std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+        }
+        return Ok(());
+    }
     if args.backlog {
         let shape = backlog::Shape {
             seconds: args.seconds,
