@@ -6,6 +6,12 @@
 //! truncated output), reports realistic token usage, and counts what it served:
 //! `GET /sim/stats`, `POST /sim/reset`, and `GET`/`PUT /sim/config` to change its
 //! behaviour while it runs.
+//!
+//! A request with `"stream": true` is answered as OpenAI streams: Server-Sent Events of
+//! `chat.completion.chunk`s, the first after the latency (the first-token latency),
+//! then `chunk_chars` characters every `chunk_interval_ms`, the `finish_reason` on the
+//! last, a usage chunk when `stream_options.include_usage` asks, and `[DONE]`. With
+//! `fail_after_chunks` the connection breaks after that many chunks of text.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +41,12 @@ pub struct SimConfig {
     pub finish_reason: String,
     /// Ends each completion with `(completion N)`, so tests can tell generations apart.
     pub sign_completions: bool,
+    /// Streamed: characters of text per chunk.
+    pub chunk_chars: usize,
+    /// Streamed: the wait between chunks (the first comes after `latency_ms`).
+    pub chunk_interval_ms: u64,
+    /// Streamed: break the connection after this many chunks of text.
+    pub fail_after_chunks: Option<u32>,
 }
 
 impl Default for SimConfig {
@@ -47,6 +59,9 @@ impl Default for SimConfig {
             retry_after_secs: None,
             finish_reason: "stop".to_owned(),
             sign_completions: false,
+            chunk_chars: 60,
+            chunk_interval_ms: 20,
+            fail_after_chunks: None,
         }
     }
 }
@@ -201,6 +216,16 @@ pub async fn spawn(config: SimConfig) -> std::io::Result<SimHandle> {
 struct ChatRequest {
     model: String,
     messages: Vec<ChatMessage>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
 }
 
 #[derive(Deserialize)]
@@ -275,6 +300,20 @@ async fn chat_completions(
     sim.completion_tokens
         .fetch_add(completion_tokens, Ordering::SeqCst);
     sim.completions.fetch_add(1, Ordering::SeqCst);
+    if request.stream {
+        let include_usage = request
+            .stream_options
+            .as_ref()
+            .is_some_and(|options| options.include_usage);
+        let completion = Streamed {
+            id: format!("chatcmpl-sim-{serial}"),
+            model: request.model,
+            text,
+            finish_reason: config.finish_reason.clone(),
+            usage: include_usage.then_some((prompt_tokens, completion_tokens)),
+        };
+        return stream(completion, &config);
+    }
     Json(serde_json::json!({
         "id": format!("chatcmpl-sim-{serial}"),
         "object": "chat.completion",
@@ -292,6 +331,96 @@ async fn chat_completions(
         },
     }))
     .into_response()
+}
+
+/// A completion to stream.
+struct Streamed {
+    id: String,
+    model: String,
+    text: String,
+    finish_reason: String,
+    usage: Option<(u64, u64)>,
+}
+
+impl Streamed {
+    fn chunk(&self, delta: serde_json::Value, finish_reason: Option<&str>) -> String {
+        let chunk = serde_json::json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": cache_core::now_ms() / 1000,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        });
+        format!("data: {chunk}\n\n")
+    }
+}
+
+/// The completion as Server-Sent Events, paced by the configuration (the first-token
+/// latency has passed already).
+fn stream(completion: Streamed, config: &SimConfig) -> Response {
+    let interval = Duration::from_millis(config.chunk_interval_ms);
+    let chars: Vec<char> = completion.text.chars().collect();
+    let pieces: Vec<String> = chars
+        .chunks(config.chunk_chars.max(1))
+        .map(|piece| piece.iter().collect())
+        .collect();
+    let fail_after = config.fail_after_chunks;
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(4);
+    tokio::spawn(async move {
+        let send = |item| sender.send(item);
+        let first = completion.chunk(
+            serde_json::json!({"role": "assistant", "content": ""}),
+            None,
+        );
+        if send(Ok(first)).await.is_err() {
+            return;
+        }
+        for (n, piece) in pieces.iter().enumerate() {
+            if n > 0 {
+                tokio::time::sleep(interval).await;
+            }
+            if fail_after.is_some_and(|after| n >= after as usize) {
+                let broken =
+                    std::io::Error::new(std::io::ErrorKind::ConnectionReset, "simulated break");
+                let _ = send(Err(broken)).await;
+                return;
+            }
+            let chunk = completion.chunk(serde_json::json!({"content": piece}), None);
+            if send(Ok(chunk)).await.is_err() {
+                return;
+            }
+        }
+        let last = completion.chunk(serde_json::json!({}), Some(&completion.finish_reason));
+        let _ = send(Ok(last)).await;
+        if let Some((prompt_tokens, completion_tokens)) = completion.usage {
+            let usage = serde_json::json!({
+                "id": completion.id,
+                "object": "chat.completion.chunk",
+                "created": cache_core::now_ms() / 1000,
+                "model": completion.model,
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            });
+            let _ = send(Ok(format!("data: {usage}\n\n"))).await;
+        }
+        let _ = send(Ok("data: [DONE]\n\n".to_owned())).await;
+    });
+    let chunks = futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|item| (item, receiver))
+    });
+    let body = axum::body::Body::from_stream(chunks);
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/event-stream"),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 fn error(status: StatusCode, message: &str, retry_after: Option<u64>) -> Response {

@@ -2,7 +2,9 @@
 //! `LLM_SIM_BIND` (127.0.0.1:8090), `LLM_SIM_LATENCY_MS` (800), `LLM_SIM_JITTER_MS` (0),
 //! `LLM_SIM_FAILURE_RATE` (0.0), `LLM_SIM_FAILURE_STATUS` (500),
 //! `LLM_SIM_RETRY_AFTER_SECS` (unset), `LLM_SIM_FINISH_REASON` (stop),
-//! `LLM_SIM_SIGN_COMPLETIONS` (false: end each text with its serial number).
+//! `LLM_SIM_SIGN_COMPLETIONS` (false: end each text with its serial number); for
+//! streamed answers `LLM_SIM_CHUNK_CHARS` (60), `LLM_SIM_CHUNK_INTERVAL_MS` (20) and
+//! `LLM_SIM_FAIL_AFTER_CHUNKS` (unset: never break).
 
 use std::net::SocketAddr;
 
@@ -31,6 +33,14 @@ async fn main() -> anyhow::Result<()> {
             .get("LLM_SIM_FINISH_REASON")
             .unwrap_or(defaults.finish_reason),
         sign_completions: vars.from_str_or("LLM_SIM_SIGN_COMPLETIONS", false)?,
+        chunk_chars: vars.from_str_or("LLM_SIM_CHUNK_CHARS", defaults.chunk_chars)?,
+        chunk_interval_ms: vars
+            .from_str_or("LLM_SIM_CHUNK_INTERVAL_MS", defaults.chunk_interval_ms)?,
+        fail_after_chunks: vars
+            .get("LLM_SIM_FAIL_AFTER_CHUNKS")
+            .map(|v| v.parse())
+            .transpose()
+            .context("invalid LLM_SIM_FAIL_AFTER_CHUNKS")?,
     };
     let listener = tokio::net::TcpListener::bind(bind)
         .await

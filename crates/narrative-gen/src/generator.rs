@@ -178,6 +178,9 @@ pub fn llm_settings_from(vars: &Vars) -> Result<Option<LlmSettings>, ConfigError
     let max_retries = vars.from_str_or("LLM_MAX_RETRIES", 2u32)?;
     let backoff_base = vars.duration_or("LLM_BACKOFF_BASE", Duration::from_millis(250))?;
     let backoff_max = vars.duration_or("LLM_BACKOFF_MAX", Duration::from_secs(10))?;
+    let first_token_timeout =
+        vars.millis_or("LLM_FIRST_TOKEN_TIMEOUT_MS", Duration::from_secs(10))?;
+    let idle_timeout = vars.millis_or("LLM_STREAM_IDLE_TIMEOUT_MS", Duration::from_secs(10))?;
     let Some(api_key) = vars.get("LLM_API_KEY") else {
         return Ok(None);
     };
@@ -190,6 +193,8 @@ pub fn llm_settings_from(vars: &Vars) -> Result<Option<LlmSettings>, ConfigError
         max_retries,
         backoff_base,
         backoff_max,
+        first_token_timeout,
+        idle_timeout,
     }))
 }
 

@@ -19,5 +19,5 @@ pub use generator::{
     TemplateGenerator,
 };
 pub use guard::{guard_settings_from, GuardMetrics, GuardSettings, GuardedGenerator};
-pub use llm::{ApiKey, LlmClient, LlmError, LlmSettings, Pricing};
+pub use llm::{ApiKey, Completion, LlmClient, LlmError, LlmSettings, Pricing};
 pub use prompt::GenerationParams;

@@ -5,6 +5,13 @@
 //! are not, since asking again cannot help. A reply only counts when it is complete:
 //! `finish_reason` must be `stop` and the text non-empty, which is the write policy
 //! (truncated or empty outputs are never stored).
+//!
+//! [`LlmClient::stream`] asks for the same completion streamed (`"stream": true`, with
+//! `stream_options.include_usage` for the token counts) and hands each piece of text
+//! to its caller as it arrives. It waits `first_token_timeout` for the first piece and
+//! `idle_timeout` between pieces, and retries only before the first piece: text a
+//! caller has passed on cannot be taken back by a retry. The Server-Sent Events are
+//! parsed by `eventsource-stream` (the parser async-openai uses), not by hand.
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -58,6 +65,10 @@ pub struct LlmSettings {
     pub backoff_base: Duration,
     /// The longest single wait, also the longest `Retry-After` worth honouring.
     pub backoff_max: Duration,
+    /// Streamed: how long the first piece of text may take, from the request.
+    pub first_token_timeout: Duration,
+    /// Streamed: how long the stream may go quiet between pieces.
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -118,6 +129,8 @@ pub struct Completion {
 #[derive(Debug, Clone)]
 pub struct LlmClient {
     http: reqwest::Client,
+    /// Without a total timeout: a stream is bounded by its first-token and idle ones.
+    streaming: reqwest::Client,
     endpoint: String,
     settings: LlmSettings,
 }
@@ -128,6 +141,35 @@ struct ChatRequest<'a> {
     messages: [Message<'a>; 1],
     temperature: f32,
     max_tokens: u32,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    stream: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+/// One `chat.completion.chunk` of a stream.
+#[derive(Deserialize)]
+struct ChatChunk {
+    #[serde(default)]
+    choices: Vec<ChunkChoice>,
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice {
+    #[serde(default)]
+    delta: Delta,
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct Delta {
+    content: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -166,12 +208,17 @@ impl LlmClient {
             .connect_timeout(settings.timeout.min(Duration::from_secs(5)))
             .build()
             .map_err(|e| LlmError::Connect(e.to_string()))?;
+        let streaming = reqwest::Client::builder()
+            .connect_timeout(settings.first_token_timeout.min(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| LlmError::Connect(e.to_string()))?;
         let endpoint = format!(
             "{}/chat/completions",
             settings.base_url.trim_end_matches('/')
         );
         Ok(Self {
             http,
+            streaming,
             endpoint,
             settings,
         })
@@ -210,6 +257,124 @@ impl LlmClient {
         }
     }
 
+    /// Sends the prompt for a streamed reply, handing each piece of text to
+    /// `on_delta` as it arrives, and returns the whole completion once it is complete
+    /// (`finish_reason` `stop`, text, usage). Retries what can be retried only while
+    /// no piece has been handed on; after that, an error ends it (the caller decides
+    /// what the text it passed on becomes).
+    pub async fn stream(
+        &self,
+        prompt: &str,
+        mut on_delta: impl FnMut(&str) + Send,
+    ) -> Result<Completion, LlmError> {
+        let started = Instant::now();
+        let mut attempt = 0;
+        let mut handed_on = false;
+        loop {
+            attempt += 1;
+            let error = match self
+                .stream_attempt(prompt, &mut on_delta, &mut handed_on)
+                .await
+            {
+                Ok((text, tokens_in, tokens_out)) => {
+                    return Ok(Completion {
+                        text,
+                        tokens_in,
+                        tokens_out,
+                        attempts: attempt,
+                        elapsed: started.elapsed(),
+                    })
+                }
+                Err(error) => error,
+            };
+            if handed_on || !error.is_retryable() || attempt > self.settings.max_retries {
+                return Err(error);
+            }
+            let Some(wait) = self.backoff(attempt, &error) else {
+                return Err(error);
+            };
+            tracing::debug!(attempt, error = %error, wait_ms = wait.as_millis() as u64, "retrying streamed LLM call before its first token");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn stream_attempt(
+        &self,
+        prompt: &str,
+        on_delta: &mut (impl FnMut(&str) + Send),
+        handed_on: &mut bool,
+    ) -> Result<(String, u32, u32), LlmError> {
+        use eventsource_stream::Eventsource as _;
+        use futures::StreamExt as _;
+
+        let params = &self.settings.params;
+        let request = ChatRequest {
+            model: &params.model,
+            messages: [Message {
+                role: "user",
+                content: prompt,
+            }],
+            temperature: params.temperature,
+            max_tokens: params.max_tokens,
+            stream: true,
+            stream_options: Some(StreamOptions {
+                include_usage: true,
+            }),
+        };
+        let first_token_by = tokio::time::Instant::now() + self.settings.first_token_timeout;
+        let send = self
+            .streaming
+            .post(&self.endpoint)
+            .bearer_auth(&self.settings.api_key.0)
+            .json(&request)
+            .send();
+        let response = tokio::time::timeout_at(first_token_by, send)
+            .await
+            .map_err(|_| LlmError::Timeout)?
+            .map_err(classify)?;
+        let mut events = succeeded(response)?.bytes_stream().eventsource();
+        let (mut text, mut finish_reason, mut usage) = (String::new(), None, None);
+        loop {
+            let next = if *handed_on {
+                tokio::time::timeout(self.settings.idle_timeout, events.next()).await
+            } else {
+                tokio::time::timeout_at(first_token_by, events.next()).await
+            };
+            let Some(event) = next.map_err(|_| LlmError::Timeout)? else {
+                // The connection ended without `[DONE]`: judged by what arrived.
+                break;
+            };
+            let event = event.map_err(|error| match error {
+                eventsource_stream::EventStreamError::Transport(error) => classify(error),
+                other => LlmError::Malformed(other.to_string()),
+            })?;
+            if event.data.trim() == "[DONE]" {
+                break;
+            }
+            let chunk: ChatChunk = serde_json::from_str(&event.data)
+                .map_err(|e| LlmError::Malformed(format!("chunk: {e}")))?;
+            usage = chunk.usage.or(usage);
+            for choice in chunk.choices {
+                if let Some(piece) = choice.delta.content.filter(|piece| !piece.is_empty()) {
+                    text.push_str(&piece);
+                    on_delta(&piece);
+                    *handed_on = true;
+                }
+                finish_reason = choice.finish_reason.or(finish_reason);
+            }
+        }
+        let finish_reason = finish_reason.unwrap_or_default();
+        if finish_reason != "stop" {
+            return Err(LlmError::Incomplete(finish_reason));
+        }
+        let text = text.trim().to_owned();
+        if text.is_empty() {
+            return Err(LlmError::Empty);
+        }
+        let usage = usage.ok_or_else(|| LlmError::Malformed("no usage chunk".into()))?;
+        Ok((text, usage.prompt_tokens, usage.completion_tokens))
+    }
+
     /// Full jitter: a random wait up to `base * 2^(attempt-1)`, capped. A server's
     /// `Retry-After` is a floor; one longer than the cap is not worth waiting for.
     fn backoff(&self, attempt: u32, error: &LlmError) -> Option<Duration> {
@@ -242,6 +407,8 @@ impl LlmClient {
             }],
             temperature: params.temperature,
             max_tokens: params.max_tokens,
+            stream: false,
+            stream_options: None,
         };
         let response = self
             .http
@@ -251,19 +418,7 @@ impl LlmClient {
             .send()
             .await
             .map_err(classify)?;
-        let status = response.status();
-        if !status.is_success() {
-            let retry_after = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
-            return Err(LlmError::Status {
-                status: status.as_u16(),
-                retry_after,
-            });
-        }
+        let response = succeeded(response)?;
         let reply: ChatResponse = response.json().await.map_err(|e| {
             if e.is_timeout() {
                 LlmError::Timeout
@@ -294,6 +449,24 @@ impl LlmClient {
             .ok_or_else(|| LlmError::Malformed("no usage block".into()))?;
         Ok((text, usage.prompt_tokens, usage.completion_tokens))
     }
+}
+
+/// The response, or the error its status says (with `Retry-After`, when given).
+fn succeeded(response: reqwest::Response) -> Result<reqwest::Response, LlmError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    Err(LlmError::Status {
+        status: status.as_u16(),
+        retry_after,
+    })
 }
 
 fn classify(error: reqwest::Error) -> LlmError {

@@ -1,12 +1,12 @@
 //! The LLM client against the simulator on loopback: what is retried, what is not,
-//! and that only complete outputs come back.
+//! and that only complete outputs come back, whole or streamed.
 
 use std::time::{Duration, Instant};
 
 use cache_core::{ProfileInput, QuantizationStep};
 use llm_sim::{SimConfig, SimHandle};
 use narrative_gen::{
-    ApiKey, GenerateError, GenerationParams, LlmError, LlmGenerator, LlmSettings,
+    ApiKey, GenerateError, GenerationParams, LlmClient, LlmError, LlmGenerator, LlmSettings,
     NarrativeGenerator, Pricing,
 };
 
@@ -23,6 +23,8 @@ fn settings(sim: &SimHandle, timeout_ms: u64, max_retries: u32) -> LlmSettings {
         max_retries,
         backoff_base: Duration::from_millis(10),
         backoff_max: Duration::from_secs(2),
+        first_token_timeout: Duration::from_millis(timeout_ms),
+        idle_timeout: Duration::from_millis(timeout_ms),
     }
 }
 
@@ -158,4 +160,114 @@ async fn each_attempt_times_out_and_timeouts_are_retried() {
     let error = generate(&sim, 100, 1).await.expect_err("too slow");
     assert_eq!(error, GenerateError::Llm(LlmError::Timeout));
     assert_eq!(sim.sim.stats().requests, 2);
+}
+
+/// A streamed completion, and the pieces of text handed on as they came.
+async fn stream(
+    settings: LlmSettings,
+) -> (Result<narrative_gen::Completion, LlmError>, Vec<String>) {
+    let client = LlmClient::new(settings).expect("client");
+    let mut pieces = Vec::new();
+    let result = client
+        .stream("Profile:\nstar systems (percent): \"Lyra\" 100%", |piece| {
+            pieces.push(piece.to_owned())
+        })
+        .await;
+    (result, pieces)
+}
+
+#[tokio::test]
+async fn a_streamed_reply_arrives_in_pieces_that_make_the_whole_with_its_usage() {
+    let sim = sim(SimConfig {
+        latency_ms: 5,
+        chunk_chars: 40,
+        chunk_interval_ms: 2,
+        ..SimConfig::default()
+    })
+    .await;
+    let (result, pieces) = stream(settings(&sim, 2000, 0)).await;
+    let completion = result.expect("complete");
+    assert!(pieces.len() >= 10, "{} pieces", pieces.len());
+    assert_eq!(pieces.concat().trim(), completion.text);
+    assert!(completion.text.contains("Lyra"), "{}", completion.text);
+    let stats = sim.sim.stats();
+    assert_eq!(stats.requests, 1);
+    assert_eq!(u64::from(completion.tokens_in), stats.prompt_tokens);
+    assert_eq!(u64::from(completion.tokens_out), stats.completion_tokens);
+}
+
+#[tokio::test]
+async fn a_slow_first_token_is_retried_before_any_text_is_handed_on() {
+    let sim = sim(SimConfig {
+        latency_ms: 600,
+        ..SimConfig::default()
+    })
+    .await;
+    let (result, pieces) = stream(settings(&sim, 100, 1)).await;
+    assert_eq!(result.expect_err("too slow"), LlmError::Timeout);
+    assert!(pieces.is_empty());
+    assert_eq!(sim.sim.stats().requests, 2, "one attempt and one retry");
+}
+
+#[tokio::test]
+async fn a_stream_broken_after_text_is_an_error_and_not_retried() {
+    let sim = sim(SimConfig {
+        latency_ms: 5,
+        chunk_chars: 20,
+        chunk_interval_ms: 2,
+        fail_after_chunks: Some(3),
+        ..SimConfig::default()
+    })
+    .await;
+    let (result, pieces) = stream(settings(&sim, 2000, 3)).await;
+    let error = result.expect_err("broken");
+    assert!(error.is_retryable(), "a broken connection: {error:?}");
+    assert_eq!(
+        pieces.len(),
+        3,
+        "what arrived before the break was handed on"
+    );
+    assert_eq!(sim.sim.stats().requests, 1, "text was handed on: no retry");
+}
+
+#[tokio::test]
+async fn a_stream_that_goes_quiet_times_out_between_pieces() {
+    let sim = sim(SimConfig {
+        latency_ms: 5,
+        chunk_chars: 20,
+        chunk_interval_ms: 1_000,
+        ..SimConfig::default()
+    })
+    .await;
+    let mut quick_first = settings(&sim, 2000, 3);
+    quick_first.idle_timeout = Duration::from_millis(150);
+    let started = Instant::now();
+    let (result, pieces) = stream(quick_first).await;
+    assert_eq!(result.expect_err("quiet"), LlmError::Timeout);
+    assert_eq!(pieces.len(), 1);
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(sim.sim.stats().requests, 1);
+}
+
+#[tokio::test]
+async fn a_truncated_stream_is_incomplete_after_its_text() {
+    let sim = sim(SimConfig {
+        latency_ms: 5,
+        chunk_chars: 30,
+        chunk_interval_ms: 1,
+        finish_reason: "length".into(),
+        ..SimConfig::default()
+    })
+    .await;
+    let (result, pieces) = stream(settings(&sim, 2000, 3)).await;
+    assert_eq!(
+        result.expect_err("truncated"),
+        LlmError::Incomplete("length".into())
+    );
+    assert!(!pieces.is_empty());
+    assert_eq!(sim.sim.stats().requests, 1);
 }
