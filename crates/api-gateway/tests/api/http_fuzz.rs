@@ -6,7 +6,9 @@
 //! a panic.
 //!
 //! 2,000 cases in the test command; `scripts/fuzz.sh http [cases]` runs more
-//! (`HTTP_FUZZ_CASES`).
+//! (`HTTP_FUZZ_CASES`). With `HTTP_FUZZ_SHOW` set (and `--nocapture`) each case prints
+//! its status, method and path, to see where the cases land: most must reach the
+//! handlers, not stop at authentication or routing.
 
 use std::sync::OnceLock;
 
