@@ -323,7 +323,16 @@ pub async fn run(
     tracing::info!(addr = %listener.local_addr()?, "listening");
     let settings = &app.state.settings;
     let grace = settings.shutdown_grace;
-    let stopped = server::serve(listener, app.router(), settings.http, shutdown, grace).await;
+    let closed = app.state.metrics.connections_closed.clone();
+    let stopped = server::serve(
+        listener,
+        app.router(),
+        settings.http,
+        shutdown,
+        grace,
+        closed,
+    )
+    .await;
     if !stopped.connections_closed {
         tracing::warn!(
             ?grace,

@@ -60,6 +60,8 @@ pub struct Metrics {
     pub cache_bytes: Gauge,
     rate_limited: IntCounterVec,
     client_requests: IntCounterVec,
+    /// Connections the server closed on a client that was too slow, by why.
+    pub connections_closed: IntCounterVec,
 }
 
 impl Metrics {
@@ -181,6 +183,14 @@ impl Metrics {
                 &["client"],
             )
             .expect("valid metric"),
+            connections_closed: IntCounterVec::new(
+                Opts::new(
+                    "narrative_connections_closed_total",
+                    "Connections closed on a client: its first request headers not in within HTTP_HEADER_TIMEOUT (header_timeout), or still open at the end of SHUTDOWN_GRACE (shutdown)",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -203,6 +213,7 @@ impl Metrics {
             Box::new(metrics.cache_bytes.clone()),
             Box::new(metrics.rate_limited.clone()),
             Box::new(metrics.client_requests.clone()),
+            Box::new(metrics.connections_closed.clone()),
         ];
         for collector in collectors {
             metrics

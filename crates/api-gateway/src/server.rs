@@ -19,6 +19,7 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use prometheus::IntCounterVec;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -43,6 +44,7 @@ pub async fn serve(
     timeouts: HttpTimeouts,
     shutdown: impl std::future::Future<Output = ()>,
     grace: std::time::Duration,
+    closed: IntCounterVec,
 ) -> Stopped {
     let connections = TaskTracker::new();
     let closing = CancellationToken::new();
@@ -56,7 +58,8 @@ pub async fn serve(
         match accepted {
             Ok((stream, _)) => {
                 let (router, closing, abort) = (router.clone(), closing.clone(), abort.clone());
-                connections.spawn(connection(stream, router, timeouts, closing, abort));
+                let closed = closed.clone();
+                connections.spawn(connection(stream, router, timeouts, closing, abort, closed));
             }
             Err(error) => {
                 // Out of file descriptors, usually: others will close; do not spin.
@@ -90,6 +93,7 @@ async fn connection(
     timeouts: HttpTimeouts,
     closing: CancellationToken,
     abort: CancellationToken,
+    closed: IntCounterVec,
 ) {
     let _ = stream.set_nodelay(true);
     let requested = Arc::new(AtomicBool::new(false));
@@ -122,6 +126,7 @@ async fn connection(
             () = &mut first_headers, if !headers_in => {
                 if !requested.load(Ordering::Relaxed) {
                     tracing::debug!("first request headers not received within HTTP_HEADER_TIMEOUT; closing");
+                    closed.with_label_values(&["header_timeout"]).inc();
                     return;
                 }
                 headers_in = true;
@@ -130,7 +135,10 @@ async fn connection(
                 closing_seen = true;
                 conn.as_mut().graceful_shutdown();
             }
-            () = abort.cancelled() => return,
+            () = abort.cancelled() => {
+                closed.with_label_values(&["shutdown"]).inc();
+                return;
+            }
         }
     }
 }

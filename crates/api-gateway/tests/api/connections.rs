@@ -87,6 +87,20 @@ async fn slow_and_silent_connections_are_closed_within_the_header_timeout() {
         statuses.iter().all(|s| *s == 200),
         "normal client: {statuses:?}"
     );
+    // Operators see them, by why they were closed.
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let closed = metrics.lines().find_map(|line| {
+        line.strip_prefix(r#"narrative_connections_closed_total{reason="header_timeout"} "#)
+    });
+    assert_eq!(closed, Some("510"), "{metrics}");
     let limit = Duration::from_secs(2) + Duration::from_millis(1500);
     for (what, closed) in [("slow", slow), ("silent", silent)] {
         let late: Vec<_> = closed
