@@ -226,10 +226,10 @@ impl NarrativeService {
                     .max_age
                     .is_some_and(|max| age > Duration::from_secs(max));
                 // A client may force a key's regeneration once per
-                // `REVALIDATE_MIN_INTERVAL`: within it, the entry (the newest there
-                // is) answers, so `no-cache` in a loop is not a paid call each.
-                let forced_too_soon = age < self.revalidate_min_interval && !caller.is_admin();
-                if (!directives.no_cache && !too_old) || forced_too_soon {
+                // `REVALIDATE_MIN_INTERVAL`: within it, the stored entry answers, so
+                // `no-cache` in a loop is not a paid call each.
+                let forcing = directives.no_cache || too_old;
+                if !forcing || (!caller.is_admin() && self.forced_too_soon(&keyed.key, age)) {
                     self.answer_cached(keyed, envelope, age, tier)
                 } else if directives.only_if_cached {
                     return Err(NotCached);
@@ -251,6 +251,21 @@ impl NarrativeService {
             },
         };
         Ok(answer)
+    }
+
+    /// Whether a client's `no-cache` or `max-age` must not regenerate this key now: its
+    /// entry is younger than `REVALIDATE_MIN_INTERVAL`, or a client forced it within
+    /// that interval (a `no-store` regeneration leaves the entry as old as it was).
+    /// Otherwise this forcing is remembered. Per instance: a fleet of N allows N.
+    fn forced_too_soon(&self, key: &CacheKey, age: Duration) -> bool {
+        if self.revalidate_min_interval.is_zero() {
+            return false;
+        }
+        if age < self.revalidate_min_interval || self.forced.contains_key(key) {
+            return true;
+        }
+        self.forced.insert(key.clone(), ());
+        false
     }
 
     /// During a rollout: the same profile's entry under an earlier version, answered as

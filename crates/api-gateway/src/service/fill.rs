@@ -136,16 +136,20 @@ impl NarrativeService {
         self.join(keyed, FlightWork::Fill(mode))
     }
 
-    /// Joins the key's flight for a `no-store` request, starting one that generates
-    /// and keeps the result nowhere when there is none: concurrent `no-store`
-    /// requests for a key cost one LLM call per instance, not one each. A `no-store`
-    /// request that finds a fill running joins it; the fill stores what it was going
-    /// to store anyway.
+    /// For a `no-store` request: follows the key's fill if one runs (it stores what
+    /// it was going to store anyway), or joins the key's unstored flight, starting one
+    /// that generates and keeps the result nowhere. Concurrent `no-store` requests for
+    /// a key cost one LLM call per instance, not one each. Unstored flights have their
+    /// own table: a fill never waits on one (it would store nothing).
     pub(super) fn join_unstored(
         self: &Arc<Self>,
         keyed: &KeyedProfile,
         trigger: Trigger,
     ) -> (Follower<FlightResult>, bool) {
+        if let Some(fill) = self.flights.follow(&keyed.key) {
+            self.metrics.collapsed.inc();
+            return (fill, true);
+        }
         self.join(keyed, FlightWork::Unstored(trigger))
     }
 
@@ -154,7 +158,11 @@ impl NarrativeService {
         keyed: &KeyedProfile,
         work: FlightWork,
     ) -> (Follower<FlightResult>, bool) {
-        match self.flights.join(&keyed.key) {
+        let flights = match work {
+            FlightWork::Fill(_) => &self.flights,
+            FlightWork::Unstored(_) => &self.unstored_flights,
+        };
+        match flights.join(&keyed.key) {
             Flight::Leader(leader) => {
                 let follower = leader.follower();
                 if self.must_shed() {

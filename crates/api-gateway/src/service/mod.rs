@@ -59,12 +59,21 @@ pub use strategy::{FillStrategy, InProcessFill};
 
 use crate::metrics::Metrics;
 
+/// Keys remembered as recently forced to regenerate, at most; past it the least
+/// recently forced are forgotten (and may be forced again).
+const FORCED_KEYS_KEPT: u64 = 100_000;
+
 #[derive(Debug)]
 pub struct NarrativeService {
     deriver: KeyDeriver,
     store: Arc<dyn CacheStore>,
     generator: Arc<dyn NarrativeGenerator>,
     flights: SingleFlight<CacheKey, FlightResult>,
+    /// `no-store` generations, kept apart so that no fill waits on one.
+    unstored_flights: SingleFlight<CacheKey, FlightResult>,
+    /// Keys a client forced to regenerate (`no-cache`, `max-age`) within
+    /// `REVALIDATE_MIN_INTERVAL`: they answer from what is stored until it passes.
+    forced: moka::sync::Cache<CacheKey, ()>,
     tasks: TaskTracker,
     metrics: Arc<Metrics>,
     events: Arc<dyn EventSink>,
@@ -133,6 +142,11 @@ impl NarrativeService {
             store,
             generator,
             flights: SingleFlight::new(),
+            unstored_flights: SingleFlight::new(),
+            forced: moka::sync::Cache::builder()
+                .max_capacity(FORCED_KEYS_KEPT)
+                .time_to_live(revalidate_min_interval.max(Duration::from_millis(1)))
+                .build(),
             tasks: TaskTracker::new(),
             metrics,
             events,

@@ -7,7 +7,7 @@ use futures::future::join_all;
 use llm_sim::SimConfig;
 use serde_json::Value;
 
-use crate::helpers::{profile, reply, spawn_app, Reply, TestApp};
+use crate::helpers::{profile, reply, spawn_app, Reply, TestApp, ADMIN};
 
 async fn post_with(app: &TestApp, body: &Value, cache_control: &str) -> Reply {
     let request = app
@@ -246,5 +246,87 @@ async fn concurrent_no_store_requests_share_one_call_and_keep_nothing() {
     assert_eq!(app.stats().await["keys"], 0, "nothing kept");
     let after = app.post_narrative(&profile(21)).await;
     assert_eq!(after.source(), "generated", "the next request misses");
+    assert_eq!(app.llm_calls(), 2);
+}
+
+/// Found in review: limiting by the entry's age alone let `no-cache, no-store` in a
+/// loop pay a call each, since a regeneration kept nowhere leaves the entry as old
+/// as it was. A key forced once is not forced again within the interval.
+#[tokio::test]
+async fn no_store_regenerations_are_limited_like_any_other() {
+    let app = spawn_app(fast(), &[("REVALIDATE_MIN_INTERVAL", "1s")]).await;
+    assert_eq!(app.post_narrative(&profile(22)).await.source(), "generated");
+    // The entry's age passes the interval: this is the clock under test.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let mut sources = Vec::new();
+    for _ in 0..15 {
+        let reply = post_with(&app, &profile(22), "no-cache, no-store").await;
+        sources.push(reply.source().to_owned());
+    }
+    assert_eq!(
+        app.llm_calls(),
+        2,
+        "one forced regeneration in the interval: {sources:?}"
+    );
+    assert_eq!(
+        sources.iter().filter(|s| *s == "generated").count(),
+        1,
+        "{sources:?}"
+    );
+}
+
+/// The admin token's holder is exempt from the interval, open routes included.
+#[tokio::test]
+async fn the_admin_may_force_a_regeneration_at_once() {
+    let app = spawn_app(fast(), &[("ADMIN_TOKEN", ADMIN)]).await;
+    assert_eq!(app.post_narrative(&profile(23)).await.source(), "generated");
+    let forced = app
+        .client
+        .post(app.url("/narrative"))
+        .header("cache-control", "no-cache")
+        .bearer_auth(ADMIN)
+        .json(&profile(23));
+    let forced = reply(forced.send().await.expect("send")).await;
+    assert_eq!(forced.source(), "generated");
+    assert_eq!(app.llm_calls(), 2);
+}
+
+/// Found in review: a miss that arrived while a `no-store` generation ran for the
+/// same key waited on it, and so stored nothing; the next request paid again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_beside_a_no_store_generation_is_still_stored() {
+    let app = spawn_app(
+        SimConfig {
+            latency_ms: 400,
+            ..SimConfig::default()
+        },
+        &[],
+    )
+    .await;
+    let body = profile(24);
+    let unstored = {
+        let (client, url, body) = (app.client.clone(), app.url("/narrative"), body.clone());
+        tokio::spawn(async move {
+            let request = client
+                .post(url)
+                .header("cache-control", "no-store")
+                .json(&body);
+            reply(request.send().await.expect("send")).await
+        })
+    };
+    test_kit::eventually(
+        "the no-store generation to reach the LLM",
+        Duration::from_secs(5),
+        || async { app.llm_calls() == 1 },
+    )
+    .await;
+    let miss = app.post_narrative(&body).await;
+    assert_eq!(miss.source(), "generated");
+    assert_eq!(unstored.await.expect("task").source(), "generated");
+    assert_eq!(
+        app.post_narrative(&body).await.source(),
+        "cache",
+        "the miss was stored"
+    );
     assert_eq!(app.llm_calls(), 2);
 }
