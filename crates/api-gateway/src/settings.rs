@@ -191,6 +191,28 @@ impl Settings {
                 "must be at least 1",
             ));
         }
+        let http = HttpTimeouts {
+            header: positive(
+                vars.duration_or("HTTP_HEADER_TIMEOUT", Duration::from_secs(10))?,
+                "HTTP_HEADER_TIMEOUT",
+            )?,
+            body: positive(
+                vars.duration_or("HTTP_BODY_TIMEOUT", Duration::from_secs(30))?,
+                "HTTP_BODY_TIMEOUT",
+            )?,
+            idle: positive(
+                vars.duration_or("HTTP_IDLE_TIMEOUT", Duration::from_secs(75))?,
+                "HTTP_IDLE_TIMEOUT",
+            )?,
+        };
+        if http.header > http.idle {
+            // hyper's one timer bounds a kept-alive connection's next headers by the
+            // idle timeout; a first request's may not have longer than later ones.
+            return Err(ConfigError::new(
+                "HTTP_HEADER_TIMEOUT",
+                "must not be longer than HTTP_IDLE_TIMEOUT",
+            ));
+        }
         let known_systems = vars.parse_or("STAR_SYSTEM_NAMES", None, |list| {
             KnownSystems::parse(list).map(Some)
         })?;
@@ -233,20 +255,7 @@ impl Settings {
                 .checked_mul(1024 * 1024)
                 .ok_or_else(|| ConfigError::new("MEMORY_CACHE_MAX_MB", "is too large"))?,
             shutdown_grace: vars.duration_or("SHUTDOWN_GRACE", Duration::from_secs(30))?,
-            http: HttpTimeouts {
-                header: positive(
-                    vars.duration_or("HTTP_HEADER_TIMEOUT", Duration::from_secs(10))?,
-                    "HTTP_HEADER_TIMEOUT",
-                )?,
-                body: positive(
-                    vars.duration_or("HTTP_BODY_TIMEOUT", Duration::from_secs(30))?,
-                    "HTTP_BODY_TIMEOUT",
-                )?,
-                idle: positive(
-                    vars.duration_or("HTTP_IDLE_TIMEOUT", Duration::from_secs(75))?,
-                    "HTTP_IDLE_TIMEOUT",
-                )?,
-            },
+            http,
             redis,
             queue,
             analytics,
@@ -408,6 +417,7 @@ mod tests {
             ("PREWARM_WINDOW", "400000000000s", &[]),
             ("JOB_WAIT_LIMIT", "18446744073709551615s", &[]),
             ("HTTP_IDLE_TIMEOUT", "300000000000000000s", &[]),
+            ("HTTP_HEADER_TIMEOUT", "2m", &[]),
             ("MEMORY_CACHE_MAX_MB", "18446744073709551615", &[]),
             ("PREWARM_RATE", "fast", &[]),
             ("PREWARM_WINDOW", "0s", &[]),

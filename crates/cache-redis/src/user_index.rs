@@ -1,12 +1,14 @@
 //! The user index in Redis, shared by the fleet: a set per user (`useridx:{<hash>}`).
 //!
-//! The sets have no TTL on purpose: under `volatile-lfu` Redis evicts only keys with
-//! one, and a rarely touched index would go long before the popular narratives it
-//! lists, leaving them unerasable.
+//! Each set expires a TTL (twice `CACHE_TTL`, set by the gateway) after its last
+//! write, so that random user ids cannot grow the index without bound. The cost: under
+//! `volatile-lfu` a set with a TTL can be evicted, and a rarely touched one may go
+//! before the narratives it lists, which its user's erasure then misses. Redis must
+//! have room enough not to evict (docs/redis.md, "Memory pressure").
 //!
 //! Recording never waits: the index buffers `(user, key)` pairs, once each, and
-//! [`UserIndex::flush`] writes them every second, a call per user (the gateway's
-//! counter loop calls it). An erasure therefore reads the index twice, the second
+//! [`UserIndex::flush`] writes them every second in one pipeline per Cluster slot (the
+//! gateway's counter loop calls it). An erasure therefore reads the index twice, the second
 //! time after a flush interval, so a request answered just before it, whose pair was
 //! still buffered in some gateway, is erased too.
 
@@ -41,8 +43,10 @@ fn index_key(user: &str) -> String {
     format!("useridx:{{{user}}}")
 }
 
-/// Users written in one pipeline at most.
+/// Users, and pairs, written in one pipeline at most: a flush after a long outage
+/// holds many, and one huge pipeline would outlast the call timeout every time.
 const USERS_PER_PIPELINE: usize = 500;
+const PAIRS_PER_PIPELINE: usize = 5_000;
 
 /// What became of one user's pairs in a flush.
 enum Written {
@@ -185,11 +189,23 @@ impl UserIndex for RedisUserIndex {
             };
             by_slot.entry(slot).or_default().push((user, keys));
         }
-        let pipelines = by_slot.into_values().flat_map(|mut users| {
-            let mut chunks = Vec::new();
-            while !users.is_empty() {
-                let rest = users.split_off(users.len().min(USERS_PER_PIPELINE));
-                chunks.push(std::mem::replace(&mut users, rest));
+        let pipelines = by_slot.into_values().flat_map(|users| {
+            let mut chunks = vec![Vec::new()];
+            let mut pairs = 0;
+            for (user, keys) in users {
+                let chunk = chunks.last_mut().expect("one chunk at least");
+                if !chunk.is_empty()
+                    && (chunk.len() >= USERS_PER_PIPELINE
+                        || pairs + keys.len() > PAIRS_PER_PIPELINE)
+                {
+                    chunks.push(Vec::new());
+                    pairs = 0;
+                }
+                pairs += keys.len();
+                chunks
+                    .last_mut()
+                    .expect("one chunk at least")
+                    .push((user, keys));
             }
             chunks
         });

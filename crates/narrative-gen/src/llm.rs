@@ -10,7 +10,8 @@
 //! `stream_options.include_usage` for the token counts) and hands each piece of text
 //! to its caller as it arrives. It waits `first_token_timeout` for the first piece and
 //! `idle_timeout` between pieces, and retries only before the first piece: text a
-//! caller has passed on cannot be taken back by a retry. The Server-Sent Events are
+//! caller has passed on cannot be taken back by a retry. An attempt ends by `timeout`
+//! however the text trickles, as a whole reply's does. The Server-Sent Events are
 //! parsed by `eventsource-stream` (the parser async-openai uses), not by hand.
 
 use std::fmt;
@@ -321,7 +322,10 @@ impl LlmClient {
                 include_usage: true,
             }),
         };
-        let first_token_by = tokio::time::Instant::now() + self.settings.first_token_timeout;
+        let started = tokio::time::Instant::now();
+        let first_token_by = started + self.settings.first_token_timeout;
+        // However it trickles, an attempt ends by LLM_TIMEOUT_MS, as a whole one does.
+        let attempt_by = started + self.settings.timeout;
         let send = self
             .streaming
             .post(&self.endpoint)
@@ -334,12 +338,11 @@ impl LlmClient {
             .map_err(classify)?;
         let mut events = succeeded(response)?.bytes_stream().eventsource();
         let (mut text, mut finish_reason, mut usage) = (String::new(), None, None);
+        // Until the first piece, the first-token deadline; then the idle one, counted
+        // from the last piece of text (chunks without text do not keep it alive).
+        let mut quiet_by = first_token_by;
         loop {
-            let next = if *handed_on {
-                tokio::time::timeout(self.settings.idle_timeout, events.next()).await
-            } else {
-                tokio::time::timeout_at(first_token_by, events.next()).await
-            };
+            let next = tokio::time::timeout_at(quiet_by.min(attempt_by), events.next()).await;
             let Some(event) = next.map_err(|_| LlmError::Timeout)? else {
                 // The connection ended without `[DONE]`: judged by what arrived.
                 break;
@@ -359,6 +362,7 @@ impl LlmClient {
                     text.push_str(&piece);
                     on_delta(&piece);
                     *handed_on = true;
+                    quiet_by = tokio::time::Instant::now() + self.settings.idle_timeout;
                 }
                 finish_reason = choice.finish_reason.or(finish_reason);
             }

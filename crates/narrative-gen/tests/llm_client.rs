@@ -271,3 +271,31 @@ async fn a_truncated_stream_is_incomplete_after_its_text() {
     assert!(!pieces.is_empty());
     assert_eq!(sim.sim.stats().requests, 1);
 }
+
+/// Found in review: a stream had no total deadline, so one trickling just under the
+/// idle timeout held the call (and its flight, lock and slot) for as long as it liked.
+#[tokio::test]
+async fn a_trickling_stream_ends_at_the_attempt_timeout() {
+    let sim = sim(SimConfig {
+        latency_ms: 5,
+        chunk_chars: 5,
+        chunk_interval_ms: 50,
+        ..SimConfig::default()
+    })
+    .await;
+    let mut trickled = settings(&sim, 500, 0);
+    trickled.idle_timeout = Duration::from_secs(2);
+    let started = Instant::now();
+    let (result, pieces) = stream(trickled).await;
+    assert_eq!(result.expect_err("too slow overall"), LlmError::Timeout);
+    assert!(
+        pieces.len() > 3,
+        "{} pieces arrived before the deadline",
+        pieces.len()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
