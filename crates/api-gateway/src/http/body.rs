@@ -6,6 +6,7 @@
 //! does) would otherwise find the connection reset under it, the 413 unread.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +42,9 @@ pub async fn read(
     limit: Duration,
 ) -> Result<Bytes, ApiError> {
     let mut frames = body.into_data_stream();
+    // Set once the body is known too large: a deadline passed while draining it still
+    // answers 413, the more useful of the two.
+    let oversize = AtomicBool::new(false);
     let whole = async {
         let mut bytes = Vec::new();
         while let Some(frame) = frames.next().await {
@@ -49,6 +53,7 @@ pub async fn read(
                 message: format!("the body could not be read: {error}"),
             })?;
             if bytes.len() + frame.len() > max_bytes {
+                oversize.store(true, Ordering::Relaxed);
                 let mut drained = 0;
                 while drained < DRAIN_BYTES {
                     match frames.next().await {
@@ -62,7 +67,11 @@ pub async fn read(
         }
         Ok(Bytes::from(bytes))
     };
-    tokio::time::timeout(limit, whole)
-        .await
-        .unwrap_or(Err(ApiError::BodyTimeout { limit }))
+    match tokio::time::timeout(limit, whole).await {
+        Ok(read) => read,
+        Err(_) if oversize.load(Ordering::Relaxed) => {
+            Err(ApiError::PayloadTooLarge { limit: max_bytes })
+        }
+        Err(_) => Err(ApiError::BodyTimeout { limit }),
+    }
 }

@@ -301,3 +301,32 @@ async fn sigterm_exits_within_the_grace_period_and_stores_the_generation_in_flig
         "the generation in flight at SIGTERM was stored"
     );
 }
+
+/// Found in review: an oversize body whose sender slowed down while the server drained
+/// it got a 408, though the server already knew the answer was a 413.
+#[tokio::test]
+async fn an_oversize_body_that_then_trickles_still_gets_its_413() {
+    let app = spawn_app(fast(), &[("HTTP_BODY_TIMEOUT", "1s")]).await;
+    let mut stream = TcpStream::connect(app.addr).await.expect("connect");
+    stream
+        .write_all(b"POST /narrative HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 400000\r\n\r\n")
+        .await
+        .expect("headers");
+    stream
+        .write_all(&vec![b' '; 70_000])
+        .await
+        .expect("past the limit");
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) && !response.ends_with(b"}") {
+        let _ = stream.write_all(b" ").await;
+        match tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => response.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+}
