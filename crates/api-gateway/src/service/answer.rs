@@ -245,10 +245,16 @@ impl NarrativeService {
             }
             None if directives.only_if_cached => return Err(NotCached),
             None if directives.no_store => self.generate_unstored(keyed, None, deadline).await,
-            None => match self.from_previous_version(keyed).await {
-                Some(answer) => answer,
-                None => self.generate_or_fallback(keyed, deadline).await,
-            },
+            // `no-cache` will not take a stored entry unrevalidated, an earlier
+            // version's least of all; `max-age` takes one only as young as it says.
+            None if directives.no_cache => self.generate_or_fallback(keyed, deadline).await,
+            None => {
+                let max_age = directives.max_age.map(Duration::from_secs);
+                match self.from_previous_version(keyed, max_age).await {
+                    Some(answer) => answer,
+                    None => self.generate_or_fallback(keyed, deadline).await,
+                }
+            }
         };
         Ok(answer)
     }
@@ -268,14 +274,18 @@ impl NarrativeService {
         false
     }
 
-    /// During a rollout: the same profile's entry under an earlier version, answered as
-    /// stale while the new key is generated (once, through the flight and the lock).
+    /// During a rollout: the same profile's entry under an earlier version (no older
+    /// than `max_age`, when the client set one), answered as stale while the new key is
+    /// generated (once, through the flight and the lock).
     pub(super) async fn from_previous_version(
         self: &Arc<Self>,
         keyed: &KeyedProfile,
+        max_age: Option<Duration>,
     ) -> Option<Answer> {
         for previous in self.previous_keys(&keyed.key) {
-            if let Some((envelope, age, tier)) = self.cached(&previous).await {
+            let found = self.cached(&previous).await;
+            let found = found.filter(|(_, age, _)| max_age.is_none_or(|max| *age <= max));
+            if let Some((envelope, age, tier)) = found {
                 let _ = self.join_flight(keyed, FillMode::Miss);
                 let stale_for = i64::try_from(age.as_secs().max(1)).unwrap_or(i64::MAX);
                 return Some(Answer::entry(
@@ -393,7 +403,7 @@ impl NarrativeService {
         self.index_user(keyed, caller);
         let answer = match self.cached(&keyed.key).await {
             Some((envelope, age, tier)) => Some(self.answer_cached(keyed, envelope, age, tier)),
-            None => match self.from_previous_version(keyed).await {
+            None => match self.from_previous_version(keyed, None).await {
                 Some(answer) => Some(answer),
                 None => {
                     let (mut follower, _) = self.join_flight(keyed, FillMode::Miss);

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use llm_sim::SimConfig;
 
-use crate::helpers::{profile, spawn_app, spawn_app_with, unique_version};
+use crate::helpers::{profile, reply, spawn_app, spawn_app_with, unique_version};
 
 #[tokio::test]
 async fn a_stale_entry_is_answered_at_once_and_refreshed_in_the_background() {
@@ -260,4 +260,58 @@ async fn a_version_rollout_serves_the_previous_version_as_stale_and_regenerates_
         assert_eq!(fresh.source(), "cache");
         assert_eq!(fresh.body["engineVersion"], new.as_str());
     }
+}
+
+/// Found in review: during a rollout a miss sent with `no-cache` (or a `max-age` the
+/// old entry is past) was answered from the previous version's entry anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_answer_from_a_previous_version_honours_the_clients_directives() {
+    let sim = llm_sim::spawn(SimConfig {
+        latency_ms: 20,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let url = test_kit::redis().url.clone();
+    let (old, new) = (unique_version("dir-v1"), unique_version("dir-v2"));
+    let v1 = spawn_app_with(
+        sim.clone(),
+        &[
+            ("REDIS_URL", url.as_str()),
+            ("ENGINE_VERSION", old.as_str()),
+        ],
+    )
+    .await;
+    for n in 0..3 {
+        assert_eq!(
+            v1.post_narrative(&profile(30 + n)).await.source(),
+            "generated"
+        );
+    }
+    let previous = format!(
+        "{old}:{}",
+        v1.stats().await["promptHash"].as_str().expect("hash")
+    );
+    v1.shutdown().await;
+    let v2 = spawn_app_with(
+        sim.clone(),
+        &[
+            ("REDIS_URL", url.as_str()),
+            ("ENGINE_VERSION", new.as_str()),
+            ("PREVIOUS_VERSIONS", previous.as_str()),
+        ],
+    )
+    .await;
+    let with = |n: u32, directive: &'static str| {
+        let request = v2
+            .client
+            .post(v2.url("/narrative"))
+            .header("cache-control", directive)
+            .json(&profile(30 + n));
+        async move { reply(request.send().await.expect("send")).await }
+    };
+    assert_eq!(with(0, "no-cache").await.source(), "generated");
+    assert_eq!(with(1, "max-age=0").await.source(), "generated");
+    // A max-age the old entry is within still takes it, as stale.
+    assert_eq!(with(2, "max-age=3600").await.source(), "stale");
 }
