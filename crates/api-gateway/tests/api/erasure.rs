@@ -10,8 +10,8 @@ use serde_json::json;
 use redis::AsyncCommands;
 
 use crate::helpers::{
-    anonymous, as_user, erase, reply, respond_async, spawn_app, spawn_app_with, unique_version,
-    ADMIN,
+    anonymous, as_user, erase, reply, respond_async, spawn_app, spawn_app_with,
+    stored_by_previous_version, unique_version, ADMIN,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,23 +149,10 @@ async fn erasure_covers_the_entries_a_user_was_served_from_previous_versions() {
     .expect("sim");
     let url = test_kit::redis().url.clone();
     let (old, new) = (unique_version("erase-v1"), unique_version("erase-v2"));
-    let v1 = spawn_app_with(
-        sim.clone(),
-        &[
-            ("REDIS_URL", url.as_str()),
-            ("ENGINE_VERSION", old.as_str()),
-        ],
-    )
-    .await;
     // Someone else's request stores the old version's entry.
-    let stored = v1.post_narrative(&as_user(1, "carol")).await;
-    assert_eq!(stored.source(), "generated");
-    let old_key = stored.key();
-    let previous = format!(
-        "{old}:{}",
-        v1.stats().await["promptHash"].as_str().expect("hash")
-    );
-    v1.shutdown().await;
+    let (stored, previous) =
+        stored_by_previous_version(&sim, &url, &old, &[as_user(1, "carol")]).await;
+    let old_key = stored[0].key();
     // A gateway slow to generate, so that dave's answer is the old entry.
     sim.sim.set_config(SimConfig {
         latency_ms: 60_000,

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use llm_sim::SimConfig;
 
-use crate::helpers::{profile, reply, spawn_app, spawn_app_with, unique_version};
+use crate::helpers::{
+    profile, reply, spawn_app, spawn_app_with, stored_by_previous_version, unique_version,
+};
 
 #[tokio::test]
 async fn a_stale_entry_is_answered_at_once_and_refreshed_in_the_background() {
@@ -184,27 +186,8 @@ async fn a_version_rollout_serves_the_previous_version_as_stale_and_regenerates_
     .expect("sim");
     let url = test_kit::redis().url.clone();
     let (old, new) = (unique_version("v1"), unique_version("v2"));
-    let v1 = spawn_app_with(
-        sim.clone(),
-        &[
-            ("REDIS_URL", url.as_str()),
-            ("ENGINE_VERSION", old.as_str()),
-        ],
-    )
-    .await;
-    for n in 0..5 {
-        assert_eq!(
-            v1.post_narrative(&profile(10 + n)).await.source(),
-            "generated"
-        );
-    }
-    let prompt_hash = v1.stats().await["promptHash"]
-        .as_str()
-        .expect("promptHash")
-        .to_owned();
-    v1.shutdown().await;
-
-    let previous = format!("{old}:{prompt_hash}");
+    let bodies: Vec<_> = (0..5).map(|n| profile(10 + n)).collect();
+    let (_, previous) = stored_by_previous_version(&sim, &url, &old, &bodies).await;
     let v2 = spawn_app_with(
         sim.clone(),
         &[
@@ -214,7 +197,6 @@ async fn a_version_rollout_serves_the_previous_version_as_stale_and_regenerates_
         ],
     )
     .await;
-    let bodies: Vec<_> = (0..5).map(|n| profile(10 + n)).collect();
     let started = Instant::now();
     let replies = join_all(
         bodies
@@ -274,25 +256,8 @@ async fn a_rollout_answer_from_a_previous_version_honours_the_clients_directives
     .expect("sim");
     let url = test_kit::redis().url.clone();
     let (old, new) = (unique_version("dir-v1"), unique_version("dir-v2"));
-    let v1 = spawn_app_with(
-        sim.clone(),
-        &[
-            ("REDIS_URL", url.as_str()),
-            ("ENGINE_VERSION", old.as_str()),
-        ],
-    )
-    .await;
-    for n in 0..3 {
-        assert_eq!(
-            v1.post_narrative(&profile(30 + n)).await.source(),
-            "generated"
-        );
-    }
-    let previous = format!(
-        "{old}:{}",
-        v1.stats().await["promptHash"].as_str().expect("hash")
-    );
-    v1.shutdown().await;
+    let bodies: Vec<_> = (0..3).map(|n| profile(30 + n)).collect();
+    let (_, previous) = stored_by_previous_version(&sim, &url, &old, &bodies).await;
     let v2 = spawn_app_with(
         sim.clone(),
         &[

@@ -279,3 +279,33 @@ pub fn skewed_traffic() -> Vec<u32> {
         .flat_map(|n| std::iter::repeat_n(n, (30 - n) as usize))
         .collect()
 }
+
+/// A gateway of an earlier version, `old`, sharing `redis_url`, stores `bodies` and
+/// stops: what a rollout starts from. Returns its replies and the
+/// `PREVIOUS_VERSIONS` pair that names it.
+pub async fn stored_by_previous_version(
+    sim: &SimHandle,
+    redis_url: &str,
+    old: &str,
+    bodies: &[Value],
+) -> (Vec<Reply>, String) {
+    let previous = spawn_app_with(
+        sim.clone(),
+        &[("REDIS_URL", redis_url), ("ENGINE_VERSION", old)],
+    )
+    .await;
+    let mut replies = Vec::with_capacity(bodies.len());
+    for body in bodies {
+        let reply = previous.post_narrative(body).await;
+        assert_eq!(reply.source(), "generated", "{:?}", reply.body);
+        replies.push(reply);
+    }
+    let pair = format!(
+        "{old}:{}",
+        previous.stats().await["promptHash"]
+            .as_str()
+            .expect("promptHash")
+    );
+    previous.shutdown().await;
+    (replies, pair)
+}
