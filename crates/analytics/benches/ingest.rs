@@ -96,6 +96,7 @@ fn batch(size: usize, seed: usize) -> Batch {
             ),
             entry_tokens: 730,
             entry_cost_usd: 0.000_25,
+            first_delta_us: None,
         });
     }
     batch

@@ -110,6 +110,10 @@ pub struct RequestEvent {
     /// What the answered entry took to generate; a hit saves exactly that.
     pub entry_tokens: u64,
     pub entry_cost_usd: f64,
+    /// A streamed answer: microseconds from the request to its first text. Absent for
+    /// answers that did not stream (and so from events of earlier releases).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_delta_us: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -243,6 +247,7 @@ pub(crate) mod tests {
             profile: format!("{{\"primary\":\"{system}\"}}"),
             entry_tokens: 700,
             entry_cost_usd: 0.002,
+            first_delta_us: None,
         }
     }
 

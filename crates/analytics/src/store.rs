@@ -442,9 +442,10 @@ WITH input AS (
     SELECT * FROM UNNEST(
         $1::uuid[], $2::timestamptz[], $3::text[], $4::int8[], $5::text[], $6::text[],
         $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[],
-        $13::int8[], $14::float8[]
+        $13::int8[], $14::float8[], $15::int8[]
     ) AS t(id, at, outcome, latency_us, engine_version, prompt_hash, classification,
-           primary_system, client, user_hash, key_digest, profile, entry_tokens, entry_cost)
+           primary_system, client, user_hash, key_digest, profile, entry_tokens, entry_cost,
+           first_delta_us)
 ),
 digested AS (
     SELECT *, encode(sha256(convert_to(profile, 'UTF8')), 'hex') AS profile_digest FROM input
@@ -452,7 +453,7 @@ digested AS (
 ins AS (
     INSERT INTO request_events (id, at, outcome, latency_us, engine_version, prompt_hash,
         classification, primary_system, client, user_hash, key_digest, profile_digest,
-        entry_tokens, entry_cost_usd)
+        entry_tokens, entry_cost_usd, first_delta_us)
     SELECT id, at, outcome, latency_us, engine_version, prompt_hash, classification,
         primary_system, client,
         -- A user erased after this event: it counts, but no longer as theirs.
@@ -460,7 +461,7 @@ ins AS (
                           WHERE e.user_hash = digested.user_hash AND digested.at <= e.erased_at)
              THEN NULL ELSE user_hash END,
         key_digest, profile_digest, entry_tokens,
-        round(entry_cost::numeric, 10)
+        round(entry_cost::numeric, 10), first_delta_us
     FROM digested
     ON CONFLICT (id, at) DO NOTHING
     RETURNING at, outcome, latency_us, primary_system, profile_digest, entry_tokens,
@@ -617,6 +618,12 @@ async fn insert_requests(
                 .collect::<Vec<_>>(),
         )
         .bind(events.iter().map(|e| e.entry_cost_usd).collect::<Vec<_>>())
+        .bind(
+            events
+                .iter()
+                .map(|e| e.first_delta_us.map(signed))
+                .collect::<Vec<_>>(),
+        )
         .fetch_one(&mut **tx)
         .await?;
     Ok(unsigned(inserted))

@@ -88,6 +88,7 @@ fn sample(at: OffsetDateTime) -> Batch {
             ),
             entry_tokens: 700,
             entry_cost_usd: 0.0021,
+            first_delta_us: None,
         })
         .collect();
     batch.generations = (0..10)

@@ -32,6 +32,7 @@ fn request(outcome: RequestOutcome, system: &str, at: OffsetDateTime) -> Request
         profile: format!(r#"{{"classification":"primary","primary":"{system}"}}"#),
         entry_tokens: 700,
         entry_cost_usd: 0.0021,
+        first_delta_us: None,
     }
 }
 

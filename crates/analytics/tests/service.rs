@@ -97,6 +97,7 @@ fn batch(n: usize) -> Batch {
             profile: format!(r#"{{"n":{i}}}"#),
             entry_tokens: 700,
             entry_cost_usd: 0.002,
+            first_delta_us: None,
         })
         .collect();
     batch

@@ -35,6 +35,12 @@ const LATENCY_BUCKETS: &[f64] = &[
     10.0, 30.0,
 ];
 
+/// Seconds to a stream's first text: hits in microseconds, the LLM's first token in
+/// hundreds of milliseconds, the template at `GENERATION_WAIT_MS`.
+const FIRST_DELTA_BUCKETS: &[f64] = &[
+    0.000_1, 0.000_5, 0.001, 0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0,
+];
+
 #[derive(Debug, Clone)]
 pub struct Metrics {
     registry: Registry,
@@ -44,6 +50,8 @@ pub struct Metrics {
     rejected: IntCounterVec,
     generations: IntCounterVec,
     pub generation_seconds: Histogram,
+    /// Streamed answers: time to the first text, by what it was.
+    pub first_delta_seconds: HistogramVec,
     pub generations_in_flight: IntGauge,
     pub llm_tokens_input: IntCounter,
     pub llm_tokens_output: IntCounter,
@@ -124,6 +132,15 @@ impl Metrics {
                 .buckets(LATENCY_BUCKETS.to_vec()),
             )
             .expect("valid metric"),
+            first_delta_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "narrative_first_delta_seconds",
+                    "Streamed answers: time from the request to its first text, by source (cache, stale, generated, fallback)",
+                )
+                .buckets(FIRST_DELTA_BUCKETS.to_vec()),
+                &["source"],
+            )
+            .expect("valid metric"),
             generations_in_flight: IntGauge::new(
                 "narrative_generations_in_flight",
                 "Generations running now",
@@ -200,6 +217,7 @@ impl Metrics {
             Box::new(metrics.rejected.clone()),
             Box::new(metrics.generations.clone()),
             Box::new(metrics.generation_seconds.clone()),
+            Box::new(metrics.first_delta_seconds.clone()),
             Box::new(metrics.generations_in_flight.clone()),
             Box::new(metrics.llm_tokens_input.clone()),
             Box::new(metrics.llm_tokens_output.clone()),

@@ -148,6 +148,12 @@ impl CacheKey {
         format!("lock:{}", self.0)
     }
 
+    /// The key of this narrative's live stream (its text while it is generated); same
+    /// hash tag, same slot.
+    pub fn live_key(&self) -> String {
+        format!("live:{}", self.0)
+    }
+
     /// The key of this narrative's erasure tombstone; same hash tag, same slot.
     pub fn tombstone_key(&self) -> String {
         format!("tomb:{}", self.0)

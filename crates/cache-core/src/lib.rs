@@ -6,7 +6,8 @@
 //! (`vocabulary`). A [`KeyDeriver`] (`key`) turns the canonical JSON into a [`CacheKey`]
 //! `narr:<engineVersion>:<promptHash>:{<hmac>}`. Narratives are [`Envelope`]s
 //! (`envelope`); concurrent misses for one key in a process are coalesced by
-//! [`SingleFlight`] (`single_flight`).
+//! [`SingleFlight`] (`single_flight`); the text of a generation still being written is a
+//! [`LiveText`] per key that every streaming request reads (`live`).
 //!
 //! **The stores.** `store` is the [`CacheStore`] trait with its in-memory and tiered
 //! (L1 in front of a shared store) implementations; `user_index` is the [`UserIndex`]
@@ -21,6 +22,7 @@
 pub mod config;
 pub mod envelope;
 pub mod key;
+pub mod live;
 pub mod profile;
 pub mod quantize;
 pub mod shutdown;
@@ -34,6 +36,7 @@ pub use envelope::{now_ms, Envelope, EnvelopeError, UnixMillis};
 pub use key::{
     CacheKey, CacheKeySecret, EngineVersion, InvalidKey, KeyDeriver, KeyedProfile, PromptHash,
 };
+pub use live::{Both, LiveFeeds, LiveReader, LiveSink, LiveText, LiveUpdate, Relayed, Unwatched};
 pub use profile::{
     CanonicalProfile, Classification, HdData, KnownSystems, ProfileError, ProfileInput,
 };

@@ -4,6 +4,8 @@
 //! ```text
 //! 'B' brotli(envelope)                                                  not sealed
 //! 'S' id_len:u8 id nonce:[u8; 12] AES-256-GCM(brotli(envelope), aad = redis key)
+//! 'T' text                                              a live piece, not sealed
+//! 'S' id_len:u8 id nonce:[u8; 12] AES-256-GCM('T' text, aad = stream key)
 //! ```
 //!
 //! Brotli at quality 10, because values are small English texts: its built-in dictionary
@@ -27,6 +29,8 @@ use cache_core::envelope::{Envelope, EnvelopeError};
 
 const COMPRESSED: u8 = b'B';
 const SEALED: u8 = b'S';
+/// A live stream's piece of text (`live`).
+const TEXT: u8 = b'T';
 const NONCE_BYTES: usize = 12;
 /// Decompressed values larger than this are refused (narratives are a few KiB).
 const MAX_PLAIN_BYTES: usize = 1 << 20;
@@ -116,20 +120,52 @@ impl ValueCodec {
     }
 
     pub fn encode(&self, redis_key: &str, envelope: &Envelope) -> Vec<u8> {
-        let compressed = compress(&envelope.encode());
+        self.wrap(COMPRESSED, redis_key, compress(&envelope.encode()))
+    }
+
+    pub fn decode(&self, redis_key: &str, value: &[u8]) -> Result<Envelope, CodecError> {
+        let compressed = self.unwrap(COMPRESSED, redis_key, value)?;
+        let plain = decompress(&compressed)?;
+        Ok(Envelope::decode(&plain)?)
+    }
+
+    /// A piece of a narrative being written, as a live stream entry holds it: sealed
+    /// like a value when keys are configured (a stream is as readable as an entry),
+    /// not compressed (pieces are a few dozen bytes).
+    pub fn encode_text(&self, redis_key: &str, text: &str) -> Vec<u8> {
+        self.wrap(TEXT, redis_key, text.as_bytes().to_vec())
+    }
+
+    pub fn decode_text(&self, redis_key: &str, value: &[u8]) -> Result<String, CodecError> {
+        let bytes = self.unwrap(TEXT, redis_key, value)?;
+        String::from_utf8(bytes).map_err(|_| CodecError::Format)
+    }
+
+    /// `format` and the bytes, or, with keys, the bytes sealed under the first key.
+    fn wrap(&self, format: u8, redis_key: &str, bytes: Vec<u8>) -> Vec<u8> {
         let Some(keys) = &self.keys else {
-            let mut out = Vec::with_capacity(compressed.len() + 1);
-            out.push(COMPRESSED);
-            out.extend_from_slice(&compressed);
+            let mut out = Vec::with_capacity(bytes.len() + 1);
+            out.push(format);
+            out.extend_from_slice(&bytes);
             return out;
         };
         let (id, cipher) = &keys.keys[0];
         let nonce: [u8; NONCE_BYTES] = rand::random();
+        // Values seal their bytes alone, as they have since the first release; other
+        // formats seal their tag with them, so a text piece never opens as a value.
+        let plain = if format == COMPRESSED {
+            bytes
+        } else {
+            let mut tagged = Vec::with_capacity(bytes.len() + 1);
+            tagged.push(format);
+            tagged.extend_from_slice(&bytes);
+            tagged
+        };
         let sealed = cipher
             .encrypt(
                 Nonce::from_slice(&nonce),
                 Payload {
-                    msg: &compressed,
+                    msg: &plain,
                     aad: redis_key.as_bytes(),
                 },
             )
@@ -143,12 +179,12 @@ impl ValueCodec {
         out
     }
 
-    pub fn decode(&self, redis_key: &str, value: &[u8]) -> Result<Envelope, CodecError> {
-        let (&format, rest) = value.split_first().ok_or(CodecError::Format)?;
-        let opened: Vec<u8>;
-        let compressed: &[u8] = match (format, &self.keys) {
-            (COMPRESSED, None) => rest,
-            (COMPRESSED, Some(_)) => return Err(CodecError::NotSealed),
+    /// The bytes `wrap` was given, checking `format` and, when sealed, opening them.
+    fn unwrap(&self, format: u8, redis_key: &str, value: &[u8]) -> Result<Vec<u8>, CodecError> {
+        let (&tag, rest) = value.split_first().ok_or(CodecError::Format)?;
+        match (tag, &self.keys) {
+            (tag, None) if tag == format => Ok(rest.to_vec()),
+            (tag, Some(_)) if tag == format => Err(CodecError::NotSealed),
             (SEALED, keys) => {
                 let (&id_len, rest) = rest.split_first().ok_or(CodecError::Format)?;
                 let id_len = usize::from(id_len);
@@ -163,7 +199,7 @@ impl ValueCodec {
                     .and_then(|k| k.keys.iter().find(|(known, _)| *known == id))
                     .map(|(_, cipher)| cipher)
                     .ok_or(CodecError::UnknownKeyId(id))?;
-                opened = cipher
+                let opened = cipher
                     .decrypt(
                         Nonce::from_slice(nonce),
                         Payload {
@@ -172,12 +208,16 @@ impl ValueCodec {
                         },
                     )
                     .map_err(|_| CodecError::Unauthentic)?;
-                &opened
+                if format == COMPRESSED {
+                    return Ok(opened);
+                }
+                match opened.split_first() {
+                    Some((&sealed_format, bytes)) if sealed_format == format => Ok(bytes.to_vec()),
+                    _ => Err(CodecError::Format),
+                }
             }
-            _ => return Err(CodecError::Format),
-        };
-        let plain = decompress(compressed)?;
-        Ok(Envelope::decode(&plain)?)
+            _ => Err(CodecError::Format),
+        }
     }
 }
 
@@ -332,5 +372,36 @@ mod tests {
             assert!(codec.decode("k", value).is_err());
             assert!(ValueCodec::default().decode("k", value).is_err());
         }
+    }
+
+    #[test]
+    fn text_pieces_are_sealed_and_never_open_as_values() {
+        let keys = EncryptionKeys::parse(&format!(
+            "k1:{}",
+            base64::engine::general_purpose::STANDARD.encode([7u8; 32])
+        ))
+        .expect("keys");
+        let codec = ValueCodec::new(Some(keys));
+        let sealed = codec.encode_text("live:k", "Lyra's light");
+        assert!(
+            !sealed.windows(5).any(|w| w == b"Lyra'"),
+            "sealed, not plain"
+        );
+        assert_eq!(
+            codec.decode_text("live:k", &sealed).expect("opens"),
+            "Lyra's light"
+        );
+        assert!(
+            codec.decode_text("live:other", &sealed).is_err(),
+            "bound to its key"
+        );
+        assert!(codec.decode("live:k", &sealed).is_err(), "not a value");
+        let plain = ValueCodec::default();
+        assert_eq!(
+            plain
+                .decode_text("live:k", &plain.encode_text("live:k", "a"))
+                .expect("opens"),
+            "a"
+        );
     }
 }

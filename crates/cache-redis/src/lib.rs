@@ -6,11 +6,14 @@
 //! [`RedisStore`] (a `cache_core::CacheStore`), whose values `codec` compresses and
 //! seals; `lock` is the fill lock and its scripts (fenced writes, adoption by a
 //! worker, the erasure tombstone); `signals` carries `done`, `failed` and L1
-//! invalidation over pub/sub; `user_index` is the fleet's [`RedisUserIndex`].
+//! invalidation over pub/sub; `live` is each generation's text as it is written, a
+//! stream per key that every instance relays to its streaming requests; `user_index`
+//! is the fleet's [`RedisUserIndex`].
 
 pub mod backend;
 pub mod breaker;
 pub mod codec;
+pub mod live;
 pub mod lock;
 pub mod signals;
 pub mod store;
@@ -18,6 +21,7 @@ pub mod user_index;
 
 pub use backend::{RedisBackend, RedisConfig, RedisTarget, RedisTimeouts};
 pub use codec::{EncryptionKeys, ValueCodec};
+pub use live::{LiveStream, LiveWriter};
 pub use lock::FillLock;
 pub use signals::{Signal, SignalBus};
 pub use store::RedisStore;

@@ -7,6 +7,9 @@
 //! connection. Messages from other instances also drop this instance's L1 copy of the
 //! key. While the subscription is down, waiters keep polling the store and L1 copies
 //! age out within their short TTL: signals make things fast, never correct.
+//!
+//! The same subscription carries [`LIVE_CHANNEL`], whose messages (`<key>`) wake the
+//! relays of that key's live stream (`live`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +25,10 @@ use cache_core::CacheKey;
 use cache_core::StoreError;
 
 pub const CHANNEL: &str = "narrative:signals";
+
+/// `<key>`: the key's live stream has new entries (see `live`). Only a wake-up: the
+/// entries themselves are read from the stream.
+pub const LIVE_CHANNEL: &str = "narrative:live";
 
 /// How often the subscription is pinged, and how long a pong may take.
 const KEEPALIVE: Duration = Duration::from_secs(5);
@@ -63,6 +70,8 @@ pub struct SignalBus {
     backend: Arc<RedisBackend>,
     instance: String,
     waiters: Mutex<HashMap<CacheKey, KeyWaiters>>,
+    /// Relays of live streams, woken by `LIVE_CHANNEL`.
+    live_waiters: Mutex<HashMap<CacheKey, (watch::Sender<u64>, usize)>>,
     forget_l1: Forget,
     subscribed: AtomicBool,
 }
@@ -87,6 +96,7 @@ impl SignalBus {
             backend,
             instance: hex::encode(rand::random::<[u8; 8]>()),
             waiters: Mutex::new(HashMap::new()),
+            live_waiters: Mutex::new(HashMap::new()),
             forget_l1: Box::new(forget_l1),
             subscribed: AtomicBool::new(false),
         })
@@ -120,6 +130,53 @@ impl SignalBus {
             receiver: entry.sender.subscribe(),
             bus: Arc::clone(self),
             key: key.clone(),
+        }
+    }
+
+    /// Wakes up when `key`'s live stream gets entries, from now on. Take it *before*
+    /// reading the stream, so entries added in between are not missed.
+    pub fn live_waiter(self: &Arc<Self>, key: &CacheKey) -> LiveWaiter {
+        let mut waiters = self
+            .live_waiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let entry = waiters
+            .entry(key.clone())
+            .or_insert_with(|| (watch::channel(0).0, 0));
+        entry.1 += 1;
+        LiveWaiter {
+            receiver: entry.0.subscribe(),
+            bus: Arc::clone(self),
+            key: key.clone(),
+        }
+    }
+
+    /// Tells relays everywhere that `key`'s live stream has new entries.
+    pub async fn publish_live(&self, key: &CacheKey) -> Result<(), StoreError> {
+        let message = key.as_str().to_owned();
+        self.backend
+            .call(|mut conn| async move {
+                redis::cmd("PUBLISH")
+                    .arg(LIVE_CHANNEL)
+                    .arg(message)
+                    .query_async::<i64>(&mut conn)
+                    .await
+            })
+            .await
+            .map(|_| ())
+    }
+
+    fn dispatch_live(&self, payload: &str) {
+        let Ok(key) = CacheKey::parse(payload) else {
+            return;
+        };
+        if let Some((sender, _)) = self
+            .live_waiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
+            sender.send_modify(|version| *version += 1);
         }
     }
 
@@ -174,7 +231,7 @@ impl SignalBus {
                 let mut pubsub = redis::Client::open(url.as_str())?
                     .get_async_pubsub()
                     .await?;
-                pubsub.subscribe(CHANNEL).await?;
+                pubsub.subscribe(&[CHANNEL, LIVE_CHANNEL]).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             })
             .await;
@@ -199,7 +256,11 @@ impl SignalBus {
                             message = messages.next() => match message {
                                 Some(message) => {
                                     if let Ok(payload) = message.get_payload::<String>() {
-                                        self.dispatch(&payload);
+                                        if message.get_channel_name() == LIVE_CHANNEL {
+                                            self.dispatch_live(&payload);
+                                        } else {
+                                            self.dispatch(&payload);
+                                        }
                                     }
                                 }
                                 None => break,
@@ -253,6 +314,45 @@ impl Drop for Waiter {
         if let Some(entry) = waiters.get_mut(&self.key) {
             entry.count -= 1;
             if entry.count == 0 {
+                waiters.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Wake-ups for one key's live stream; dropping it unregisters.
+pub struct LiveWaiter {
+    receiver: watch::Receiver<u64>,
+    bus: Arc<SignalBus>,
+    key: CacheKey,
+}
+
+impl std::fmt::Debug for LiveWaiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveWaiter")
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl LiveWaiter {
+    /// Until the stream has entries this waiter has not been told of. `false` once the
+    /// bus is gone.
+    pub async fn changed(&mut self) -> bool {
+        self.receiver.changed().await.is_ok()
+    }
+}
+
+impl Drop for LiveWaiter {
+    fn drop(&mut self) {
+        let mut waiters = self
+            .bus
+            .live_waiters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(entry) = waiters.get_mut(&self.key) {
+            entry.1 -= 1;
+            if entry.1 == 0 {
                 waiters.remove(&self.key);
             }
         }

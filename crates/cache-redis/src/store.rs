@@ -36,6 +36,11 @@ impl RedisStore {
         }
     }
 
+    /// How values (and live text, `live`) are laid out: compressed, and sealed.
+    pub fn codec(&self) -> &ValueCodec {
+        &self.codec
+    }
+
     pub fn backend(&self) -> &Arc<RedisBackend> {
         &self.backend
     }

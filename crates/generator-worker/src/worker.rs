@@ -5,7 +5,8 @@
 //! job's token (or finds another holder and leaves the key to it), then fills the key
 //! through the fill protocol ([`Holder::fill`]): a redelivered or duplicate job finds
 //! the value and never pays twice, an unreadable entry is replaced, the write is
-//! fenced, and waiting gateways are signalled.
+//! fenced, and waiting gateways are signalled. Its text streams to the key's live
+//! stream as the LLM writes it, for every gateway with a request streaming the key.
 //!
 //! While Redis fails (a Cluster failover, a restart) the job's Redis calls are retried
 //! for up to `REDIS_FAILOVER_WAIT`, holding the message: handing it back at once would
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use analytics::EventSink;
-use cache_core::{CacheKey, CanonicalProfile, Envelope, StoreError};
+use cache_core::{CacheKey, CanonicalProfile, Envelope, LiveSink, StoreError};
 use cache_redis::lock::{Acquired, LockToken};
 use cache_redis::signals::Signal;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
@@ -216,7 +217,7 @@ impl Worker {
             Ok(None) => return Outcome::HeldElsewhere,
             Err(error) => return Outcome::Retry(error.to_string()),
         };
-        let generate = self.generate(&key, &profile, job);
+        let generate = |live| self.generate(&key, &profile, job, live);
         match self.holder.fill(&key, &token, Want::Any, generate).await {
             Filled::Found(_) | Filled::AlreadyStored(_) => Outcome::AlreadyCached,
             Filled::Stored(_) => Outcome::Stored,
@@ -229,15 +230,17 @@ impl Worker {
         }
     }
 
-    /// One generator call, timed, priced and reported.
+    /// One generator call, its text going to the key's live stream, timed, priced and
+    /// reported.
     async fn generate(
         &self,
         key: &CacheKey,
         profile: &CanonicalProfile,
         job: &Job,
+        live: Arc<dyn LiveSink>,
     ) -> Result<Arc<Envelope>, GenerateError> {
         let started = Instant::now();
-        let generated = self.generator.generate(profile).await;
+        let generated = self.generator.generate(profile, live.as_ref()).await;
         if generated.as_ref().err() == Some(&GenerateError::BudgetExhausted) {
             // No call was made: nothing to time or report.
             return Err(GenerateError::BudgetExhausted);

@@ -7,7 +7,9 @@
 //! 1. **look** in Redis: a value that will do ends the fill (nothing paid, waiters
 //!    told); an entry that cannot be read (corrupt, sealed with a key this process
 //!    lacks, a format it does not know) is counted and will be *replaced*;
-//! 2. **generate** while the lock is extended every third of its TTL;
+//! 2. **generate** while the lock is extended every third of its TTL, its text going
+//!    to the key's live stream as it is written (`cache_redis::live`), so requests
+//!    streaming the key on any instance see it;
 //! 3. **write** only while the lock is still ours (the fenced script, which also keeps
 //!    an erasure's tombstone): only if absent, or over the entry being replaced;
 //! 4. **signal** `done` or `failed`, so waiters on every gateway answer at once;
@@ -20,7 +22,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cache_core::{CacheKey, CacheStore, Envelope, StoreError};
+use cache_core::{CacheKey, CacheStore, Envelope, LiveSink, StoreError};
+use cache_redis::live::LiveStream;
 use cache_redis::lock::{FencedWrite, FillLock, LockToken, WriteMode};
 use cache_redis::signals::{Signal, SignalBus};
 use cache_redis::RedisStore;
@@ -34,6 +37,8 @@ pub struct Holder {
     store: Arc<RedisStore>,
     lock: FillLock,
     bus: Arc<SignalBus>,
+    /// Where generations write their text as it comes, for every instance to relay.
+    live: LiveStream,
     /// `CACHE_TTL`: how long a written value lives.
     ttl: Duration,
     /// `narrative_unreadable_entries_total`: entries found that could not be read.
@@ -86,13 +91,23 @@ impl Holder {
         ttl: Duration,
         unreadable: IntCounter,
     ) -> Self {
+        let live = LiveStream::new(
+            Arc::clone(store.backend()),
+            Arc::clone(&bus),
+            store.codec().clone(),
+        );
         Self {
             store,
             lock,
             bus,
+            live,
             ttl,
             unreadable,
         }
+    }
+
+    pub fn live(&self) -> &LiveStream {
+        &self.live
     }
 
     pub fn store(&self) -> &Arc<RedisStore> {
@@ -113,9 +128,10 @@ impl Holder {
         tracing::warn!(cache_key = %key, %error, "stored entry cannot be read; the next generation replaces it");
     }
 
-    /// Fills `key` as the holder of `token`: look, generate with `generate` while
-    /// extending the lock, write fenced, signal, release. See the module's steps.
-    pub async fn fill<E, F>(
+    /// Fills `key` as the holder of `token`: look, generate with `generate` (given
+    /// the key's live stream to write its text to) while extending the lock, write
+    /// fenced, signal, release. See the module's steps.
+    pub async fn fill<E, F, Fut>(
         &self,
         key: &CacheKey,
         token: &LockToken,
@@ -123,7 +139,8 @@ impl Holder {
         generate: F,
     ) -> Filled<E>
     where
-        F: Future<Output = Result<Arc<Envelope>, E>>,
+        F: FnOnce(Arc<dyn LiveSink>) -> Fut,
+        Fut: Future<Output = Result<Arc<Envelope>, E>>,
     {
         let filled = self.fill_holding(key, token, want, generate).await;
         if let Err(error) = self.lock.release(key, token).await {
@@ -132,7 +149,7 @@ impl Holder {
         filled
     }
 
-    async fn fill_holding<E, F>(
+    async fn fill_holding<E, F, Fut>(
         &self,
         key: &CacheKey,
         token: &LockToken,
@@ -140,7 +157,8 @@ impl Holder {
         generate: F,
     ) -> Filled<E>
     where
-        F: Future<Output = Result<Arc<Envelope>, E>>,
+        F: FnOnce(Arc<dyn LiveSink>) -> Fut,
+        Fut: Future<Output = Result<Arc<Envelope>, E>>,
     {
         let mode = match self.patiently(|| self.store.get(key)).await {
             Ok(Some(envelope)) if want.accepts(&envelope) => {
@@ -155,7 +173,18 @@ impl Holder {
             }
             Err(error) => return Filled::LookFailed(error),
         };
-        let envelope = match self.lock.hold_while(key, token, generate).await {
+        let writer = Arc::new(self.live.writer(key));
+        let generated = self
+            .lock
+            .hold_while(
+                key,
+                token,
+                generate(Arc::clone(&writer) as Arc<dyn LiveSink>),
+            )
+            .await;
+        // All of the text is in the stream before waiters are told the value is there.
+        writer.finish().await;
+        let envelope = match generated {
             Ok(envelope) => envelope,
             Err(error) => {
                 self.signal(Signal::Failed, key).await;

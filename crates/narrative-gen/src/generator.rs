@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cache_core::config::{ConfigError, Vars};
-use cache_core::{now_ms, CanonicalProfile, Envelope, PromptHash};
+use cache_core::{now_ms, CanonicalProfile, Envelope, LiveSink, PromptHash};
 
 use crate::llm::{ApiKey, LlmClient, LlmError, LlmSettings, Pricing};
 use crate::prompt::{self, GenerationParams};
@@ -60,7 +60,14 @@ impl GenerateError {
 /// Writes narratives. Only complete, valid outputs come back as `Ok`.
 #[async_trait::async_trait]
 pub trait NarrativeGenerator: Send + Sync + std::fmt::Debug + 'static {
-    async fn generate(&self, profile: &CanonicalProfile) -> Result<Generation, GenerateError>;
+    /// Writes the profile's narrative, handing its text to `live` as it is written:
+    /// the pieces of an `Ok` add up to its body exactly. A generation that fails after
+    /// handing on text resets `live`, so nobody takes that text for the narrative.
+    async fn generate(
+        &self,
+        profile: &CanonicalProfile,
+        live: &dyn LiveSink,
+    ) -> Result<Generation, GenerateError>;
     /// The model named in envelopes and responses.
     fn model(&self) -> &str;
     /// Covers everything that changes this generator's output.
@@ -86,12 +93,31 @@ impl LlmGenerator {
 
 #[async_trait::async_trait]
 impl NarrativeGenerator for LlmGenerator {
-    async fn generate(&self, profile: &CanonicalProfile) -> Result<Generation, GenerateError> {
+    /// Always the streamed call: whoever joins while it runs gets the text so far, so
+    /// the first request for a key cannot know whether anyone will stream it.
+    async fn generate(
+        &self,
+        profile: &CanonicalProfile,
+        live: &dyn LiveSink,
+    ) -> Result<Generation, GenerateError> {
         let settings = self.client.settings();
-        let completion = self
+        let mut handed_on = false;
+        let streamed = self
             .client
-            .complete(&prompt::render(prompt::TEMPLATE, profile))
-            .await?;
+            .stream(&prompt::render(prompt::TEMPLATE, profile), |piece| {
+                handed_on = true;
+                live.text(piece);
+            })
+            .await;
+        let completion = match streamed {
+            Ok(completion) => completion,
+            Err(error) => {
+                if handed_on {
+                    live.reset(error.kind());
+                }
+                return Err(error.into());
+            }
+        };
         Ok(Generation {
             cost_usd: settings
                 .pricing
@@ -122,9 +148,14 @@ pub struct TemplateGenerator;
 
 #[async_trait::async_trait]
 impl NarrativeGenerator for TemplateGenerator {
-    async fn generate(&self, profile: &CanonicalProfile) -> Result<Generation, GenerateError> {
+    async fn generate(
+        &self,
+        profile: &CanonicalProfile,
+        live: &dyn LiveSink,
+    ) -> Result<Generation, GenerateError> {
         let started = Instant::now();
         let body = template::render(profile);
+        live.text(&body);
         Ok(Generation {
             body,
             model: TEMPLATE_MODEL.to_owned(),

@@ -14,7 +14,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use cache_core::config::{ConfigError, Vars};
-use cache_core::{CanonicalProfile, PromptHash};
+use cache_core::{CanonicalProfile, LiveSink, PromptHash};
 use cache_redis::backend::RedisBackend;
 use prometheus::{Gauge, IntCounter, IntGauge, Registry};
 use time::{Date, OffsetDateTime};
@@ -213,7 +213,11 @@ impl GuardedGenerator {
 
 #[async_trait::async_trait]
 impl NarrativeGenerator for GuardedGenerator {
-    async fn generate(&self, profile: &CanonicalProfile) -> Result<Generation, GenerateError> {
+    async fn generate(
+        &self,
+        profile: &CanonicalProfile,
+        live: &dyn LiveSink,
+    ) -> Result<Generation, GenerateError> {
         // The budget is read once a permit is held, right before the call: calls that
         // waited for a permit while it ran out do not start.
         let _permit = match &self.permits {
@@ -230,7 +234,7 @@ impl NarrativeGenerator for GuardedGenerator {
                 return Err(GenerateError::BudgetExhausted);
             }
         }
-        let result = self.inner.generate(profile).await;
+        let result = self.inner.generate(profile, live).await;
         if let Ok(generation) = &result {
             if self.budget.is_some() {
                 let spent = self.spend.add(today, generation.cost_usd).await;

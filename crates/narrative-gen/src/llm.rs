@@ -338,6 +338,7 @@ impl LlmClient {
             .map_err(classify)?;
         let mut events = succeeded(response)?.bytes_stream().eventsource();
         let (mut text, mut finish_reason, mut usage) = (String::new(), None, None);
+        let mut trim = Trim::default();
         // Until the first piece, the first-token deadline; then the idle one, counted
         // from the last piece of text (chunks without text do not keep it alive).
         let mut quiet_by = first_token_by;
@@ -359,9 +360,11 @@ impl LlmClient {
             usage = chunk.usage.or(usage);
             for choice in chunk.choices {
                 if let Some(piece) = choice.delta.content.filter(|piece| !piece.is_empty()) {
-                    text.push_str(&piece);
-                    on_delta(&piece);
-                    *handed_on = true;
+                    if let Some(trimmed) = trim.piece(&piece) {
+                        text.push_str(&trimmed);
+                        on_delta(&trimmed);
+                        *handed_on = true;
+                    }
                     quiet_by = tokio::time::Instant::now() + self.settings.idle_timeout;
                 }
                 finish_reason = choice.finish_reason.or(finish_reason);
@@ -371,7 +374,7 @@ impl LlmClient {
         if finish_reason != "stop" {
             return Err(LlmError::Incomplete(finish_reason));
         }
-        let text = text.trim().to_owned();
+        // Already trimmed: what was handed on is exactly the narrative.
         if text.is_empty() {
             return Err(LlmError::Empty);
         }
@@ -481,8 +484,49 @@ fn classify(error: reqwest::Error) -> LlmError {
     }
 }
 
+/// Streamed pieces as the trimmed narrative they add up to: whitespace before the
+/// first word is dropped, and whitespace after the last word so far is held back until
+/// a word follows it (at the end it is dropped), so the pieces handed on concatenate to
+/// exactly the stored text.
+#[derive(Debug, Default)]
+struct Trim {
+    started: bool,
+    held: String,
+}
+
+impl Trim {
+    /// What of `piece` may be handed on now, if anything.
+    fn piece(&mut self, piece: &str) -> Option<String> {
+        let piece = if self.started {
+            piece
+        } else {
+            piece.trim_start()
+        };
+        let words = piece.trim_end();
+        if words.is_empty() {
+            if self.started {
+                self.held.push_str(piece);
+            }
+            return None;
+        }
+        self.started = true;
+        let mut out = std::mem::take(&mut self.held);
+        out.push_str(words);
+        self.held.push_str(&piece[words.len()..]);
+        Some(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn trimmed_pieces_add_up_to_the_trimmed_text() {
+        let pieces = ["\n\n ", " Once", " upon ", "\n", "", "a time.", " \n"];
+        let mut trim = Trim::default();
+        let out: String = pieces.iter().filter_map(|p| trim.piece(p)).collect();
+        assert_eq!(out, pieces.concat().trim());
+    }
     use super::*;
 
     #[test]

@@ -49,7 +49,7 @@ async fn generate(
 ) -> Result<narrative_gen::Generation, GenerateError> {
     LlmGenerator::new(settings(sim, timeout_ms, retries))
         .expect("client")
-        .generate(&profile())
+        .generate(&profile(), &cache_core::Unwatched)
         .await
 }
 
@@ -298,4 +298,46 @@ async fn a_trickling_stream_ends_at_the_attempt_timeout() {
         "{:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn a_generation_streams_its_text_and_resets_it_when_it_breaks_off() {
+    use cache_core::{LiveText, LiveUpdate};
+    let whole = sim(SimConfig {
+        latency_ms: 5,
+        chunk_chars: 16,
+        chunk_interval_ms: 1,
+        ..SimConfig::default()
+    })
+    .await;
+    let live = LiveText::new();
+    let mut reader = live.reader();
+    let generation = LlmGenerator::new(settings(&whole, 2000, 0))
+        .expect("client")
+        .generate(&profile(), live.as_ref())
+        .await
+        .expect("generates");
+    assert_eq!(
+        live.so_far(),
+        generation.body,
+        "the pieces add up to the body"
+    );
+    assert!(matches!(reader.next().await, LiveUpdate::Text(text) if text == generation.body));
+
+    let broken = sim(SimConfig {
+        latency_ms: 5,
+        chunk_chars: 16,
+        chunk_interval_ms: 1,
+        fail_after_chunks: Some(2),
+        ..SimConfig::default()
+    })
+    .await;
+    let live = LiveText::new();
+    let failed = LlmGenerator::new(settings(&broken, 2000, 3))
+        .expect("client")
+        .generate(&profile(), live.as_ref())
+        .await;
+    assert!(failed.is_err(), "{failed:?}");
+    assert_eq!(live.so_far(), "", "the partial text is reset");
+    assert_eq!(broken.sim.stats().requests, 1, "not retried after text");
 }

@@ -77,7 +77,11 @@ fn narrative(profile: &CanonicalProfile) -> String {
 
 #[async_trait::async_trait]
 impl NarrativeGenerator for SimulatedLlm {
-    async fn generate(&self, profile: &CanonicalProfile) -> Result<Generation, GenerateError> {
+    async fn generate(
+        &self,
+        profile: &CanonicalProfile,
+        live: &dyn cache_core::LiveSink,
+    ) -> Result<Generation, GenerateError> {
         let (latency, tokens_in, tokens_out) = {
             let mut rng = self
                 .rng
@@ -98,8 +102,10 @@ impl NarrativeGenerator for SimulatedLlm {
             + f64::from(tokens_out) * self.model.price_output_per_mtok / 1e6;
         self.cost_nano_usd
             .fetch_add((cost_usd * 1e9).round() as u64, Ordering::Relaxed);
+        let body = narrative(profile);
+        live.text(&body);
         Ok(Generation {
-            body: narrative(profile),
+            body,
             model: "sim-llm".to_owned(),
             tokens_in,
             tokens_out,

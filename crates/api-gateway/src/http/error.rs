@@ -102,9 +102,15 @@ impl ApiError {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Rejected(pub &'static str);
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (message, field) = match &self {
+impl ApiError {
+    /// The JSON body of this error, as its response carries it (and as a stream's
+    /// last event does, when a stream ends in it).
+    pub fn body_json(&self) -> String {
+        serde_json::to_string(&self.body()).unwrap_or_default()
+    }
+
+    fn body(&self) -> Body<'_> {
+        let (message, field) = match self {
             Self::InvalidProfile(e) => (e.message.clone(), Some(e.field.as_str())),
             Self::InvalidParameter { field, message } => (message.clone(), Some(*field)),
             Self::PayloadTooLarge { .. } | Self::BodyTimeout { .. } => {
@@ -112,14 +118,19 @@ impl IntoResponse for ApiError {
             }
             other => (other.to_string(), None),
         };
-        let body = Body {
+        Body {
             error: Detail {
                 code: self.code(),
                 message,
                 field,
             },
-        };
-        let mut response = (self.status(), Json(body)).into_response();
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), Json(self.body())).into_response();
         // For the layer that counts rejections, wherever the error came from.
         response.extensions_mut().insert(Rejected(self.code()));
         let headers = response.headers_mut();

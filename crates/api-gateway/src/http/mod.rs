@@ -7,6 +7,7 @@ mod body;
 mod error;
 mod narrative;
 mod ops;
+mod stream;
 
 use std::sync::Arc;
 

@@ -34,7 +34,7 @@ pub fn router() -> Router<Arc<AppState>> {
 /// The response body of a narrative.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct NarrativeBody<'a> {
+pub(super) struct NarrativeBody<'a> {
     narrative: &'a str,
     source: &'static str,
     cache_key: &'a str,
@@ -44,7 +44,7 @@ struct NarrativeBody<'a> {
     model: &'a str,
 }
 
-const CACHE_NAME: &str = "narrative-cache";
+pub(super) const CACHE_NAME: &str = "narrative-cache";
 
 #[tracing::instrument(skip_all, fields(cache_key))]
 async fn post_narrative(
@@ -57,6 +57,14 @@ async fn post_narrative(
     let (keyed, caller) = parse_profile(&state, &headers, body, client)?;
     tracing::Span::current().record("cache_key", keyed.key.as_str());
     let directives = request_directives(&headers);
+    if super::stream::wants_event_stream(&headers) {
+        let stream = state
+            .service
+            .narrative_stream(&keyed, started, directives, &caller)
+            .await
+            .map_err(|NotCached| ApiError::NotCached)?;
+        return Ok(super::stream::event_stream(&state, keyed.key, stream));
+    }
     // Cache-Control directives change what may be answered or stored, so a request
     // that carries any is answered synchronously under them.
     if prefers_async(&headers) && directives == Directives::default() {
@@ -183,8 +191,35 @@ pub(super) fn json_body(
 }
 
 fn narrative_response(key: &CacheKey, answer: &Answer) -> Response {
+    let (x_cache, cache_status) = cache_status(answer);
+    let mut response = Json(narrative_body(key, answer)).into_response();
+    let headers = response.headers_mut();
+    headers.insert("x-cache", HeaderValue::from_static(x_cache));
+    if let Ok(value) = HeaderValue::from_str(&cache_status) {
+        headers.insert("cache-status", value);
+    }
+    // Narratives are personal: shared caches between us and the user must not keep them.
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
+    response
+}
+
+/// The body of a narrative answer, streamed or not.
+pub(super) fn narrative_body<'a>(key: &'a CacheKey, answer: &'a Answer) -> NarrativeBody<'a> {
     let envelope: &Envelope = &answer.envelope;
-    let (x_cache, cache_status) = match answer.source {
+    NarrativeBody {
+        narrative: &envelope.body,
+        source: answer.source.as_str(),
+        cache_key: key.as_str(),
+        engine_version: &envelope.engine_version,
+        prompt_hash: &envelope.prompt_hash,
+        generated_at: rfc3339(envelope.created_at_ms),
+        model: &envelope.model,
+    }
+}
+
+/// `X-Cache` and `Cache-Status` (RFC 9211) for an answer.
+pub(super) fn cache_status(answer: &Answer) -> (&'static str, String) {
+    match answer.source {
         Source::Cache => (
             "HIT",
             format!(
@@ -214,25 +249,7 @@ fn narrative_response(key: &CacheKey, answer: &Answer) -> Response {
             "FALLBACK",
             format!("{CACHE_NAME}; fwd=miss; detail=fallback"),
         ),
-    };
-    let body = NarrativeBody {
-        narrative: &envelope.body,
-        source: answer.source.as_str(),
-        cache_key: key.as_str(),
-        engine_version: &envelope.engine_version,
-        prompt_hash: &envelope.prompt_hash,
-        generated_at: rfc3339(envelope.created_at_ms),
-        model: &envelope.model,
-    };
-    let mut response = Json(body).into_response();
-    let headers = response.headers_mut();
-    headers.insert("x-cache", HeaderValue::from_static(x_cache));
-    if let Ok(value) = HeaderValue::from_str(&cache_status) {
-        headers.insert("cache-status", value);
     }
-    // Narratives are personal: shared caches between us and the user must not keep them.
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
-    response
 }
 
 fn rfc3339(unix_ms: i64) -> String {
@@ -249,12 +266,21 @@ fn rfc3339(unix_ms: i64) -> String {
 async fn get_narrative(
     _client: Client,
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
     let key = CacheKey::parse(&raw).map_err(|e| ApiError::InvalidParameter {
         field: "key",
         message: e.to_string(),
     })?;
+    if super::stream::wants_event_stream(&headers) {
+        let stream = state
+            .service
+            .follow_stream(&key)
+            .await
+            .ok_or(ApiError::NotFound)?;
+        return Ok(super::stream::event_stream(&state, key, stream));
+    }
     match state.service.lookup(&key).await {
         Lookup::Found(envelope, ttl) => {
             // A stale entry is said to be stale here too; its refresh starts on the next

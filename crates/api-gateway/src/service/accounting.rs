@@ -28,6 +28,18 @@ impl NarrativeService {
         started: Instant,
         caller: &Caller,
     ) {
+        self.account_streamed(answer, keyed, started, caller, None);
+    }
+
+    /// Counts an answer once; a streamed one with when its first text went out.
+    pub(super) fn account_streamed(
+        &self,
+        answer: &Answer,
+        keyed: &KeyedProfile,
+        started: Instant,
+        caller: &Caller,
+        first_delta: Option<(Duration, &'static str)>,
+    ) {
         let (outcome, event_outcome) = match answer.source {
             Source::Stale => {
                 self.counters.add(Count::Hit);
@@ -55,12 +67,13 @@ impl NarrativeService {
         };
         self.metrics
             .observe_request(outcome, started.elapsed().as_secs_f64());
-        self.record_request(
+        self.record_event(
             keyed,
             started,
             caller,
             event_outcome,
             Some(&answer.envelope),
+            first_delta.map(|(after, _)| after),
         );
     }
 
@@ -81,6 +94,18 @@ impl NarrativeService {
         caller: &Caller,
         outcome: RequestOutcome,
         answered: Option<&Envelope>,
+    ) {
+        self.record_event(keyed, started, caller, outcome, answered, None);
+    }
+
+    fn record_event(
+        &self,
+        keyed: &KeyedProfile,
+        started: Instant,
+        caller: &Caller,
+        outcome: RequestOutcome,
+        answered: Option<&Envelope>,
+        first_delta: Option<Duration>,
     ) {
         let (entry_tokens, entry_cost_usd) = answered.map_or((0, 0.0), |envelope| {
             (
@@ -103,6 +128,8 @@ impl NarrativeService {
             profile: keyed.canonical_json.clone(),
             entry_tokens,
             entry_cost_usd,
+            first_delta_us: first_delta
+                .map(|after| u64::try_from(after.as_micros()).unwrap_or(u64::MAX)),
         });
     }
 

@@ -9,7 +9,7 @@ use analytics::{RequestOutcome, Trigger};
 use cache_core::{now_ms, CacheKey, Envelope, KeyedProfile, Tier};
 use narrative_gen::template::{self, TEMPLATE_MODEL};
 
-use super::{FillMode, NarrativeService};
+use super::{FillMode, FlightResult, Joined, NarrativeService};
 
 /// How the narrative in an [`Answer`] came to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +165,48 @@ pub struct Directives {
     pub stale_if_error: Option<u64>,
 }
 
+/// What a request is answered with, once [`NarrativeService::plan`] has looked.
+pub(super) enum Plan {
+    /// Known at once: a hit, a stale entry, an earlier version's entry.
+    Ready(Answer),
+    /// Waiting on a flight.
+    Wait(Pending),
+}
+
+/// A request waiting on a flight, and how the flight's outcome becomes its answer.
+pub(super) struct Pending {
+    pub joined: Joined,
+    pub then: Settle,
+}
+
+/// How a flight's outcome becomes the answer ([`NarrativeService::settle`]).
+#[derive(Debug, Clone)]
+pub(super) enum Settle {
+    /// A miss: the generation, else the template.
+    Generated,
+    /// `no-store`: the generation kept nowhere, else the template.
+    Unstored(Option<Forwarded>),
+    /// A forced regeneration of `stored`: the new value, else the stored one if
+    /// `stale-if-error` allows it, else the template.
+    Revalidated {
+        stored: Arc<Envelope>,
+        age: Duration,
+        forwarded: Forwarded,
+        directives: Directives,
+    },
+}
+
+impl Settle {
+    /// Why a stored entry is not answered, if one is not.
+    pub(super) fn forwarded(&self) -> Option<Forwarded> {
+        match self {
+            Self::Generated => None,
+            Self::Unstored(forwarded) => *forwarded,
+            Self::Revalidated { forwarded, .. } => Some(*forwarded),
+        }
+    }
+}
+
 /// `only-if-cached` and nothing (usable) is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotCached;
@@ -220,7 +262,33 @@ impl NarrativeService {
         caller: &Caller,
     ) -> Result<Answer, NotCached> {
         let deadline = started + self.generation_wait;
-        let answer = match self.cached(&keyed.key).await {
+        Ok(match self.plan(keyed, directives, caller).await? {
+            Plan::Ready(answer) => answer,
+            Plan::Wait(pending) => {
+                let Joined {
+                    follower,
+                    collapsed,
+                    ..
+                } = pending.joined;
+                let result = tokio::time::timeout_at(deadline.into(), follower.wait())
+                    .await
+                    .ok()
+                    .flatten();
+                self.settle(keyed, &pending.then, collapsed, result)
+            }
+        })
+    }
+
+    /// What a validated request is answered with, or the flight it waits for (joined
+    /// or started here) and how that flight's outcome becomes its answer. Only
+    /// `only-if-cached` can refuse.
+    pub(super) async fn plan(
+        self: &Arc<Self>,
+        keyed: &KeyedProfile,
+        directives: Directives,
+        caller: &Caller,
+    ) -> Result<Plan, NotCached> {
+        let plan = match self.cached(&keyed.key).await {
             Some((envelope, age, tier)) => {
                 let too_old = directives
                     .max_age
@@ -230,7 +298,7 @@ impl NarrativeService {
                 // `no-cache` in a loop is not a paid call each.
                 let forcing = directives.no_cache || too_old;
                 if !forcing || (!caller.is_admin() && self.forced_too_soon(&keyed.key, age)) {
-                    self.answer_cached(keyed, envelope, age, tier)
+                    Plan::Ready(self.answer_cached(keyed, envelope, age, tier))
                 } else if directives.only_if_cached {
                     return Err(NotCached);
                 } else {
@@ -239,24 +307,70 @@ impl NarrativeService {
                     } else {
                         Forwarded::Stale
                     };
-                    self.revalidate(keyed, envelope, age, forwarded, directives, deadline)
-                        .await
+                    self.revalidate(keyed, envelope, age, forwarded, directives)
                 }
             }
             None if directives.only_if_cached => return Err(NotCached),
-            None if directives.no_store => self.generate_unstored(keyed, None, deadline).await,
+            None if directives.no_store => self.generate_unstored(keyed, None),
             // `no-cache` will not take a stored entry unrevalidated, an earlier
             // version's least of all; `max-age` takes one only as young as it says.
-            None if directives.no_cache => self.generate_or_fallback(keyed, deadline).await,
+            None if directives.no_cache => self.miss(keyed),
             None => {
                 let max_age = directives.max_age.map(Duration::from_secs);
                 match self.from_previous_version(keyed, max_age).await {
-                    Some(answer) => answer,
-                    None => self.generate_or_fallback(keyed, deadline).await,
+                    Some(answer) => Plan::Ready(answer),
+                    None => self.miss(keyed),
                 }
             }
         };
-        Ok(answer)
+        Ok(plan)
+    }
+
+    /// How a flight's outcome (`None`: none in time) becomes a request's answer.
+    pub(super) fn settle(
+        &self,
+        keyed: &KeyedProfile,
+        then: &Settle,
+        collapsed: bool,
+        result: Option<FlightResult>,
+    ) -> Answer {
+        let generated = result.and_then(Result::ok);
+        match (then, generated) {
+            (Settle::Generated, Some(envelope)) => Answer::generated(envelope, collapsed, None),
+            (Settle::Unstored(forwarded), Some(envelope)) => {
+                Answer::unstored(envelope, collapsed, *forwarded)
+            }
+            (Settle::Revalidated { forwarded, .. }, Some(envelope)) => {
+                Answer::generated(envelope, collapsed, Some(*forwarded))
+            }
+            (
+                Settle::Revalidated {
+                    stored,
+                    age,
+                    directives,
+                    ..
+                },
+                None,
+            ) => {
+                // If regenerating fails, `stale-if-error` may still allow the stored
+                // entry.
+                let limit = directives
+                    .max_age
+                    .map_or(self.stale_after, Duration::from_secs);
+                let allowed = directives
+                    .stale_if_error
+                    .is_some_and(|extra| *age <= limit.saturating_add(Duration::from_secs(extra)));
+                if allowed {
+                    let stale_for = -freshness_secs(*age, limit);
+                    return Answer {
+                        collapsed,
+                        ..Answer::entry(Arc::clone(stored), Source::Stale, -stale_for, None)
+                    };
+                }
+                self.fallback(keyed, collapsed)
+            }
+            (Settle::Generated | Settle::Unstored(_), None) => self.fallback(keyed, collapsed),
+        }
     }
 
     /// Whether a client's `no-cache` or `max-age` must not regenerate this key now: its
@@ -299,67 +413,51 @@ impl NarrativeService {
         None
     }
 
-    /// The client will not take the stored entry: regenerate now and wait for it
-    /// (coalesced: concurrent revalidations of one key make one call). If that fails,
-    /// `stale-if-error` may still allow the stored entry; otherwise the template.
-    pub(super) async fn revalidate(
+    /// The client will not take the stored entry: regenerate it (coalesced: concurrent
+    /// revalidations of one key make one call).
+    pub(super) fn revalidate(
         self: &Arc<Self>,
         keyed: &KeyedProfile,
         stored: Arc<Envelope>,
         age: Duration,
         forwarded: Forwarded,
         directives: Directives,
-        deadline: Instant,
-    ) -> Answer {
+    ) -> Plan {
         if directives.no_store {
-            return self
-                .generate_unstored(keyed, Some(forwarded), deadline)
-                .await;
+            return self.generate_unstored(keyed, Some(forwarded));
         }
-        let (follower, collapsed) = self.join_flight(
+        let joined = self.join_flight(
             keyed,
             FillMode::Replace {
                 older_than_ms: stored.created_at_ms,
             },
         );
-        if let Ok(Some(Ok(envelope))) =
-            tokio::time::timeout_at(deadline.into(), follower.wait()).await
-        {
-            return Answer::generated(envelope, collapsed, Some(forwarded));
-        }
-        let limit = directives
-            .max_age
-            .map_or(self.stale_after, Duration::from_secs);
-        let allowed = directives
-            .stale_if_error
-            .is_some_and(|extra| age <= limit.saturating_add(Duration::from_secs(extra)));
-        if allowed {
-            let stale_for = -freshness_secs(age, limit);
-            return Answer {
-                collapsed,
-                ..Answer::entry(stored, Source::Stale, -stale_for, None)
-            };
-        }
-        self.fallback(keyed, collapsed)
+        Plan::Wait(Pending {
+            joined,
+            then: Settle::Revalidated {
+                stored,
+                age,
+                forwarded,
+                directives,
+            },
+        })
     }
 
     /// `no-store`: a generation kept nowhere, coalesced with the key's flight.
-    pub(super) async fn generate_unstored(
+    pub(super) fn generate_unstored(
         self: &Arc<Self>,
         keyed: &KeyedProfile,
         forwarded: Option<Forwarded>,
-        deadline: Instant,
-    ) -> Answer {
+    ) -> Plan {
         let trigger = if forwarded.is_some() {
             Trigger::Refresh
         } else {
             Trigger::Miss
         };
-        let (follower, collapsed) = self.join_unstored(keyed, trigger);
-        match tokio::time::timeout_at(deadline.into(), follower.wait()).await {
-            Ok(Some(Ok(envelope))) => Answer::unstored(envelope, collapsed, forwarded),
-            Ok(Some(Err(_))) | Ok(None) | Err(_) => self.fallback(keyed, collapsed),
-        }
+        Plan::Wait(Pending {
+            joined: self.join_unstored(keyed, trigger),
+            then: Settle::Unstored(forwarded),
+        })
     }
 
     /// A hit, or a stale hit that starts this key's refresh.
@@ -379,16 +477,12 @@ impl NarrativeService {
         Answer::entry(envelope, Source::Stale, -stale_for, Some(tier))
     }
 
-    pub(super) async fn generate_or_fallback(
-        self: &Arc<Self>,
-        keyed: &KeyedProfile,
-        deadline: Instant,
-    ) -> Answer {
-        let (follower, collapsed) = self.join_flight(keyed, FillMode::Miss);
-        match tokio::time::timeout_at(deadline.into(), follower.wait()).await {
-            Ok(Some(Ok(envelope))) => Answer::generated(envelope, collapsed, None),
-            Ok(Some(Err(_))) | Ok(None) | Err(_) => self.fallback(keyed, collapsed),
-        }
+    /// A miss: the key's flight, the template if it has nothing in time.
+    pub(super) fn miss(self: &Arc<Self>, keyed: &KeyedProfile) -> Plan {
+        Plan::Wait(Pending {
+            joined: self.join_flight(keyed, FillMode::Miss),
+            then: Settle::Generated,
+        })
     }
 
     /// `Prefer: respond-async`: a hit (or an earlier version's entry during a
@@ -406,7 +500,7 @@ impl NarrativeService {
             None => match self.from_previous_version(keyed, None).await {
                 Some(answer) => Some(answer),
                 None => {
-                    let (mut follower, _) = self.join_flight(keyed, FillMode::Miss);
+                    let mut follower = self.join_flight(keyed, FillMode::Miss).follower;
                     // The 202's `Location` must answer 202 on every gateway at once:
                     // wait until the flight is visible beyond this process (its lock
                     // taken, or held elsewhere).

@@ -22,12 +22,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cache_core::{now_ms, CacheKey, CacheStore, Envelope, KeyedProfile, StoreError, TieredStore};
+use cache_core::{
+    now_ms, Both, CacheKey, CacheStore, Envelope, KeyedProfile, LiveSink, LiveText, StoreError,
+    TieredStore,
+};
 use cache_redis::lock::{Acquired, FillLock, LockToken};
 use cache_redis::signals::{Signal, SignalBus, Waiter};
 use cache_redis::RedisStore;
 use narrative_fill::{Filled, Holder, Want};
 use narrative_queue::{ConfirmedPublisher, Job, JOB_VERSION};
+use tokio_util::sync::CancellationToken;
 
 use super::prewarm::PrewarmStart;
 use super::{Counters, FillError, FillMode, FillStrategy, FlightLeader, FlightResult};
@@ -85,10 +89,20 @@ impl FillStrategy for RedisFill {
         keyed: &KeyedProfile,
         mode: FillMode,
         leader: &FlightLeader,
+        live: &Arc<LiveText>,
     ) -> FlightResult {
         service
-            .fill_shared(&self.shared, None, keyed, mode, leader)
+            .fill_shared(&self.shared, None, keyed, mode, leader, live)
             .await
+    }
+
+    async fn follow_elsewhere(
+        &self,
+        service: &NarrativeService,
+        key: &CacheKey,
+        live: &Arc<LiveText>,
+    ) -> Option<Arc<Envelope>> {
+        service.follow_elsewhere(&self.shared, key, live).await
     }
 
     async fn held_elsewhere(&self, key: &CacheKey) -> bool {
@@ -143,9 +157,28 @@ impl FillStrategy for WorkerFill {
         keyed: &KeyedProfile,
         mode: FillMode,
         leader: &FlightLeader,
+        live: &Arc<LiveText>,
     ) -> FlightResult {
         service
-            .fill_shared(&self.redis.shared, Some(&self.workers), keyed, mode, leader)
+            .fill_shared(
+                &self.redis.shared,
+                Some(&self.workers),
+                keyed,
+                mode,
+                leader,
+                live,
+            )
+            .await
+    }
+
+    async fn follow_elsewhere(
+        &self,
+        service: &NarrativeService,
+        key: &CacheKey,
+        live: &Arc<LiveText>,
+    ) -> Option<Arc<Envelope>> {
+        service
+            .follow_elsewhere(&self.redis.shared, key, live)
             .await
     }
 
@@ -223,8 +256,18 @@ impl NarrativeService {
         keyed: &KeyedProfile,
         mode: FillMode,
         leader: &FlightLeader,
+        live: &Arc<LiveText>,
     ) -> FlightResult {
         let key = &keyed.key;
+        // Whoever generates the key, its text reaches this instance's streaming
+        // requests: relayed from the key's live stream until a generation here claims
+        // `live` (the relay reads nothing while nobody streams).
+        let relay = CancellationToken::new();
+        let _stop_relay = relay.clone().drop_guard();
+        {
+            let (stream, key, live) = (shared.holder.live().clone(), key.clone(), Arc::clone(live));
+            tokio::spawn(async move { stream.relay(&key, &live, &relay).await });
+        }
         // Long enough for a holder elsewhere to finish one slow generation.
         let give_up = Instant::now() + self.generation_wait.max(shared.lock().ttl()) * 4;
         // An erasure after this moment must not see this flight bring the entry back.
@@ -258,7 +301,7 @@ impl NarrativeService {
                     // queue, published by the run).
                     let workers = workers.filter(|_| mode == FillMode::Miss && !unreadable);
                     let Some(workers) = workers else {
-                        return self.fill_as_holder(shared, keyed, token, mode).await;
+                        return self.fill_as_holder(shared, keyed, token, mode, live).await;
                     };
                     match self
                         .fill_by_worker(shared, keyed, workers, &token, flight_started, &mut waiter)
@@ -276,11 +319,13 @@ impl NarrativeService {
                             let _ = shared.lock().release(key, &token).await;
                             match shared.lock().try_acquire_since(key, flight_started).await {
                                 Ok(Acquired::Taken(fresh)) => {
-                                    return self.fill_as_holder(shared, keyed, fresh, mode).await
+                                    return self
+                                        .fill_as_holder(shared, keyed, fresh, mode, live)
+                                        .await
                                 }
                                 Ok(Acquired::Held) => continue,
                                 Ok(Acquired::Erased) => return Err(FillError::Erased),
-                                Err(_) => return self.fill_alone(shared, keyed, mode).await,
+                                Err(_) => return self.fill_alone(shared, keyed, mode, live).await,
                             }
                         }
                     }
@@ -308,7 +353,7 @@ impl NarrativeService {
                         );
                         if !back {
                             tracing::warn!(%error, "redis still failing; generating in this instance alone");
-                            return self.fill_alone(shared, keyed, mode).await;
+                            return self.fill_alone(shared, keyed, mode, live).await;
                         }
                     }
                     // Otherwise polled below, like a key held elsewhere.
@@ -323,6 +368,43 @@ impl NarrativeService {
                 tokio::time::timeout_at(next_look.into(), waiter.next()).await
             {
                 return Err(FillError::FailedElsewhere);
+            }
+        }
+    }
+
+    /// For a `GET` stream on an instance with no flight for `key`: relays the key's
+    /// live stream into `live` while another instance generates it, until the value is
+    /// stored (`Some`), or the generation is gone without one (`None`: it failed, or its
+    /// holder died and nobody has taken it over).
+    async fn follow_elsewhere(
+        &self,
+        shared: &Distributed,
+        key: &CacheKey,
+        live: &Arc<LiveText>,
+    ) -> Option<Arc<Envelope>> {
+        let relay = CancellationToken::new();
+        let _stop_relay = relay.clone().drop_guard();
+        {
+            let (stream, key, live) = (shared.holder.live().clone(), key.clone(), Arc::clone(live));
+            tokio::spawn(async move { stream.relay(&key, &live, &relay).await });
+        }
+        let give_up = Instant::now() + self.generation_wait.max(shared.lock().ttl()) * 4;
+        let mut waiter = shared.bus().waiter(key);
+        loop {
+            if let Some((envelope, _, _)) = self.cached(key).await {
+                return Some(envelope);
+            }
+            if !shared.lock().is_held(key).await.unwrap_or(false) {
+                // Released just after storing, perhaps: one more look decides.
+                return self.cached(key).await.map(|(envelope, _, _)| envelope);
+            }
+            if Instant::now() >= give_up {
+                return None;
+            }
+            if let Ok(Some(Signal::Failed)) =
+                tokio::time::timeout(POLL_INTERVAL, waiter.next()).await
+            {
+                return None;
             }
         }
     }
@@ -411,13 +493,20 @@ impl NarrativeService {
         keyed: &KeyedProfile,
         token: LockToken,
         mode: FillMode,
+        live: &Arc<LiveText>,
     ) -> FlightResult {
         let key = &keyed.key;
         let want = match mode {
             FillMode::Miss | FillMode::Prewarm => Want::Any,
             FillMode::Replace { older_than_ms } => Want::NewerThan(older_than_ms),
         };
-        let generate = self.generate(keyed, mode.trigger());
+        live.claim();
+        // The text goes to this instance's streaming requests directly, and to the
+        // other instances' through the key's live stream.
+        let generate = |fleet: Arc<dyn LiveSink>| async move {
+            let both = Both(live.as_ref(), fleet.as_ref());
+            self.generate(keyed, mode.trigger(), &both).await
+        };
         match shared.holder.fill(key, &token, want, generate).await {
             Filled::Found(envelope) | Filled::Stored(envelope) => {
                 shared.tiers.put_l1(key, Arc::clone(&envelope)).await;
@@ -435,7 +524,7 @@ impl NarrativeService {
             Filled::LookFailed(error) => {
                 self.metrics.store_errors.inc();
                 tracing::warn!(%error, "redis unreadable while holding the lock; generating in this instance alone");
-                self.fill_alone(shared, keyed, mode).await
+                self.fill_alone(shared, keyed, mode, live).await
             }
         }
     }
@@ -447,8 +536,10 @@ impl NarrativeService {
         shared: &Distributed,
         keyed: &KeyedProfile,
         mode: FillMode,
+        live: &Arc<LiveText>,
     ) -> FlightResult {
-        let envelope = self.generate(keyed, mode.trigger()).await?;
+        live.claim();
+        let envelope = self.generate(keyed, mode.trigger(), live.as_ref()).await?;
         shared.tiers.put_l1(&keyed.key, Arc::clone(&envelope)).await;
         Ok(envelope)
     }

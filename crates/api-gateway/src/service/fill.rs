@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use analytics::Trigger;
 use cache_core::{
-    now_ms, CacheKey, Envelope, Flight, Follower, KeyedProfile, Leader, StoreError, Tier,
+    now_ms, CacheKey, Envelope, Flight, Follower, KeyedProfile, Leader, LiveSink, LiveText,
+    StoreError, Tier,
 };
 use narrative_fill::generation_event;
 use narrative_gen::GenerateError;
@@ -67,6 +68,14 @@ pub(super) type FlightResult = Result<Arc<Envelope>, FillError>;
 /// The request that runs a key's flight.
 pub(super) type FlightLeader = Leader<CacheKey, FlightResult>;
 
+/// A request on a key's flight: the flight's result to come, whether another request
+/// started it, and its text while it is written (gone if the flight already ended).
+pub(super) struct Joined {
+    pub follower: Follower<FlightResult>,
+    pub collapsed: bool,
+    pub live: Option<Arc<LiveText>>,
+}
+
 /// What a read of the store found.
 pub(super) enum Looked {
     /// The entry, its age, and the tier it came from.
@@ -88,14 +97,16 @@ impl NarrativeService {
             return;
         }
         let (service, keyed) = (Arc::clone(self), keyed.clone());
+        let live = self.live.open(&keyed.key);
         self.tasks.spawn(async move {
             let result = service
-                .fill(&keyed, FillMode::Replace { older_than_ms }, &leader)
+                .fill(&keyed, FillMode::Replace { older_than_ms }, &leader, &live)
                 .await;
             if let Err(error) = &result {
                 service.metrics.refresh_failures.inc();
                 tracing::warn!(%error, cache_key = %keyed.key, "refresh failed; the stale entry stays until CACHE_TTL");
             }
+            service.live.close(&keyed.key, &live);
             leader.complete(result);
         });
     }
@@ -128,11 +139,7 @@ impl NarrativeService {
     /// Joins the key's flight, starting it (in a tracked task that outlives the
     /// request) when there is none. Returns a follower and whether another request
     /// started the flight.
-    pub(super) fn join_flight(
-        self: &Arc<Self>,
-        keyed: &KeyedProfile,
-        mode: FillMode,
-    ) -> (Follower<FlightResult>, bool) {
+    pub(super) fn join_flight(self: &Arc<Self>, keyed: &KeyedProfile, mode: FillMode) -> Joined {
         self.join(keyed, FlightWork::Fill(mode))
     }
 
@@ -145,49 +152,71 @@ impl NarrativeService {
         self: &Arc<Self>,
         keyed: &KeyedProfile,
         trigger: Trigger,
-    ) -> (Follower<FlightResult>, bool) {
-        if let Some(fill) = self.flights.follow(&keyed.key) {
+    ) -> Joined {
+        if let Some(follower) = self.flights.follow(&keyed.key) {
             self.metrics.collapsed.inc();
-            return (fill, true);
+            return Joined {
+                follower,
+                collapsed: true,
+                live: self.live.get(&keyed.key),
+            };
         }
         self.join(keyed, FlightWork::Unstored(trigger))
     }
 
-    fn join(
-        self: &Arc<Self>,
-        keyed: &KeyedProfile,
-        work: FlightWork,
-    ) -> (Follower<FlightResult>, bool) {
-        let flights = match work {
-            FlightWork::Fill(_) => &self.flights,
-            FlightWork::Unstored(_) => &self.unstored_flights,
+    fn join(self: &Arc<Self>, keyed: &KeyedProfile, work: FlightWork) -> Joined {
+        let (flights, feeds) = match work {
+            FlightWork::Fill(_) => (&self.flights, &self.live),
+            FlightWork::Unstored(_) => (&self.unstored_flights, &self.unstored_live),
         };
         match flights.join(&keyed.key) {
             Flight::Leader(leader) => {
                 let follower = leader.follower();
                 if self.must_shed() {
                     leader.complete(Err(FillError::Shed));
-                    return (follower, false);
+                    return Joined {
+                        follower,
+                        collapsed: false,
+                        live: None,
+                    };
                 }
+                // Opened before the flight runs, so that no request of it finds none.
+                let live = feeds.open(&keyed.key);
                 let service = Arc::clone(self);
                 let keyed = keyed.clone();
+                let flight_live = Arc::clone(&live);
                 self.tasks.spawn(async move {
+                    let live = flight_live;
                     let result = match work {
-                        FlightWork::Fill(mode) => service.fill(&keyed, mode, &leader).await,
+                        FlightWork::Fill(mode) => service.fill(&keyed, mode, &leader, &live).await,
                         FlightWork::Unstored(trigger) => {
                             // Nothing is stored, so there is nothing to coordinate
                             // beyond this flight: no lock, no job.
                             leader.claim();
-                            service.generate(&keyed, trigger).await
+                            live.claim();
+                            service.generate(&keyed, trigger, live.as_ref()).await
                         }
                     };
+                    let feeds = match work {
+                        FlightWork::Fill(_) => &service.live,
+                        FlightWork::Unstored(_) => &service.unstored_live,
+                    };
+                    feeds.close(&keyed.key, &live);
                     leader.complete(result);
                 });
-                (follower, false)
+                Joined {
+                    follower,
+                    collapsed: false,
+                    live: Some(live),
+                }
             }
             Flight::Follower(follower) => {
                 self.metrics.collapsed.inc();
-                (follower, true)
+                Joined {
+                    follower,
+                    collapsed: true,
+                    live: feeds.get(&keyed.key),
+                }
             }
         }
     }
@@ -210,8 +239,9 @@ impl NarrativeService {
         keyed: &KeyedProfile,
         mode: FillMode,
         leader: &FlightLeader,
+        live: &Arc<LiveText>,
     ) -> FlightResult {
-        self.strategy.fill(self, keyed, mode, leader).await
+        self.strategy.fill(self, keyed, mode, leader, live).await
     }
 
     /// Stores a generated narrative; a store that fails is counted and logged, and the
@@ -223,15 +253,17 @@ impl NarrativeService {
         }
     }
 
-    /// Calls the generator and accounts for it. Only complete outputs come back.
+    /// Calls the generator, its text going to `live` as it is written, and accounts for
+    /// it. Only complete outputs come back.
     pub(super) async fn generate(
         &self,
         keyed: &KeyedProfile,
         trigger: Trigger,
+        live: &dyn LiveSink,
     ) -> Result<Arc<Envelope>, FillError> {
         self.metrics.generations_in_flight.inc();
         let started = Instant::now();
-        let result = self.generator.generate(&keyed.profile).await;
+        let result = self.generator.generate(&keyed.profile, live).await;
         self.metrics.generations_in_flight.dec();
         if let Err(GenerateError::BudgetExhausted) = &result {
             // No call was made: nothing to time or record as a generation.

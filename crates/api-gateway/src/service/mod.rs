@@ -22,6 +22,7 @@
 //! template, 202) and its types; `fill` the flights and the generation; `strategy`
 //! the fill strategies' trait and the in-process one; `distributed` the fill with
 //! Redis and workers; `accounting` counts every answer once and reports stats;
+//! `stream` streams an answer as its text is written (`Accept: text/event-stream`);
 //! `erasure` erases by user; `counters`, `reporting` and `prewarm` are the shared hit
 //! counters, analytics reads and pre-warm runs.
 
@@ -34,6 +35,7 @@ mod fill;
 mod prewarm;
 mod reporting;
 mod strategy;
+mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,8 +43,8 @@ use std::time::Duration;
 use analytics::{EventSink, Trigger};
 use cache_core::user_index::UserIndex;
 use cache_core::{
-    CacheKey, CacheStore, KeyDeriver, KeyedProfile, KnownSystems, ProfileError, ProfileInput,
-    SingleFlight,
+    CacheKey, CacheStore, KeyDeriver, KeyedProfile, KnownSystems, LiveFeeds, ProfileError,
+    ProfileInput, SingleFlight,
 };
 use narrative_gen::NarrativeGenerator;
 use tokio_util::task::TaskTracker;
@@ -52,10 +54,11 @@ pub use answer::{Answer, Caller, Directives, Forwarded, Lookup, NotCached, Sourc
 pub use counters::{Count, Counters, Totals};
 pub use distributed::{Distributed, RedisFill, WorkerFill, Workers};
 pub use fill::{FillError, FillMode};
-use fill::{FlightLeader, FlightResult, Looked};
+use fill::{FlightLeader, FlightResult, Joined, Looked};
 pub use prewarm::{Pacer, PrewarmRuns, PrewarmStart, RunProgress, Step};
 pub use reporting::{AnalyticsSource, RedisTallies};
 pub use strategy::{FillStrategy, InProcessFill};
+pub use stream::{NarrativeStream, StreamEvent, StreamStart};
 
 use crate::metrics::Metrics;
 
@@ -71,6 +74,9 @@ pub struct NarrativeService {
     flights: SingleFlight<CacheKey, FlightResult>,
     /// `no-store` generations, kept apart so that no fill waits on one.
     unstored_flights: SingleFlight<CacheKey, FlightResult>,
+    /// The text of each flight's generation while it is written, for streaming.
+    live: LiveFeeds<CacheKey>,
+    unstored_live: LiveFeeds<CacheKey>,
     /// Keys a client forced to regenerate (`no-cache`, `max-age`) within
     /// `REVALIDATE_MIN_INTERVAL`: they answer from what is stored until it passes.
     forced: moka::sync::Cache<CacheKey, ()>,
@@ -143,6 +149,8 @@ impl NarrativeService {
             generator,
             flights: SingleFlight::new(),
             unstored_flights: SingleFlight::new(),
+            live: LiveFeeds::default(),
+            unstored_live: LiveFeeds::default(),
             forced: moka::sync::Cache::builder()
                 .max_capacity(FORCED_KEYS_KEPT)
                 .time_to_live(revalidate_min_interval.max(Duration::from_millis(1)))

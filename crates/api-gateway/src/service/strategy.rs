@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use cache_core::{CacheKey, KeyedProfile, StoreError};
+use cache_core::{CacheKey, KeyedProfile, LiveText, StoreError};
 use narrative_queue::ConfirmedPublisher;
 
 use super::prewarm::PrewarmStart;
@@ -26,14 +26,29 @@ use super::{Step, Totals};
 #[async_trait::async_trait]
 pub trait FillStrategy: std::fmt::Debug + Send + Sync + 'static {
     /// The flight leader's work: look once more (a flight that just ended may have
-    /// stored the value between the request's read and its join), then fill the key.
+    /// stored the value between the request's read and its join), then fill the key,
+    /// its text reaching `live` as it is written, wherever that is.
     async fn fill(
         &self,
         service: &NarrativeService,
         keyed: &KeyedProfile,
         mode: FillMode,
         leader: &FlightLeader,
+        live: &Arc<LiveText>,
     ) -> FlightResult;
+
+    /// Follows a generation of `key` running in another instance (for a
+    /// `GET /narrative/{key}` stream on an instance with no flight of its own): its text
+    /// into `live`, until its value is stored (`Some`) or it is gone (`None`). `None` at
+    /// once in process, where there is no other instance.
+    async fn follow_elsewhere(
+        &self,
+        _service: &NarrativeService,
+        _key: &CacheKey,
+        _live: &Arc<LiveText>,
+    ) -> Option<Arc<cache_core::Envelope>> {
+        None
+    }
 
     /// Whether another instance is filling `key` (this one's flights aside).
     async fn held_elsewhere(&self, _key: &CacheKey) -> bool {
@@ -53,9 +68,10 @@ pub trait FillStrategy: std::fmt::Debug + Send + Sync + 'static {
     /// Starts pre-warming `keyed`, which is not stored: an ordinary flight with the
     /// `prewarm` trigger, unless workers take it.
     async fn prewarm(&self, service: &Arc<NarrativeService>, keyed: &KeyedProfile) -> PrewarmStart {
-        let (follower, collapsed) = service.join_flight(keyed, FillMode::Prewarm);
+        let joined = service.join_flight(keyed, FillMode::Prewarm);
+        let collapsed = joined.collapsed;
         PrewarmStart::Flight(Box::pin(async move {
-            match follower.wait().await {
+            match joined.follower.wait().await {
                 // A flight a user started was already generating it.
                 Some(Ok(_)) if collapsed => Step::Skipped,
                 Some(Ok(_)) => Step::Generated,
@@ -129,9 +145,11 @@ impl FillStrategy for InProcessFill {
         keyed: &KeyedProfile,
         mode: FillMode,
         leader: &FlightLeader,
+        live: &Arc<LiveText>,
     ) -> FlightResult {
         // In process, the flight itself is what every lookup sees.
         leader.claim();
+        live.claim();
         // The erasure fence counts from here: an erasure after the look below must
         // not see this flight's value stored.
         let started = Instant::now();
@@ -144,7 +162,9 @@ impl FillStrategy for InProcessFill {
                 return Ok(envelope);
             }
         }
-        let envelope = service.generate(keyed, mode.trigger()).await?;
+        let envelope = service
+            .generate(keyed, mode.trigger(), live.as_ref())
+            .await?;
         if self.erased_since(&keyed.key, started) {
             tracing::info!(cache_key = %keyed.key, "entry erased while it was generated; not stored");
             return Ok(envelope);

@@ -1,0 +1,312 @@
+//! Streamed answers (`Accept: text/event-stream`), independent of HTTP.
+//!
+//! A streamed request is planned like any other ([`NarrativeService::plan`]): the same
+//! directives, the same flights, the same answer at the end. What differs is the wait:
+//! instead of waiting for the flight's result in silence, the request reads the key's
+//! [`LiveText`](cache_core::LiveText) (shared by every request streaming the key on
+//! this instance, fed by the generation here or relayed from the one elsewhere) and
+//! passes each piece on as it comes.
+//!
+//! `GENERATION_WAIT_MS` bounds the wait for the *first* piece: without one in time, the
+//! answer is the template, as it is for a request that does not stream, and the
+//! generation goes on to be stored. Once text flows, the request follows the flight to
+//! its end.
+//!
+//! Whatever happened on the way (a reset, a relay that lagged, a takeover), the stream
+//! ends by reconciling what it sent with the answer: the rest of the answer's text if
+//! what was sent is its beginning, otherwise a reset and the whole text. So the text a
+//! client has when `done` comes is always exactly `done`'s narrative.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cache_core::{CacheKey, KeyedProfile, LiveReader, LiveText, LiveUpdate};
+use futures::future::BoxFuture;
+use futures::FutureExt as _;
+use tokio::sync::mpsc;
+
+use super::answer::{Pending, Plan};
+use super::{Answer, Caller, Directives, Forwarded, Joined, Lookup, NarrativeService, NotCached};
+use super::{FlightResult, Source};
+use analytics::RequestOutcome;
+
+/// Events queued for a slow client at most; past it the stream waits for the client,
+/// and the text it has not read yet comes as one larger piece.
+const EVENTS_QUEUED: usize = 64;
+
+/// What is known when a stream starts, for its headers and `meta` event.
+#[derive(Debug, Clone)]
+pub enum StreamStart {
+    /// The answer is known at once: a hit, a stale entry.
+    Answer(Answer),
+    /// A generation runs (or starts) for the key.
+    Generating {
+        collapsed: bool,
+        forwarded: Option<Forwarded>,
+    },
+}
+
+/// One event of a streamed answer, after its start.
+#[derive(Debug, Clone)]
+pub enum StreamEvent {
+    /// Text after what was sent before.
+    Text(String),
+    /// Forget the text sent so far; its reason.
+    Reset(String),
+    /// The answer; the last event.
+    Done(Answer),
+    /// The last event of a `GET` stream whose generation ended with nothing stored.
+    Gone,
+}
+
+/// A streamed answer: its start, then its events, ending with `Done` or `Gone`.
+#[derive(Debug)]
+pub struct NarrativeStream {
+    pub start: StreamStart,
+    pub events: mpsc::Receiver<StreamEvent>,
+}
+
+impl NarrativeService {
+    /// Streams the answer to a validated profile. Only `only-if-cached` refuses, before
+    /// anything is streamed. The request is accounted once, when its answer is known,
+    /// whether or not the client stayed to read it.
+    pub async fn narrative_stream(
+        self: &Arc<Self>,
+        keyed: &KeyedProfile,
+        started: Instant,
+        directives: Directives,
+        caller: &Caller,
+    ) -> Result<NarrativeStream, NotCached> {
+        self.index_user(keyed, caller);
+        let plan = match self.plan(keyed, directives, caller).await {
+            Ok(plan) => plan,
+            Err(NotCached) => {
+                self.record_request(keyed, started, caller, RequestOutcome::Error, None);
+                return Err(NotCached);
+            }
+        };
+        let start = match &plan {
+            Plan::Ready(answer) => StreamStart::Answer(answer.clone()),
+            Plan::Wait(pending) => StreamStart::Generating {
+                collapsed: pending.joined.collapsed,
+                forwarded: pending.then.forwarded(),
+            },
+        };
+        let (sender, events) = mpsc::channel(EVENTS_QUEUED);
+        let (service, keyed, caller) = (Arc::clone(self), keyed.clone(), caller.clone());
+        tokio::spawn(async move {
+            let mut out = Emitter::new(&sender, started);
+            let answer = match plan {
+                Plan::Ready(answer) => answer,
+                Plan::Wait(Pending { joined, then }) => {
+                    let Joined {
+                        follower,
+                        collapsed,
+                        live,
+                    } = joined;
+                    let first_by = started + service.generation_wait;
+                    let result = out
+                        .follow(follower.wait().boxed(), live, Some(first_by))
+                        .await;
+                    service.settle(&keyed, &then, collapsed, result)
+                }
+            };
+            out.finish(&answer).await;
+            let first_delta = out.first_delta();
+            service.observe_first_delta(first_delta);
+            let _ = sender.send(StreamEvent::Done(answer.clone())).await;
+            service.account_streamed(&answer, &keyed, started, &caller, first_delta);
+        });
+        Ok(NarrativeStream { start, events })
+    }
+
+    /// Streams what `GET /narrative/{key}` finds: a stored entry at once, a generation
+    /// running here or elsewhere live; `None` when the key is neither stored nor being
+    /// generated (a 404).
+    pub async fn follow_stream(self: &Arc<Self>, key: &CacheKey) -> Option<NarrativeStream> {
+        let started = Instant::now();
+        let (start, wait, live) = match self.lookup(key).await {
+            Lookup::Missing => return None,
+            Lookup::Found(envelope, ttl) => {
+                let source = if ttl < 0 {
+                    Source::Stale
+                } else {
+                    Source::Cache
+                };
+                let answer = Answer::entry(envelope, source, ttl, None);
+                (StreamStart::Answer(answer), None, None)
+            }
+            Lookup::Pending => {
+                let (wait, live): (BoxFuture<'static, Option<FlightResult>>, _) =
+                    match self.flights.follow(key) {
+                        Some(follower) => (follower.wait().boxed(), self.live.get(key)),
+                        None => {
+                            let live = LiveText::new();
+                            let (service, key, relayed) =
+                                (Arc::clone(self), key.clone(), Arc::clone(&live));
+                            let wait = async move {
+                                service
+                                    .strategy
+                                    .follow_elsewhere(&service, &key, &relayed)
+                                    .await
+                                    .map(Ok)
+                            };
+                            (wait.boxed(), Some(live))
+                        }
+                    };
+                let start = StreamStart::Generating {
+                    collapsed: true,
+                    forwarded: None,
+                };
+                (start, Some(wait), live)
+            }
+        };
+        let (sender, events) = mpsc::channel(EVENTS_QUEUED);
+        let service = Arc::clone(self);
+        let ready = match &start {
+            StreamStart::Answer(answer) => Some(answer.clone()),
+            StreamStart::Generating { .. } => None,
+        };
+        tokio::spawn(async move {
+            let mut out = Emitter::new(&sender, started);
+            let answer = match (ready, wait) {
+                (Some(answer), _) => Some(answer),
+                (None, Some(wait)) => match out.follow(wait, live, None).await {
+                    // What a `GET` answers once the value is stored.
+                    Some(Ok(envelope)) => {
+                        let ttl = i64::try_from(service.stale_after.as_secs()).unwrap_or(i64::MAX);
+                        Some(Answer::entry(envelope, Source::Cache, ttl, None))
+                    }
+                    Some(Err(_)) | None => None,
+                },
+                (None, None) => None,
+            };
+            match answer {
+                Some(answer) => {
+                    out.finish(&answer).await;
+                    service.observe_first_delta(out.first_delta());
+                    let _ = sender.send(StreamEvent::Done(answer)).await;
+                }
+                None => {
+                    out.reset("generation_failed").await;
+                    let _ = sender.send(StreamEvent::Gone).await;
+                }
+            }
+        });
+        Some(NarrativeStream { start, events })
+    }
+
+    fn observe_first_delta(&self, first: Option<(Duration, &'static str)>) {
+        if let Some((after, source)) = first {
+            self.metrics
+                .first_delta_seconds
+                .with_label_values(&[source])
+                .observe(after.as_secs_f64());
+        }
+    }
+}
+
+/// One stream's events, and what it has sent since its last reset.
+struct Emitter<'a> {
+    out: &'a mpsc::Sender<StreamEvent>,
+    started: Instant,
+    sent: String,
+    /// When the first text went out, and what it was (`generated`, `cache`, ...).
+    first: Option<(Duration, &'static str)>,
+}
+
+impl<'a> Emitter<'a> {
+    fn new(out: &'a mpsc::Sender<StreamEvent>, started: Instant) -> Self {
+        Self {
+            out,
+            started,
+            sent: String::new(),
+            first: None,
+        }
+    }
+
+    fn first_delta(&self) -> Option<(Duration, &'static str)> {
+        self.first
+    }
+
+    /// A client that went away no longer reads; the answer is still worked out (and
+    /// accounted), so sending to it just stops mattering.
+    async fn send(&self, event: StreamEvent) {
+        let _ = self.out.send(event).await;
+    }
+
+    async fn text(&mut self, text: String, source: &'static str) {
+        if text.is_empty() {
+            return;
+        }
+        self.first
+            .get_or_insert_with(|| (self.started.elapsed(), source));
+        self.sent.push_str(&text);
+        self.send(StreamEvent::Text(text)).await;
+    }
+
+    async fn reset(&mut self, reason: &str) {
+        if self.sent.is_empty() {
+            return;
+        }
+        self.sent.clear();
+        self.send(StreamEvent::Reset(reason.to_owned())).await;
+    }
+
+    /// Passes on the live text until the flight ends (its result), or, before any text
+    /// came, until `first_by` (`None`: the answer is the template).
+    async fn follow(
+        &mut self,
+        wait: BoxFuture<'static, Option<FlightResult>>,
+        live: Option<Arc<LiveText>>,
+        first_by: Option<Instant>,
+    ) -> Option<FlightResult> {
+        let mut reader = live.map(|live| live.reader());
+        let mut wait = wait;
+        loop {
+            let waiting_for_first = first_by.filter(|_| self.first.is_none());
+            tokio::select! {
+                biased;
+                result = &mut wait => return result,
+                update = next_update(reader.as_mut()) => match update {
+                    LiveUpdate::Text(text) => self.text(text, Source::Generated.as_str()).await,
+                    LiveUpdate::Reset(reason) => self.reset(&reason).await,
+                },
+                () = sleep_until(waiting_for_first) => return None,
+            }
+        }
+    }
+
+    /// Makes what was sent add up to the answer's narrative: its rest, or a reset and
+    /// all of it.
+    async fn finish(&mut self, answer: &Answer) {
+        let body = &answer.envelope.body;
+        let source = answer.source.as_str();
+        if let Some(rest) = body.strip_prefix(self.sent.as_str()) {
+            let rest = rest.to_owned();
+            self.text(rest, source).await;
+            return;
+        }
+        let reason = match answer.source {
+            Source::Fallback => "fallback",
+            Source::Stale => "stale",
+            Source::Cache | Source::Generated => "replaced",
+        };
+        self.reset(reason).await;
+        self.text(body.clone(), source).await;
+    }
+}
+
+async fn next_update(reader: Option<&mut LiveReader>) -> LiveUpdate {
+    match reader {
+        Some(reader) => reader.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
