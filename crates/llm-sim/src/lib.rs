@@ -43,7 +43,8 @@ pub struct SimConfig {
     pub sign_completions: bool,
     /// Streamed: characters of text per chunk.
     pub chunk_chars: usize,
-    /// Streamed: the wait between chunks (the first comes after `latency_ms`).
+    /// Streamed: the wait between chunks (the first comes after `latency_ms`). Zero by
+    /// default, so that a streamed answer takes `latency_ms` like a whole one.
     pub chunk_interval_ms: u64,
     /// Streamed: break the connection after this many chunks of text.
     pub fail_after_chunks: Option<u32>,
@@ -60,7 +61,7 @@ impl Default for SimConfig {
             finish_reason: "stop".to_owned(),
             sign_completions: false,
             chunk_chars: 60,
-            chunk_interval_ms: 20,
+            chunk_interval_ms: 0,
             fail_after_chunks: None,
         }
     }

@@ -3,7 +3,7 @@
 //! `LLM_SIM_FAILURE_RATE` (0.0), `LLM_SIM_FAILURE_STATUS` (500),
 //! `LLM_SIM_RETRY_AFTER_SECS` (unset), `LLM_SIM_FINISH_REASON` (stop),
 //! `LLM_SIM_SIGN_COMPLETIONS` (false: end each text with its serial number); for
-//! streamed answers `LLM_SIM_CHUNK_CHARS` (60), `LLM_SIM_CHUNK_INTERVAL_MS` (20) and
+//! streamed answers `LLM_SIM_CHUNK_CHARS` (60), `LLM_SIM_CHUNK_INTERVAL_MS` (0) and
 //! `LLM_SIM_FAIL_AFTER_CHUNKS` (unset: never break).
 
 use std::net::SocketAddr;

@@ -34,6 +34,11 @@ use analytics::RequestOutcome;
 /// and the text it has not read yet comes as one larger piece.
 const EVENTS_QUEUED: usize = 64;
 
+/// How long a stream waits for a client that reads nothing before it stops sending to
+/// it: its answer is still worked out and accounted, and its response ends with what
+/// was queued (a client that does not read cannot hold a stream's task forever).
+const CLIENT_STALL_LIMIT: Duration = Duration::from_secs(30);
+
 /// What is known when a stream starts, for its headers and `meta` event.
 #[derive(Debug, Clone)]
 pub enum StreamStart {
@@ -114,7 +119,7 @@ impl NarrativeService {
             out.finish(&answer).await;
             let first_delta = out.first_delta();
             service.observe_first_delta(first_delta);
-            let _ = sender.send(StreamEvent::Done(answer.clone())).await;
+            out.send(StreamEvent::Done(answer.clone())).await;
             service.account_streamed(&answer, &keyed, started, &caller, first_delta);
         });
         Ok(NarrativeStream { start, events })
@@ -185,11 +190,11 @@ impl NarrativeService {
                 Some(answer) => {
                     out.finish(&answer).await;
                     service.observe_first_delta(out.first_delta());
-                    let _ = sender.send(StreamEvent::Done(answer)).await;
+                    out.send(StreamEvent::Done(answer)).await;
                 }
                 None => {
                     out.reset("generation_failed").await;
-                    let _ = sender.send(StreamEvent::Gone).await;
+                    out.send(StreamEvent::Gone).await;
                 }
             }
         });
@@ -213,6 +218,8 @@ struct Emitter<'a> {
     sent: String,
     /// When the first text went out, and what it was (`generated`, `cache`, ...).
     first: Option<(Duration, &'static str)>,
+    /// The client is gone or reads nothing: nothing more is sent.
+    stalled: bool,
 }
 
 impl<'a> Emitter<'a> {
@@ -222,6 +229,7 @@ impl<'a> Emitter<'a> {
             started,
             sent: String::new(),
             first: None,
+            stalled: false,
         }
     }
 
@@ -229,10 +237,14 @@ impl<'a> Emitter<'a> {
         self.first
     }
 
-    /// A client that went away no longer reads; the answer is still worked out (and
-    /// accounted), so sending to it just stops mattering.
-    async fn send(&self, event: StreamEvent) {
-        let _ = self.out.send(event).await;
+    /// A client that went away, or has read nothing for `CLIENT_STALL_LIMIT`, is sent
+    /// nothing more; the answer is still worked out and accounted.
+    async fn send(&mut self, event: StreamEvent) {
+        if self.stalled {
+            return;
+        }
+        let sent = tokio::time::timeout(CLIENT_STALL_LIMIT, self.out.send(event)).await;
+        self.stalled = !matches!(sent, Ok(Ok(())));
     }
 
     async fn text(&mut self, text: String, source: &'static str) {

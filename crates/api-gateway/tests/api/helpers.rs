@@ -309,3 +309,166 @@ pub async fn stored_by_previous_version(
     previous.shutdown().await;
     (replies, pair)
 }
+
+/// A streamed answer (`Accept: text/event-stream`) as its client saw it.
+#[derive(Debug)]
+pub struct Streamed {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    /// Every event in order: its name and its data, parsed as JSON.
+    pub events: Vec<(String, Value)>,
+}
+
+impl Streamed {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.events.iter().map(|(name, _)| name.as_str()).collect()
+    }
+
+    pub fn meta(&self) -> &Value {
+        let (name, data) = self.events.first().expect("an event");
+        assert_eq!(name, "meta", "meta comes first: {:?}", self.names());
+        data
+    }
+
+    pub fn done(&self) -> &Value {
+        let (name, data) = self.events.last().expect("an event");
+        assert_eq!(name, "done", "done comes last: {:?}", self.names());
+        data
+    }
+
+    pub fn deltas(&self) -> usize {
+        self.events
+            .iter()
+            .filter(|(name, _)| name == "delta")
+            .count()
+    }
+
+    pub fn resets(&self) -> usize {
+        self.events
+            .iter()
+            .filter(|(name, _)| name == "reset")
+            .count()
+    }
+
+    /// The concatenated deltas since the last reset: what the client shows at the end.
+    pub fn text(&self) -> String {
+        let mut text = String::new();
+        for (name, data) in &self.events {
+            match name.as_str() {
+                "delta" => text.push_str(data["text"].as_str().expect("delta text")),
+                "reset" => text.clear(),
+                _ => {}
+            }
+        }
+        text
+    }
+
+    /// The contract every stream keeps: 200, `meta` first, `done` last and once, and
+    /// `done`'s narrative exactly the text since the last reset.
+    pub fn assert_well_formed(&self) {
+        assert_eq!(self.status, 200, "{:?}", self.events);
+        assert!(
+            self.header("content-type").starts_with("text/event-stream"),
+            "{:?}",
+            self.headers
+        );
+        self.meta();
+        assert_eq!(
+            self.names().iter().filter(|name| **name == "done").count(),
+            1,
+            "one done: {:?}",
+            self.names()
+        );
+        assert_eq!(
+            self.done()["narrative"].as_str().expect("narrative"),
+            self.text(),
+            "done's narrative is the text since the last reset"
+        );
+    }
+}
+
+/// Reads a whole event stream from `request`.
+pub async fn read_stream(request: reqwest::RequestBuilder) -> Streamed {
+    use futures::StreamExt as _;
+    let response = request
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("request");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let mut events = Vec::new();
+    let mut parsed = eventsource_stream::Eventsource::eventsource(response.bytes_stream());
+    while let Some(event) = parsed.next().await {
+        let event = event.expect("a well-formed event stream");
+        let data = serde_json::from_str(&event.data).unwrap_or(Value::String(event.data));
+        events.push((event.event, data));
+    }
+    Streamed {
+        status,
+        headers,
+        events,
+    }
+}
+
+impl TestApp {
+    /// `POST /narrative` streamed.
+    pub async fn stream_narrative(&self, body: &Value) -> Streamed {
+        read_stream(self.client.post(self.url("/narrative")).json(body)).await
+    }
+
+    /// `GET` of `path` streamed.
+    pub async fn stream_get(&self, path: &str) -> Streamed {
+        read_stream(self.client.get(self.url(path))).await
+    }
+}
+
+/// One generation streamed to many: every stream in `streamed` came live (`meta`
+/// `generating`, at least five deltas, no reset, `done` `generated`), every answer in
+/// `answered` is the same narrative, and `late`, started while the text was being
+/// written, got all of it too. Returns the narrative.
+pub fn assert_streamed_to_all(
+    streamed: &[Streamed],
+    answered: &[Reply],
+    late: &Streamed,
+) -> String {
+    late.assert_well_formed();
+    assert_eq!(
+        late.meta()["source"],
+        "generating",
+        "joined while it was written"
+    );
+    let narrative = late.text();
+    assert!(narrative.len() > 300, "a whole narrative: {narrative:?}");
+    for stream in streamed {
+        stream.assert_well_formed();
+        assert_eq!(
+            stream.meta()["source"],
+            "generating",
+            "{:?}",
+            stream.names()
+        );
+        assert_eq!(stream.header("x-cache"), "MISS");
+        assert!(
+            stream.deltas() >= 5,
+            "the text came live, in pieces: {:?}",
+            stream.names()
+        );
+        assert_eq!(stream.resets(), 0);
+        assert_eq!(stream.done()["source"], "generated");
+        assert_eq!(stream.text(), narrative, "every stream got the same text");
+    }
+    for reply in answered {
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.source(), "generated", "{:?}", reply.body);
+        assert_eq!(reply.body["narrative"], narrative.as_str());
+    }
+    narrative
+}

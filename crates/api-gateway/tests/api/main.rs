@@ -20,3 +20,4 @@ mod ops;
 mod prewarm;
 mod process;
 mod stampede;
+mod streaming;

@@ -11,4 +11,5 @@ mod analytics;
 mod erasure;
 mod prewarm;
 mod services;
+mod streaming;
 mod workers;

@@ -1,0 +1,379 @@
+//! Streamed answers (`Accept: text/event-stream`): one LLM call whose text reaches
+//! every streaming request for the key, on every gateway, live; late joiners get the
+//! text so far; failures reset to the template; a killed holder's streams still end
+//! with a whole narrative. On real Redis (standalone and Cluster), with the simulator
+//! streaming like an OpenAI-compatible server.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use llm_sim::{SimConfig, SimHandle};
+use serde_json::Value;
+
+use crate::helpers::{
+    assert_streamed_to_all, profile, spawn_app, spawn_app_with, unique_version, Reply, Streamed,
+    TestApp,
+};
+use crate::process::spawn_process;
+
+/// The simulator: first token at 400 ms, 60-character chunks every 80 ms (a
+/// narrative of about 900 characters takes some 1.5 s).
+fn slow_stream() -> SimConfig {
+    SimConfig {
+        latency_ms: 400,
+        chunk_chars: 60,
+        chunk_interval_ms: 80,
+        ..SimConfig::default()
+    }
+}
+
+async fn sim(config: SimConfig) -> SimHandle {
+    llm_sim::spawn(config).await.expect("simulator starts")
+}
+
+/// `streams` streaming and `plain` non-streaming requests for one new profile, spread
+/// over `gateways`, all at once, and one more stream a second later (while the text is
+/// still being written). Checks what every stream and answer must show, and returns
+/// the narrative.
+async fn one_call_streamed_to_all(
+    gateways: &[&TestApp],
+    body: &Value,
+    streams: usize,
+    plain: usize,
+) -> String {
+    let streamed =
+        join_all((0..streams).map(|i| gateways[i % gateways.len()].stream_narrative(body)));
+    let answered = join_all((0..plain).map(|i| gateways[i % gateways.len()].post_narrative(body)));
+    let late = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        gateways[gateways.len() - 1].stream_narrative(body).await
+    };
+    let (streamed, answered, late): (Vec<Streamed>, Vec<Reply>, Streamed) =
+        tokio::join!(streamed, answered, late);
+
+    assert_streamed_to_all(&streamed, &answered, &late)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_call_streams_live_to_every_request_in_embedded_mode() {
+    let app = spawn_app(slow_stream(), &[]).await;
+    one_call_streamed_to_all(&[&app], &profile(1), 200, 20).await;
+    assert_eq!(app.llm_calls(), 1, "one LLM call for 221 requests");
+
+    let metrics = app.get("/metrics").await.body;
+    let metrics = metrics.as_str().expect("text");
+    assert!(
+        metrics.contains("narrative_first_delta_seconds_count{source=\"generated\"} 201"),
+        "the first delta of each stream is measured"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_call_streams_live_to_every_request_on_two_gateways() {
+    let (sim, version) = (sim(slow_stream()).await, unique_version("stream-two"));
+    let vars = [
+        ("REDIS_URL", test_kit::redis().url.as_str()),
+        ("ENGINE_VERSION", version.as_str()),
+    ];
+    let a = spawn_app_with(sim.clone(), &vars).await;
+    let b = spawn_app_with(sim.clone(), &vars).await;
+    one_call_streamed_to_all(&[&a, &b], &profile(2), 200, 20).await;
+    assert_eq!(
+        sim.sim.stats().requests,
+        1,
+        "one LLM call across both gateways"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_call_streams_live_to_every_request_on_a_redis_cluster() {
+    let (sim, version) = (sim(slow_stream()).await, unique_version("stream-cluster"));
+    let vars = [
+        ("REDIS_URL", test_kit::redis_cluster().url.as_str()),
+        ("REDIS_CLUSTER", "true"),
+        ("ENGINE_VERSION", version.as_str()),
+    ];
+    let a = spawn_app_with(sim.clone(), &vars).await;
+    let b = spawn_app_with(sim.clone(), &vars).await;
+    one_call_streamed_to_all(&[&a, &b], &profile(3), 100, 10).await;
+    assert_eq!(
+        sim.sim.stats().requests,
+        1,
+        "one LLM call across the cluster"
+    );
+}
+
+#[tokio::test]
+async fn a_hit_streams_at_once_from_the_cache() {
+    let app = spawn_app(
+        SimConfig {
+            latency_ms: 5,
+            chunk_interval_ms: 1,
+            ..SimConfig::default()
+        },
+        &[],
+    )
+    .await;
+    let body = profile(4);
+    let stored = app.post_narrative(&body).await;
+    assert_eq!(stored.source(), "generated");
+
+    let hit = app.stream_narrative(&body).await;
+    hit.assert_well_formed();
+    assert_eq!(hit.meta()["source"], "cache");
+    assert_eq!(hit.meta()["cacheKey"], stored.body["cacheKey"]);
+    assert_eq!(hit.header("x-cache"), "HIT");
+    assert_eq!(hit.header("cache-control"), "private, no-transform");
+    assert_eq!(hit.names(), ["meta", "delta", "done"]);
+    assert_eq!(hit.done()["source"], "cache");
+    assert_eq!(
+        hit.done(),
+        &stored
+            .body
+            .as_object()
+            .map(|body| {
+                let mut body = body.clone();
+                body.insert("source".into(), "cache".into());
+                Value::Object(body)
+            })
+            .expect("an object"),
+        "done is the body a plain request gets"
+    );
+    assert_eq!(app.llm_calls(), 1);
+}
+
+#[tokio::test]
+async fn bad_input_is_a_json_error_not_a_stream() {
+    let app = spawn_app(SimConfig::default(), &[]).await;
+    let mut body = profile(5);
+    body["percentages"] = serde_json::json!({"Lyra": "lots"});
+    let refused =
+        crate::helpers::read_stream(app.client.post(app.url("/narrative")).json(&body)).await;
+    assert_eq!(refused.status, 400);
+    assert!(refused
+        .header("content-type")
+        .starts_with("application/json"));
+    let cached_only = crate::helpers::read_stream(
+        app.client
+            .post(app.url("/narrative"))
+            .header("cache-control", "only-if-cached")
+            .json(&profile(6)),
+    )
+    .await;
+    assert_eq!(
+        cached_only.status, 504,
+        "only-if-cached with nothing stored"
+    );
+    assert_eq!(app.llm_calls(), 0);
+}
+
+/// The LLM breaks off after three chunks: every stream that saw its text is told to
+/// forget it, then gets the template; nothing is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_broken_mid_stream_resets_to_the_template_and_stores_nothing() {
+    let (sim, version) = (
+        sim(SimConfig {
+            latency_ms: 100,
+            chunk_chars: 40,
+            chunk_interval_ms: 100,
+            fail_after_chunks: Some(3),
+            ..SimConfig::default()
+        })
+        .await,
+        unique_version("stream-broken"),
+    );
+    let vars = [
+        ("REDIS_URL", test_kit::redis().url.as_str()),
+        ("ENGINE_VERSION", version.as_str()),
+    ];
+    let a = spawn_app_with(sim.clone(), &vars).await;
+    let b = spawn_app_with(sim.clone(), &vars).await;
+    let body = profile(7);
+    let streams =
+        join_all((0..20).map(|i| if i % 2 == 0 { &a } else { &b }.stream_narrative(&body))).await;
+    for stream in &streams {
+        stream.assert_well_formed();
+        assert_eq!(stream.done()["source"], "fallback", "{:?}", stream.events);
+        assert!(stream.done()["model"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("template")));
+        assert!(
+            stream.resets() >= 1,
+            "the partial text was reset: {:?}",
+            stream.names()
+        );
+        let reset_at = stream
+            .names()
+            .iter()
+            .position(|name| *name == "reset")
+            .expect("reset");
+        assert!(
+            stream.names()[..reset_at].contains(&"delta"),
+            "text came before the reset"
+        );
+    }
+    assert_eq!(
+        sim.sim.stats().requests,
+        1,
+        "not retried after text was sent"
+    );
+    for app in [&a, &b] {
+        let cached = app
+            .client
+            .post(app.url("/narrative"))
+            .header("cache-control", "only-if-cached")
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(cached.status(), 504, "nothing partial was stored");
+    }
+}
+
+/// A real gateway process generates (and streams) the key; streams of it on another
+/// gateway follow through Redis. The generating process is SIGKILLed mid-stream: the
+/// other gateway's streams still end with `done`, with a whole narrative (a
+/// takeover's, after a reset) or the template, never with the truncated text; and the
+/// key is stored afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_outlive_a_generating_gateway_killed_mid_stream() {
+    let (sim, version) = (
+        sim(SimConfig {
+            latency_ms: 100,
+            chunk_chars: 30,
+            chunk_interval_ms: 150,
+            ..SimConfig::default()
+        })
+        .await,
+        unique_version("stream-killed"),
+    );
+    let redis = test_kit::redis().url.clone();
+    let lock = [("LOCK_TTL", "1s")];
+    let (mut holder, holder_url) = spawn_process(&sim, &redis, &version, &lock).await;
+    let vars = [
+        ("REDIS_URL", redis.as_str()),
+        ("ENGINE_VERSION", version.as_str()),
+        ("LOCK_TTL", "1s"),
+    ];
+    let other = spawn_app_with(sim.clone(), &vars).await;
+    let body = profile(8);
+
+    // The process takes the key (its stream is the first), the other gateway's
+    // requests follow it.
+    let client = reqwest::Client::new();
+    let first = tokio::spawn(crate::helpers::read_stream(
+        client.post(format!("{holder_url}/narrative")).json(&body),
+    ));
+    test_kit::eventually(
+        "the process to call the LLM",
+        Duration::from_secs(10),
+        || async { sim.sim.stats().requests == 1 },
+    )
+    .await;
+    let followers = tokio::spawn({
+        let (client, url, body) = (other.client.clone(), other.url("/narrative"), body.clone());
+        async move {
+            join_all((0..10).map(|_| crate::helpers::read_stream(client.post(&url).json(&body))))
+                .await
+        }
+    });
+    // Killed once its text has begun to reach the other gateway.
+    let key = other.post_json("/narrative/key", &body).await.key();
+    test_kit::eventually(
+        "text of the key in its live stream",
+        Duration::from_secs(10),
+        || {
+            let command = format!("XLEN {}", key.live_key());
+            async move {
+                let reply = test_kit::redis_inline(test_kit::redis().port(), &command);
+                reply
+                    .trim()
+                    .trim_start_matches(':')
+                    .parse::<u64>()
+                    .unwrap_or(0)
+                    >= 3
+            }
+        },
+    )
+    .await;
+    holder.0.kill().expect("SIGKILL");
+    let _ = holder.0.wait();
+    drop(first);
+
+    let followers = followers.await.expect("followers");
+    for stream in &followers {
+        stream.assert_well_formed();
+        let done = stream.done();
+        let narrative = done["narrative"].as_str().expect("narrative");
+        match done["source"].as_str() {
+            // A takeover: its text after a reset of the dead holder's.
+            Some("generated") => {
+                assert!(stream.resets() >= 1, "{:?}", stream.names());
+                assert!(narrative.len() > 300, "a whole narrative: {narrative:?}");
+            }
+            Some("fallback") => {
+                assert!(done["model"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("template")))
+            }
+            other => panic!("ended as {other:?}: {:?}", stream.events),
+        }
+    }
+    test_kit::eventually(
+        "the key stored after the takeover",
+        Duration::from_secs(20),
+        || async {
+            let reply = other
+                .client
+                .post(other.url("/narrative"))
+                .header("cache-control", "only-if-cached")
+                .json(&body)
+                .send()
+                .await;
+            reply.is_ok_and(|reply| reply.status() == 200)
+        },
+    )
+    .await;
+    assert_eq!(
+        sim.sim.stats().requests,
+        2,
+        "the dead holder's call and one takeover"
+    );
+}
+
+/// `Prefer: respond-async` answers 202; an `EventSource` on its `Location` follows the
+/// generation live, on the gateway that started it and on another one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_202_location_streams_the_generation_live_on_any_gateway() {
+    let (sim, version) = (sim(slow_stream()).await, unique_version("stream-location"));
+    let vars = [
+        ("REDIS_URL", test_kit::redis().url.as_str()),
+        ("ENGINE_VERSION", version.as_str()),
+    ];
+    let a = spawn_app_with(sim.clone(), &vars).await;
+    let b = spawn_app_with(sim.clone(), &vars).await;
+    let accepted = crate::helpers::respond_async(&a, &profile(9)).await;
+    assert_eq!(accepted.status, 202);
+    let location = accepted.header("location").to_owned();
+    let (here, there) = tokio::join!(a.stream_get(&location), b.stream_get(&location));
+    for stream in [&here, &there] {
+        stream.assert_well_formed();
+        assert_eq!(stream.meta()["source"], "generating");
+        assert!(stream.deltas() >= 5, "live: {:?}", stream.names());
+        assert_eq!(
+            stream.done()["source"],
+            "cache",
+            "what a GET answers once stored"
+        );
+    }
+    assert_eq!(here.text(), there.text());
+    assert_eq!(sim.sim.stats().requests, 1);
+
+    let stored = a.stream_get(&location).await;
+    stored.assert_well_formed();
+    assert_eq!(stored.meta()["source"], "cache");
+    let unknown = b.post_json("/narrative/key", &profile(10)).await.key();
+    let unknown = format!("/narrative/{}", unknown.to_path_segment());
+    let missing = crate::helpers::read_stream(b.client.get(b.url(&unknown))).await;
+    assert_eq!(missing.status, 404, "neither stored nor being generated");
+}
