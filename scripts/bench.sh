@@ -11,6 +11,8 @@
 #    shared, noisy machine even when absolute figures move.
 #    Then the embedded hit with 500 slowloris connections held against the same
 #    gateway (each trickling a header a byte a second), beside one without them.
+#    Then the embedded hit answered whole and streamed (Server-Sent Events), side by
+#    side.
 # 2. Key derivation: criterion, parse + validate + canonicalize + HMAC.
 # 3. Redis memory per entry over 100,000 entries against the raw narrative size.
 # 4. Misses through RabbitMQ workers: overhead over the LLM latency; worker jobs/s.
@@ -18,6 +20,8 @@
 #    Postgres); cached-hit throughput with analytics on and off, side by side.
 # 6. User misses before, during and after a 500-profile pre-warm.
 # 7. workload-sim --quick: hit rate and cost by quantization step and pre-warm size.
+# 8. Streaming: time to the first delta for the leader, a follower on the same and on
+#    another gateway, and a hit, beside the whole answer without streaming.
 # Needs redis-server, rabbitmq-server and postgresql (scripts/test.sh installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -97,6 +101,11 @@ for round in $(seq "$rounds"); do
   load "round$round embedded hit, no slow clients" "$embedded" "${hit[@]}" --seconds "$slow_seconds"
   load "round$round embedded hit, 500 slow clients" "$embedded" "${hit[@]}" --seconds "$slow_seconds" --slow 500
 done
+echo "== embedded hit, answered whole and streamed (Accept: text/event-stream), concurrency 32, ${seconds}s x ${rounds} rounds"
+for round in $(seq "$rounds"); do
+  load "round$round embedded hit, whole" "$embedded" "${hit[@]}"
+  load "round$round embedded hit, streamed" "$embedded" "${hit[@]}" --header 'Accept: text/event-stream'
+done
 echo "== server time of hits (gateway histograms): share under 100 us / 250 us / 1 ms"
 for name in embedded with_l1 l2_only; do
   port=${!name}
@@ -125,3 +134,6 @@ echo "== user misses beside a pre-warm"
 cargo bench -q -p system-tests --bench prewarm_latency 2>/dev/null
 echo "== workload simulator (quick)"
 cargo run -q --release -p workload-sim -- --quick
+
+echo "== streaming: time to the first delta for the leader, followers and a hit (simulator: first token 400 ms)"
+cargo bench -q -p system-tests --bench stream_latency 2>/dev/null | grep -E 'leader|follower|hit|baseline'

@@ -411,3 +411,30 @@ async fn erasure_markers_are_kept_as_long_as_events_are() {
         .expect("markers");
     assert_eq!(left, ["erased-today"]);
 }
+
+#[tokio::test]
+async fn a_streamed_answer_keeps_its_time_to_first_text() {
+    let store = store("first-delta").await;
+    let now = OffsetDateTime::now_utc();
+    let mut streamed = request(RequestOutcome::Miss, "Lyra", now);
+    streamed.first_delta_us = Some(412_000);
+    let mut batch = Batch::new();
+    batch.requests = vec![streamed, request(RequestOutcome::HitL1, "Lyra", now)];
+    store.insert(&batch).await.expect("insert");
+    let rows = sqlx::query("SELECT outcome, first_delta_us FROM request_events ORDER BY outcome")
+        .fetch_all(store.pool())
+        .await
+        .expect("rows");
+    let read: Vec<(String, Option<i64>)> = rows
+        .iter()
+        .map(|row| (row.get("outcome"), row.get("first_delta_us")))
+        .collect();
+    assert_eq!(
+        read,
+        [
+            ("hit_l1".to_owned(), None),
+            ("miss".to_owned(), Some(412_000))
+        ],
+        "null for an answer that did not stream"
+    );
+}

@@ -199,6 +199,16 @@ impl SimHandle {
     }
 }
 
+/// Accepted connections write each chunk at once, as OpenAI's servers do: with Nagle's
+/// algorithm, a chunk written while the last is unacknowledged waits for the
+/// client's delayed ACK (some 40 ms), which is not the latency being simulated.
+pub fn nodelay(listener: TcpListener) -> impl axum::serve::Listener<Addr = SocketAddr> {
+    use axum::serve::ListenerExt as _;
+    listener.tap_io(|stream| {
+        let _ = stream.set_nodelay(true);
+    })
+}
+
 /// Starts a simulator on `127.0.0.1:0` in the current runtime.
 pub async fn spawn(config: SimConfig) -> std::io::Result<SimHandle> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -206,7 +216,7 @@ pub async fn spawn(config: SimConfig) -> std::io::Result<SimHandle> {
     let sim = Simulator::new(config);
     let app = router(Arc::clone(&sim));
     tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, app).await {
+        if let Err(error) = axum::serve(nodelay(listener), app).await {
             tracing::error!(%error, "llm-sim stopped");
         }
     });

@@ -46,7 +46,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {bind}"))?;
     tracing::info!(%bind, ?config, "llm-sim serving OpenAI-compatible /v1/chat/completions");
-    axum::serve(listener, router(Simulator::new(config)))
+    axum::serve(llm_sim::nodelay(listener), router(Simulator::new(config)))
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })

@@ -10,6 +10,10 @@
 //! Prints one line of figures: requests/s, latency percentiles in microseconds, and
 //! how many responses were not 200 or lacked `--expect-header`.
 //!
+//! `--header 'Name: value'` (repeatable) adds a request header: with
+//! `--header 'Accept: text/event-stream'` each response is a whole streamed answer
+//! (chunked, read to its end).
+//!
 //! `--slow N` adds N hostile connections meanwhile, each trickling a request header a
 //! byte a second and reconnecting when the server closes it (slowloris); the line then
 //! also says how many the server closed and how long they lived on average.
@@ -32,6 +36,8 @@ struct Args {
     warmup: f64,
     label: String,
     expect_header: Option<String>,
+    /// Extra request headers, `Name: value` each.
+    headers: Vec<String>,
     slow: usize,
 }
 
@@ -46,6 +52,7 @@ fn parse_args() -> anyhow::Result<Args> {
         warmup: 2.0,
         label: "run".into(),
         expect_header: None,
+        headers: Vec::new(),
         slow: 0,
     };
     let mut it = std::env::args().skip(1);
@@ -64,6 +71,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--label" => args.label = value()?,
             "--expect-header" => args.expect_header = Some(value()?.to_ascii_lowercase()),
             "--slow" => args.slow = value()?.parse().context("--slow")?,
+            "--header" => args.headers.push(value()?),
             other => bail!("unknown flag {other}"),
         }
     }
@@ -80,6 +88,10 @@ fn request_bytes(args: &Args) -> Vec<u8> {
             "Content-Type: application/json\r\nContent-Length: {}\r\n",
             body.len()
         ));
+    }
+    for header in &args.headers {
+        request.push_str(header);
+        request.push_str("\r\n");
     }
     request.push_str("\r\n");
     let mut bytes = request.into_bytes();
@@ -113,6 +125,31 @@ async fn read_response(
         buf.extend_from_slice(&chunk[..n]);
     };
     let head = std::str::from_utf8(&buf[..header_end])?.to_ascii_lowercase();
+    let ok = head.starts_with("http/1.1 200") && expect.is_none_or(|h| head.contains(h));
+    if head.contains("transfer-encoding: chunked") {
+        // A streamed answer (Server-Sent Events): chunks until the last, empty one.
+        let mut at = header_end;
+        loop {
+            let line_end = loop {
+                if let Some(i) = buf[at..].windows(2).position(|w| w == b"\r\n") {
+                    break at + i;
+                }
+                read_more(stream, buf).await?;
+            };
+            let size_text = std::str::from_utf8(&buf[at..line_end])?;
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                .context("chunk size")?;
+            // The chunk, and the CRLF after it (after the last chunk: no trailers).
+            let end = line_end + 2 + size + 2;
+            while buf.len() < end {
+                read_more(stream, buf).await?;
+            }
+            if size == 0 {
+                return Ok(ok);
+            }
+            at = end;
+        }
+    }
     let length: usize = head
         .lines()
         .find_map(|l| l.strip_prefix("content-length:"))
@@ -120,15 +157,19 @@ async fn read_response(
         .transpose()?
         .context("response without content-length")?;
     while buf.len() < header_end + length {
-        let mut chunk = [0u8; 8192];
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            bail!("connection closed mid-body");
-        }
-        buf.extend_from_slice(&chunk[..n]);
+        read_more(stream, buf).await?;
     }
-    let ok = head.starts_with("http/1.1 200") && expect.is_none_or(|h| head.contains(h));
     Ok(ok)
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<()> {
+    let mut chunk = [0u8; 8192];
+    let n = stream.read(&mut chunk).await?;
+    if n == 0 {
+        bail!("connection closed mid-body");
+    }
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
 }
 
 async fn connection(

@@ -90,32 +90,28 @@ impl NarrativeService {
                 return Err(NotCached);
             }
         };
-        let start = match &plan {
-            Plan::Ready(answer) => StreamStart::Answer(answer.clone()),
-            Plan::Wait(pending) => StreamStart::Generating {
-                collapsed: pending.joined.collapsed,
-                forwarded: pending.then.forwarded(),
-            },
+        let Pending { joined, then } = match plan {
+            Plan::Ready(answer) => return Ok(self.ready_stream(answer, keyed, started, caller)),
+            Plan::Wait(pending) => pending,
+        };
+        let start = StreamStart::Generating {
+            collapsed: joined.collapsed,
+            forwarded: then.forwarded(),
         };
         let (sender, events) = mpsc::channel(EVENTS_QUEUED);
         let (service, keyed, caller) = (Arc::clone(self), keyed.clone(), caller.clone());
         tokio::spawn(async move {
             let mut out = Emitter::new(&sender, started);
-            let answer = match plan {
-                Plan::Ready(answer) => answer,
-                Plan::Wait(Pending { joined, then }) => {
-                    let Joined {
-                        follower,
-                        collapsed,
-                        live,
-                    } = joined;
-                    let first_by = started + service.generation_wait;
-                    let result = out
-                        .follow(follower.wait().boxed(), live, Some(first_by))
-                        .await;
-                    service.settle(&keyed, &then, collapsed, result)
-                }
-            };
+            let Joined {
+                follower,
+                collapsed,
+                live,
+            } = joined;
+            let first_by = started + service.generation_wait;
+            let result = out
+                .follow(follower.wait().boxed(), live, Some(first_by))
+                .await;
+            let answer = service.settle(&keyed, &then, collapsed, result);
             out.finish(&answer).await;
             let first_delta = out.first_delta();
             service.observe_first_delta(first_delta);
@@ -130,75 +126,85 @@ impl NarrativeService {
     /// generated (a 404).
     pub async fn follow_stream(self: &Arc<Self>, key: &CacheKey) -> Option<NarrativeStream> {
         let started = Instant::now();
-        let (start, wait, live) = match self.lookup(key).await {
-            Lookup::Missing => return None,
-            Lookup::Found(envelope, ttl) => {
-                let source = if ttl < 0 {
-                    Source::Stale
-                } else {
-                    Source::Cache
-                };
-                let answer = Answer::entry(envelope, source, ttl, None);
-                (StreamStart::Answer(answer), None, None)
-            }
-            Lookup::Pending => {
-                let (wait, live): (BoxFuture<'static, Option<FlightResult>>, _) =
-                    match self.flights.follow(key) {
-                        Some(follower) => (follower.wait().boxed(), self.live.get(key)),
-                        None => {
-                            let live = LiveText::new();
-                            let (service, key, relayed) =
-                                (Arc::clone(self), key.clone(), Arc::clone(&live));
-                            let wait = async move {
-                                service
-                                    .strategy
-                                    .follow_elsewhere(&service, &key, &relayed)
-                                    .await
-                                    .map(Ok)
-                            };
-                            (wait.boxed(), Some(live))
-                        }
+        let (wait, live): (BoxFuture<'static, Option<FlightResult>>, _) =
+            match self.lookup(key).await {
+                Lookup::Missing => return None,
+                Lookup::Found(envelope, ttl) => {
+                    let source = if ttl < 0 {
+                        Source::Stale
+                    } else {
+                        Source::Cache
                     };
-                let start = StreamStart::Generating {
-                    collapsed: true,
-                    forwarded: None,
-                };
-                (start, Some(wait), live)
-            }
-        };
+                    let answer = Answer::entry(envelope, source, ttl, None);
+                    return Some(self.answered_stream(answer, started));
+                }
+                Lookup::Pending => match self.flights.follow(key) {
+                    Some(follower) => (follower.wait().boxed(), self.live.get(key)),
+                    None => {
+                        let live = LiveText::new();
+                        let (service, key, relayed) =
+                            (Arc::clone(self), key.clone(), Arc::clone(&live));
+                        let wait = async move {
+                            service
+                                .strategy
+                                .follow_elsewhere(&service, &key, &relayed)
+                                .await
+                                .map(Ok)
+                        };
+                        (wait.boxed(), Some(live))
+                    }
+                },
+            };
         let (sender, events) = mpsc::channel(EVENTS_QUEUED);
         let service = Arc::clone(self);
-        let ready = match &start {
-            StreamStart::Answer(answer) => Some(answer.clone()),
-            StreamStart::Generating { .. } => None,
-        };
         tokio::spawn(async move {
             let mut out = Emitter::new(&sender, started);
-            let answer = match (ready, wait) {
-                (Some(answer), _) => Some(answer),
-                (None, Some(wait)) => match out.follow(wait, live, None).await {
-                    // What a `GET` answers once the value is stored.
-                    Some(Ok(envelope)) => {
-                        let ttl = i64::try_from(service.stale_after.as_secs()).unwrap_or(i64::MAX);
-                        Some(Answer::entry(envelope, Source::Cache, ttl, None))
-                    }
-                    Some(Err(_)) | None => None,
-                },
-                (None, None) => None,
-            };
-            match answer {
-                Some(answer) => {
+            match out.follow(wait, live, None).await {
+                // What a `GET` answers once the value is stored.
+                Some(Ok(envelope)) => {
+                    let ttl = i64::try_from(service.stale_after.as_secs()).unwrap_or(i64::MAX);
+                    let answer = Answer::entry(envelope, Source::Cache, ttl, None);
                     out.finish(&answer).await;
                     service.observe_first_delta(out.first_delta());
                     out.send(StreamEvent::Done(answer)).await;
                 }
-                None => {
+                Some(Err(_)) | None => {
                     out.reset("generation_failed").await;
                     out.send(StreamEvent::Gone).await;
                 }
             }
         });
+        let start = StreamStart::Generating {
+            collapsed: true,
+            forwarded: None,
+        };
         Some(NarrativeStream { start, events })
+    }
+
+    /// A hit, streamed: the request is accounted here.
+    fn ready_stream(
+        &self,
+        answer: Answer,
+        keyed: &KeyedProfile,
+        started: Instant,
+        caller: &Caller,
+    ) -> NarrativeStream {
+        let first_delta = Some((started.elapsed(), answer.source.as_str()));
+        self.account_streamed(&answer, keyed, started, caller, first_delta);
+        self.answered_stream(answer, started)
+    }
+
+    /// An answer known at once: its text and `done`, queued now, with no task to follow
+    /// anything.
+    fn answered_stream(&self, answer: Answer, started: Instant) -> NarrativeStream {
+        let (sender, events) = mpsc::channel(2);
+        self.observe_first_delta(Some((started.elapsed(), answer.source.as_str())));
+        let _ = sender.try_send(StreamEvent::Text(answer.envelope.body.clone()));
+        let _ = sender.try_send(StreamEvent::Done(answer.clone()));
+        NarrativeStream {
+            start: StreamStart::Answer(answer),
+            events,
+        }
     }
 
     fn observe_first_delta(&self, first: Option<(Duration, &'static str)>) {
