@@ -199,7 +199,11 @@ async fn the_documented_queries_run_and_return_rows() {
         store.insert(&sample(at)).await.expect("sample data");
     }
     let queries = documented_queries();
-    assert_eq!(queries.len(), 11, "docs/analytics.md promises eleven queries");
+    assert_eq!(
+        queries.len(),
+        11,
+        "docs/analytics.md promises eleven queries"
+    );
     for sql in queries {
         let rows = sqlx::query(&sql)
             .fetch_all(store.pool())

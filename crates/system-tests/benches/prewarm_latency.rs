@@ -16,20 +16,12 @@ use generator_worker::app::{run as run_worker, WorkerApp};
 use generator_worker::settings::WorkerSettings;
 use llm_sim::SimConfig;
 use serde_json::{json, Value};
+use system_tests::profile;
 
 const SIM_LATENCY_MS: u64 = 500;
 const TOKEN: &str = "bench-admin-token-0123";
 const MISSES: u32 = 40;
 const PREWARMED: u32 = 500;
-
-fn profile(n: u32) -> Value {
-    let lead = 30.0 + f64::from(n % 100) * 0.5;
-    json!({
-        "classification": "primary", "primary": "Pleiades",
-        "percentages": {"Pleiades": lead, "Sirius": 100.0 - lead},
-        "hdData": {"type": "Generator", "authority": "Sacral", "profile": "2/4", "gates": [1 + (n / 100) % 64]},
-    })
-}
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]

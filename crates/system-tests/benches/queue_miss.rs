@@ -13,34 +13,14 @@
 
 use std::time::{Duration, Instant};
 
-use api_gateway::{run, App, Settings};
 use cache_core::config::Vars;
 use futures::future::join_all;
 use generator_worker::app::{run as run_worker, WorkerApp};
 use generator_worker::settings::WorkerSettings;
 use llm_sim::SimConfig;
+use system_tests::{gateway, profile};
 
 const SIM_LATENCY_MS: u64 = 500;
-
-fn profile(n: u32) -> serde_json::Value {
-    let lead = 30.0 + f64::from(n % 100) * 0.5;
-    serde_json::json!({
-        "classification": "primary", "primary": "Pleiades",
-        "percentages": {"Pleiades": lead, "Sirius": 100.0 - lead},
-        "hdData": {"type": "Generator", "authority": "Sacral", "profile": "2/4", "gates": [1 + (n / 100) % 64]},
-    })
-}
-
-async fn gateway(vars: Vec<(&str, &str)>) -> String {
-    let app =
-        App::build(Settings::from_vars(&Vars::from_pairs(vars)).expect("settings")).expect("app");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(run(listener, app, std::future::pending()));
-    url
-}
 
 async fn worker(vars: Vec<(&str, &str)>) -> WorkerApp {
     let app =
@@ -106,7 +86,7 @@ async fn main() {
         ("LLM_API_KEY", "sk"),
     ])
     .await;
-    let distributed = gateway(vec![
+    let distributed = gateway(&[
         ("REDIS_URL", &redis),
         ("AMQP_URL", &amqp),
         ("LLM_BASE_URL", &base),
@@ -116,7 +96,7 @@ async fn main() {
         ("RUST_LOG", "warn"),
     ])
     .await;
-    let embedded = gateway(vec![
+    let embedded = gateway(&[
         ("LLM_BASE_URL", &base),
         ("LLM_API_KEY", "sk"),
         ("CACHE_KEY_SECRET", "bench-secret-0123456789"),
@@ -158,7 +138,7 @@ async fn main() {
         ])
         .await;
         let version = format!("bench-tp{prefetch}");
-        let gw = gateway(vec![
+        let gw = gateway(&[
             ("REDIS_URL", &redis),
             ("AMQP_URL", &amqp),
             ("LLM_BASE_URL", &base),

@@ -18,34 +18,12 @@
 
 use std::time::{Duration, Instant};
 
-use api_gateway::{run, App, Settings};
-use cache_core::config::Vars;
 use futures::StreamExt as _;
 use llm_sim::SimConfig;
+use system_tests::{gateway, profile};
 
 const FIRST_TOKEN_MS: u64 = 400;
 const ROUNDS: u32 = 100;
-
-fn profile(n: u32) -> serde_json::Value {
-    let lead = 30.0 + f64::from(n % 100) * 0.5;
-    serde_json::json!({
-        "classification": "primary", "primary": "Pleiades",
-        "percentages": {"Pleiades": lead, "Sirius": 100.0 - lead},
-        "hdData": {"type": "Generator", "authority": "Sacral", "profile": "2/4", "gates": [1 + (n / 100) % 64]},
-    })
-}
-
-async fn gateway(vars: &[(&str, &str)]) -> String {
-    let app =
-        App::build(Settings::from_vars(&Vars::from_pairs(vars.iter().copied())).expect("settings"))
-            .expect("app");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(run(listener, app, std::future::pending()));
-    url
-}
 
 /// Streams `body` from `url`: when its first delta arrived, and what `done` said.
 async fn first_delta(

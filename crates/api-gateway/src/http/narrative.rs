@@ -282,17 +282,7 @@ async fn get_narrative(
         return Ok(super::stream::event_stream(&state, key, stream));
     }
     match state.service.lookup(&key).await {
-        Lookup::Found(envelope, ttl) => {
-            // A stale entry is said to be stale here too; its refresh starts on the next
-            // POST, which carries the profile a refresh needs.
-            let source = if ttl < 0 {
-                Source::Stale
-            } else {
-                Source::Cache
-            };
-            let answer = Answer::entry(envelope, source, ttl, None);
-            Ok(narrative_response(&key, &answer))
-        }
+        Lookup::Found(envelope, ttl) => Ok(narrative_response(&key, &Answer::found(envelope, ttl))),
         Lookup::Pending => Ok(pending_response(&key)),
         Lookup::Missing => Err(ApiError::NotFound),
     }

@@ -86,6 +86,18 @@ impl Answer {
         }
     }
 
+    /// What `GET /narrative/{key}` answers for a stored entry with `ttl_remaining_secs`
+    /// of freshness: stale once past it (its refresh starts on the next POST, which
+    /// carries the profile a refresh needs).
+    pub fn found(envelope: Arc<Envelope>, ttl_remaining_secs: i64) -> Self {
+        let source = if ttl_remaining_secs < 0 {
+            Source::Stale
+        } else {
+            Source::Cache
+        };
+        Self::entry(envelope, source, ttl_remaining_secs, None)
+    }
+
     /// A generation this request waited for: stored by this request's flight, or by
     /// the one it `collapsed` onto.
     fn generated(envelope: Arc<Envelope>, collapsed: bool, forwarded: Option<Forwarded>) -> Self {

@@ -130,13 +130,7 @@ impl NarrativeService {
             match self.lookup(key).await {
                 Lookup::Missing => return None,
                 Lookup::Found(envelope, ttl) => {
-                    let source = if ttl < 0 {
-                        Source::Stale
-                    } else {
-                        Source::Cache
-                    };
-                    let answer = Answer::entry(envelope, source, ttl, None);
-                    return Some(self.answered_stream(answer, started));
+                    return Some(self.answered_stream(Answer::found(envelope, ttl), started));
                 }
                 Lookup::Pending => match self.flights.follow(key) {
                     Some(follower) => (follower.wait().boxed(), self.live.get(key)),
