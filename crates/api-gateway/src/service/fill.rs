@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use analytics::Trigger;
 use cache_core::{
-    now_ms, CacheKey, Envelope, Flight, Follower, KeyedProfile, Leader, LiveSink, LiveText,
-    StoreError, Tier,
+    now_ms, CacheKey, Envelope, Flight, Follower, KeyedProfile, Leader, LiveFeeds, LiveSink,
+    LiveText, StoreError, Tier,
 };
 use narrative_fill::generation_event;
 use narrative_gen::GenerateError;
@@ -76,6 +76,20 @@ pub(super) struct Joined {
     pub live: Option<Arc<LiveText>>,
 }
 
+/// A flight's live text, open in its table until this is dropped: when the flight
+/// ends, or if its task panics.
+struct OpenLive<'a> {
+    feeds: &'a LiveFeeds<CacheKey>,
+    key: &'a CacheKey,
+    live: &'a Arc<LiveText>,
+}
+
+impl Drop for OpenLive<'_> {
+    fn drop(&mut self) {
+        self.feeds.close(self.key, self.live);
+    }
+}
+
 /// What a read of the store found.
 pub(super) enum Looked {
     /// The entry, its age, and the tier it came from.
@@ -99,6 +113,11 @@ impl NarrativeService {
         let (service, keyed) = (Arc::clone(self), keyed.clone());
         let live = self.live.open(&keyed.key);
         self.tasks.spawn(async move {
+            let open = OpenLive {
+                feeds: &service.live,
+                key: &keyed.key,
+                live: &live,
+            };
             let result = service
                 .fill(&keyed, FillMode::Replace { older_than_ms }, &leader, &live)
                 .await;
@@ -106,7 +125,7 @@ impl NarrativeService {
                 service.metrics.refresh_failures.inc();
                 tracing::warn!(%error, cache_key = %keyed.key, "refresh failed; the stale entry stays until CACHE_TTL");
             }
-            service.live.close(&keyed.key, &live);
+            drop(open);
             leader.complete(result);
         });
     }
@@ -187,6 +206,15 @@ impl NarrativeService {
                 let flight_live = Arc::clone(&live);
                 self.tasks.spawn(async move {
                     let live = flight_live;
+                    let feeds = match work {
+                        FlightWork::Fill(_) => &service.live,
+                        FlightWork::Unstored(_) => &service.unstored_live,
+                    };
+                    let open = OpenLive {
+                        feeds,
+                        key: &keyed.key,
+                        live: &live,
+                    };
                     let result = match work {
                         FlightWork::Fill(mode) => service.fill(&keyed, mode, &leader, &live).await,
                         FlightWork::Unstored(trigger) => {
@@ -197,11 +225,9 @@ impl NarrativeService {
                             service.generate(&keyed, trigger, live.as_ref()).await
                         }
                     };
-                    let feeds = match work {
-                        FlightWork::Fill(_) => &service.live,
-                        FlightWork::Unstored(_) => &service.unstored_live,
-                    };
-                    feeds.close(&keyed.key, &live);
+                    // Closed before the flight ends: a request that starts the next
+                    // flight must not find this one's text.
+                    drop(open);
                     leader.complete(result);
                 });
                 Joined {
