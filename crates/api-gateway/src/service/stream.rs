@@ -115,8 +115,9 @@ impl NarrativeService {
             out.finish(&answer).await;
             let first_delta = out.first_delta();
             service.observe_first_delta(first_delta);
-            out.send(StreamEvent::Done(answer.clone())).await;
+            // Accounted before `done` goes out: a client that has it sees it counted.
             service.account_streamed(&answer, &keyed, started, &caller, first_delta);
+            out.send(StreamEvent::Done(answer)).await;
         });
         Ok(NarrativeStream { start, events })
     }

@@ -377,3 +377,47 @@ async fn a_202_location_streams_the_generation_live_on_any_gateway() {
     let missing = crate::helpers::read_stream(b.client.get(b.url(&unknown))).await;
     assert_eq!(missing.status, 404, "neither stored nor being generated");
 }
+
+/// A streamed answer is one request, with its outcome, behind the same door: the
+/// client key is checked and the request counted like any other.
+#[tokio::test]
+async fn a_streamed_answer_is_one_request_behind_the_same_auth() {
+    let app = spawn_app(
+        SimConfig {
+            latency_ms: 5,
+            ..SimConfig::default()
+        },
+        &[("API_KEYS", "web:web-key-0123456789ab")],
+    )
+    .await;
+    let body = profile(11);
+    let anonymous =
+        crate::helpers::read_stream(app.client.post(app.url("/narrative")).json(&body)).await;
+    assert_eq!(anonymous.status, 401, "no stream without a client key");
+    let stream = |body: &Value| {
+        crate::helpers::read_stream(
+            app.client
+                .post(app.url("/narrative"))
+                .bearer_auth("web-key-0123456789ab")
+                .json(body),
+        )
+    };
+    let miss = stream(&body).await;
+    miss.assert_well_formed();
+    let hit = stream(&body).await;
+    hit.assert_well_formed();
+    assert_eq!(hit.meta()["source"], "cache");
+    let analytics = app
+        .client
+        .get(app.url("/narrative/analytics"))
+        .bearer_auth("web-key-0123456789ab")
+        .send()
+        .await
+        .expect("request")
+        .json::<Value>()
+        .await
+        .expect("json");
+    assert_eq!(analytics["totalRequests"], 2, "{analytics}");
+    assert_eq!(analytics["cacheHits"], 1);
+    assert_eq!(analytics["cacheMisses"], 1);
+}

@@ -81,6 +81,27 @@ async fn k_requests_become_k_events_and_the_endpoint_agrees() {
     assert_eq!(bad.status, 400);
     assert!(bad.body.to_string().contains("from"), "{}", bad.body);
 
+    // A streamed answer is one more event, with its time to the first text.
+    let streamed = gateway.stream_narrative(&crate::helpers::profile(0)).await;
+    streamed.assert_well_formed();
+    events_reach(&analytics, "request_events", 41, Duration::from_secs(20)).await;
+    assert_eq!(
+        analytics
+            .count(
+                "SELECT count(*) FROM request_events \
+                 WHERE first_delta_us > 0 AND outcome IN ('hit_l1', 'hit_l2')"
+            )
+            .await,
+        1
+    );
+    assert_eq!(
+        analytics
+            .count("SELECT count(*) FROM request_events WHERE first_delta_us IS NULL")
+            .await,
+        40,
+        "answers that did not stream have none"
+    );
+
     gateway.shutdown().await;
     worker.stop().await;
     analytics.stop().await;
