@@ -21,7 +21,6 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::watch;
@@ -69,6 +68,9 @@ struct State {
     reason: String,
     /// The remote generation the relayed text belongs to, when it is relayed.
     relayed: Option<String>,
+    /// A generation of this process writes the text: the relay is ignored. Kept under
+    /// the same lock as the text, so no relayed piece lands after a claim.
+    claimed: bool,
 }
 
 /// The text so far of one key's generation, and who is reading it.
@@ -77,8 +79,6 @@ pub struct LiveText {
     state: Mutex<State>,
     /// Bumped on every change; readers wait on it.
     changed: watch::Sender<u64>,
-    /// A generation of this process writes the text: the relay is ignored.
-    claimed: AtomicBool,
     /// Readers there are (a relay has nothing to do for none).
     readers: watch::Sender<usize>,
 }
@@ -97,7 +97,6 @@ impl Default for LiveText {
         Self {
             state: Mutex::default(),
             changed: watch::channel(0).0,
-            claimed: AtomicBool::new(false),
             readers: watch::channel(0).0,
         }
     }
@@ -130,10 +129,10 @@ impl LiveText {
     /// holder's key over): relayed text from now on is ignored, and what was relayed
     /// is reset, since this generation writes its own.
     pub fn claim(&self) {
-        if self.claimed.swap(true, Ordering::AcqRel) {
+        let mut state = self.state();
+        if std::mem::replace(&mut state.claimed, true) {
             return;
         }
-        let mut state = self.state();
         let reset = state.relayed.take().is_some() && Self::reset_locked(&mut state, "takeover");
         drop(state);
         if reset {
@@ -143,16 +142,16 @@ impl LiveText {
 
     /// Whether a generation of this process writes the text.
     pub fn is_claimed(&self) -> bool {
-        self.claimed.load(Ordering::Acquire)
+        self.state().claimed
     }
 
     /// Text of generation `generation` running elsewhere, relayed: a new generation
     /// (a takeover there) resets what the last one wrote. Ignored once claimed.
     pub fn relay(&self, generation: &str, event: Relayed<'_>) {
-        if self.is_claimed() {
+        let mut state = self.state();
+        if state.claimed {
             return;
         }
-        let mut state = self.state();
         let mut changed = false;
         if state.relayed.as_deref() != Some(generation) {
             if state.relayed.is_some() {

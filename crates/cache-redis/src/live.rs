@@ -16,9 +16,10 @@
 //! Entries carry `g` (the generation: a random id per generation, so a takeover's text
 //! is told apart from a dead holder's), `k` (`b` begin, `t` text, `r` reset, `e` end)
 //! and `x` (the text, sealed like a value when keys are configured; or the reset's
-//! reason). A generation's first write deletes what an earlier one left. The stream is
-//! bounded (`MAXLEN ~`), lives [`LIVE_TTL`] after its last write while the generation
-//! runs and [`ENDED_TTL`] once it ended: it is never the record, only the way there.
+//! reason). A relay follows the newest generation that has not ended (see `Cursor`).
+//! The stream is bounded (`MAXLEN ~`), lives [`LIVE_TTL`] after its last write while
+//! the generation runs and [`ENDED_TTL`] once it ended, and an erasure deletes it: it
+//! is never the record, only the way there.
 //!
 //! Writing is best effort. A write that fails is logged and dropped: relays then show
 //! less text live, and the request reconciles with the stored value at the end.
@@ -35,9 +36,10 @@ use crate::backend::RedisBackend;
 use crate::codec::ValueCodec;
 use crate::signals::SignalBus;
 
-/// How long a stream outlives its last write while its generation runs (the LLM's
-/// idle timeout is shorter, so a running generation keeps it).
-pub const LIVE_TTL: Duration = Duration::from_secs(60);
+/// How long a stream outlives its last write while its generation runs: longer than
+/// the LLM's idle timeout (`LLM_STREAM_IDLE_TIMEOUT_MS`, 10 s), so a running generation
+/// keeps it; short, so a dead writer's text does not linger.
+pub const LIVE_TTL: Duration = Duration::from_secs(30);
 /// How long a stream outlives its generation's end: long enough for relays to read its
 /// tail, short enough that a later generation of the key rarely finds it.
 pub const ENDED_TTL: Duration = Duration::from_secs(10);
@@ -87,8 +89,8 @@ impl LiveStream {
         }
     }
 
-    /// A writer for a generation of `key` starting now: its first write clears what an
-    /// earlier generation left. Writes run in a task of their own, in order.
+    /// A writer for a generation of `key` starting now, under a generation id of its
+    /// own. Writes run in a task of their own, in order.
     pub fn writer(&self, key: &CacheKey) -> LiveWriter {
         let (sender, receiver) = mpsc::unbounded_channel();
         let _ = sender.send(Entry::Begin);
@@ -113,18 +115,15 @@ impl LiveStream {
             () = live.read_by_someone() => {}
         }
         let mut wake = self.bus.live_waiter(key);
-        let mut after = String::from("0-0");
+        let mut cursor = Cursor::default();
         loop {
             if stop.is_cancelled() || live.is_claimed() {
                 return;
             }
-            let full = match self.read_after(key, &after).await {
-                Ok(entries) => {
-                    let full = entries.ids.len() >= READ_COUNT;
-                    for entry in entries.ids {
-                        self.relay_entry(key, live, &entry);
-                        after = entry.id;
-                    }
+            let full = match self.read_after(key, &cursor.after).await {
+                Ok(read) => {
+                    let full = read.ids.len() >= READ_COUNT;
+                    cursor.relay(self, key, live, read.ids);
                     full
                 }
                 Err(error) => {
@@ -143,35 +142,37 @@ impl LiveStream {
         }
     }
 
-    fn relay_entry(&self, key: &CacheKey, live: &LiveText, entry: &redis::streams::StreamId) {
-        let field = |name: &str| -> Option<Vec<u8>> {
-            entry
-                .map
-                .get(name)
-                .and_then(|value| redis::from_redis_value::<Vec<u8>>(value).ok())
-        };
-        let (Some(generation), Some(kind)) = (field("g"), field("k")) else {
-            return;
-        };
-        let generation = String::from_utf8_lossy(&generation);
-        let payload = field("x").unwrap_or_default();
-        match kind.as_slice() {
-            b"b" => live.relay(&generation, Relayed::Begin),
-            b"t" => match self.codec.decode_text(&key.live_key(), &payload) {
-                Ok(text) => live.relay(&generation, Relayed::Text(&text)),
+    fn relay_entry(&self, key: &CacheKey, live: &LiveText, entry: &Read) {
+        match entry.kind.as_slice() {
+            b"b" => live.relay(&entry.generation, Relayed::Begin),
+            b"t" => match self.codec.decode_text(&key.live_key(), &entry.payload) {
+                Ok(text) => live.relay(&entry.generation, Relayed::Text(&text)),
                 // Sealed with a key this process lacks: the rest of this generation
                 // would be text with a hole in it.
                 Err(error) => {
                     tracing::debug!(%error, "live text unreadable; skipped");
-                    live.relay(&generation, Relayed::Reset("unreadable"));
+                    live.relay(&entry.generation, Relayed::Reset("unreadable"));
                 }
             },
             b"r" => live.relay(
-                &generation,
-                Relayed::Reset(&String::from_utf8_lossy(&payload)),
+                &entry.generation,
+                Relayed::Reset(&String::from_utf8_lossy(&entry.payload)),
             ),
             _ => {}
         }
+    }
+
+    /// Deletes `key`'s stream (an erasure: its text must not be relayed again).
+    pub async fn delete(&self, key: &CacheKey) -> Result<(), StoreError> {
+        let name = key.live_key();
+        self.backend
+            .call(|mut conn| async move {
+                redis::cmd("DEL")
+                    .arg(name)
+                    .query_async::<()>(&mut conn)
+                    .await
+            })
+            .await
     }
 
     async fn read_after(
@@ -205,9 +206,6 @@ impl LiveStream {
         let mut pipe = redis::pipe();
         let mut ended = false;
         for entry in entries {
-            if matches!(entry, Entry::Begin) {
-                pipe.cmd("DEL").arg(&name).ignore();
-            }
             ended |= matches!(entry, Entry::End);
             let payload = match entry {
                 Entry::Text(text) => self.codec.encode_text(&name, text),
@@ -237,6 +235,96 @@ impl LiveStream {
             .call(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
             .await?;
         self.bus.publish_live(key).await
+    }
+}
+
+/// One entry as read.
+#[derive(Debug)]
+struct Read {
+    generation: String,
+    kind: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+impl Read {
+    fn parse(entry: &redis::streams::StreamId) -> Option<Self> {
+        let field = |name: &str| -> Option<Vec<u8>> {
+            entry
+                .map
+                .get(name)
+                .and_then(|value| redis::from_redis_value::<Vec<u8>>(value).ok())
+        };
+        Some(Self {
+            generation: String::from_utf8_lossy(&field("g")?).into_owned(),
+            kind: field("k")?,
+            payload: field("x").unwrap_or_default(),
+        })
+    }
+}
+
+/// Where a relay is in a key's stream, and which generation it follows.
+///
+/// A stream may hold more than one generation: an earlier one that ended (its entries
+/// live `ENDED_TTL` more), a dead holder's, or a holder's that lost its lock and is
+/// still writing beside its successor's. The relay follows the newest one that has not
+/// ended: of what it reads at once, only entries from the last `begin` on, of that
+/// begin's generation; and nothing of a generation that ended before the relay saw it
+/// run (it is stored, or failed: the flight's result says which, and a new request
+/// must not be shown its text as if it were being written).
+#[derive(Debug)]
+struct Cursor {
+    after: String,
+    following: Option<String>,
+    ended: std::collections::HashSet<String>,
+}
+
+impl Default for Cursor {
+    fn default() -> Self {
+        Self {
+            after: String::from("0-0"),
+            following: None,
+            ended: std::collections::HashSet::new(),
+        }
+    }
+}
+
+impl Cursor {
+    fn relay(
+        &mut self,
+        stream: &LiveStream,
+        key: &CacheKey,
+        live: &LiveText,
+        ids: Vec<redis::streams::StreamId>,
+    ) {
+        let Some(last) = ids.last() else {
+            return;
+        };
+        self.after.clone_from(&last.id);
+        let entries: Vec<Read> = ids.iter().filter_map(Read::parse).collect();
+        for entry in entries.iter().filter(|entry| entry.kind == b"e") {
+            self.ended.insert(entry.generation.clone());
+        }
+        let was_following = self.following.clone();
+        // The newest begin read now, if any, is the generation to follow from here.
+        let from = entries
+            .iter()
+            .rposition(|entry| entry.kind == b"b" && !self.ended.contains(&entry.generation));
+        if let Some(begin) = from {
+            self.following = Some(entries[begin].generation.clone());
+        }
+        let Some(following) = self.following.as_deref() else {
+            return;
+        };
+        // One that ended before this relay saw it run is not shown as running; the
+        // tail of one it has been following is.
+        if self.ended.contains(following) && was_following.as_deref() != Some(following) {
+            return;
+        }
+        for entry in &entries[from.unwrap_or(0)..] {
+            if entry.generation == following {
+                stream.relay_entry(key, live, entry);
+            }
+        }
     }
 }
 

@@ -22,7 +22,7 @@ use cache_redis::lock::{Acquired, LockToken};
 use cache_redis::signals::Signal;
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 
-use narrative_fill::{generation_event, Filled, Holder, Want};
+use narrative_fill::{generation_event, Filled, Holder, Text, Want};
 use narrative_gen::{GenerateError, NarrativeGenerator};
 use narrative_queue::{Job, Trigger};
 
@@ -218,7 +218,17 @@ impl Worker {
             Err(error) => return Outcome::Retry(error.to_string()),
         };
         let generate = |live| self.generate(&key, &profile, job, live);
-        match self.holder.fill(&key, &token, Want::Any, generate).await {
+        // Nobody waits on a pre-warm: its text is not streamed.
+        let text = if job.trigger == Trigger::Prewarm {
+            Text::Unwatched
+        } else {
+            Text::Streamed
+        };
+        match self
+            .holder
+            .fill(&key, &token, Want::Any, text, generate)
+            .await
+        {
             Filled::Found(_) | Filled::AlreadyStored(_) => Outcome::AlreadyCached,
             Filled::Stored(_) => Outcome::Stored,
             Filled::LockLost(_) => Outcome::LockLost,

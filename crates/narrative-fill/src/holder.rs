@@ -22,7 +22,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cache_core::{CacheKey, CacheStore, Envelope, LiveSink, StoreError};
+use cache_core::{CacheKey, CacheStore, Envelope, LiveSink, StoreError, Unwatched};
 use cache_redis::live::LiveStream;
 use cache_redis::lock::{FencedWrite, FillLock, LockToken, WriteMode};
 use cache_redis::signals::{Signal, SignalBus};
@@ -61,6 +61,15 @@ impl Want {
             Self::NewerThan(ms) => envelope.created_at_ms > ms,
         }
     }
+}
+
+/// Whether a generation's text goes to the key's live stream as it is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Text {
+    /// For every instance's streaming requests: a request waits on this key.
+    Streamed,
+    /// Nobody waits (a pre-warm): no stream writes for thousands of keys.
+    Unwatched,
 }
 
 /// How a fill ended. Every variant that carries an envelope carries a complete,
@@ -129,20 +138,21 @@ impl Holder {
     }
 
     /// Fills `key` as the holder of `token`: look, generate with `generate` (given
-    /// the key's live stream to write its text to) while extending the lock, write
-    /// fenced, signal, release. See the module's steps.
+    /// the key's live stream to write its text to, unless the text is `Unwatched`)
+    /// while extending the lock, write fenced, signal, release. See the module's steps.
     pub async fn fill<E, F, Fut>(
         &self,
         key: &CacheKey,
         token: &LockToken,
         want: Want,
+        text: Text,
         generate: F,
     ) -> Filled<E>
     where
         F: FnOnce(Arc<dyn LiveSink>) -> Fut,
         Fut: Future<Output = Result<Arc<Envelope>, E>>,
     {
-        let filled = self.fill_holding(key, token, want, generate).await;
+        let filled = self.fill_holding(key, token, want, text, generate).await;
         if let Err(error) = self.lock.release(key, token).await {
             tracing::debug!(%error, "fill lock not released; it expires by itself");
         }
@@ -154,6 +164,7 @@ impl Holder {
         key: &CacheKey,
         token: &LockToken,
         want: Want,
+        text: Text,
         generate: F,
     ) -> Filled<E>
     where
@@ -173,17 +184,24 @@ impl Holder {
             }
             Err(error) => return Filled::LookFailed(error),
         };
-        let writer = Arc::new(self.live.writer(key));
-        let generated = self
-            .lock
-            .hold_while(
-                key,
-                token,
-                generate(Arc::clone(&writer) as Arc<dyn LiveSink>),
-            )
-            .await;
-        // All of the text is in the stream before waiters are told the value is there.
-        writer.finish().await;
+        let generated = match text {
+            Text::Streamed => {
+                let writer = Arc::new(self.live.writer(key));
+                let sink = Arc::clone(&writer) as Arc<dyn LiveSink>;
+                // All of the text is in the stream before waiters are told the value
+                // is there; the lock is extended meanwhile.
+                let streamed = async move {
+                    let generated = generate(sink).await;
+                    writer.finish().await;
+                    generated
+                };
+                self.lock.hold_while(key, token, streamed).await
+            }
+            Text::Unwatched => {
+                let sink = Arc::new(Unwatched) as Arc<dyn LiveSink>;
+                self.lock.hold_while(key, token, generate(sink)).await
+            }
+        };
         let envelope = match generated {
             Ok(envelope) => envelope,
             Err(error) => {

@@ -18,4 +18,4 @@ pub mod holder;
 pub mod patience;
 
 pub use events::generation_event;
-pub use holder::{Filled, Holder, Want};
+pub use holder::{Filled, Holder, Text, Want};

@@ -20,7 +20,7 @@ use super::access::Client;
 use super::body::RequestBody;
 use super::ApiError;
 use crate::app::AppState;
-use crate::service::{Answer, Caller, Directives, Forwarded, Lookup, NotCached, Source};
+use crate::service::{Answer, Caller, Directives, Followed, Forwarded, Lookup, NotCached, Source};
 
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
@@ -274,12 +274,11 @@ async fn get_narrative(
         message: e.to_string(),
     })?;
     if super::stream::wants_event_stream(&headers) {
-        let stream = state
-            .service
-            .follow_stream(&key)
-            .await
-            .ok_or(ApiError::NotFound)?;
-        return Ok(super::stream::event_stream(&state, key, stream));
+        return match state.service.follow_stream(&key).await {
+            Followed::Stream(stream) => Ok(super::stream::event_stream(&state, key, stream)),
+            Followed::Pending => Ok(pending_response(&key)),
+            Followed::Missing => Err(ApiError::NotFound),
+        };
     }
     match state.service.lookup(&key).await {
         Lookup::Found(envelope, ttl) => Ok(narrative_response(&key, &Answer::found(envelope, ttl))),

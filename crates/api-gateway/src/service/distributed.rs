@@ -29,7 +29,7 @@ use cache_core::{
 use cache_redis::lock::{Acquired, FillLock, LockToken};
 use cache_redis::signals::{Signal, SignalBus, Waiter};
 use cache_redis::RedisStore;
-use narrative_fill::{Filled, Holder, Want};
+use narrative_fill::{Filled, Holder, Text, Want};
 use narrative_queue::{ConfirmedPublisher, Job, JOB_VERSION};
 use tokio_util::sync::CancellationToken;
 
@@ -113,6 +113,10 @@ impl FillStrategy for RedisFill {
         let shared = &self.shared;
         let existed = shared.lock().erase(key, service.erasure_tombstone).await?;
         shared.tiers.forget_l1(key);
+        // Its text while it was written must not be relayed to anyone again.
+        if let Err(error) = shared.holder.live().delete(key).await {
+            tracing::warn!(%error, "an erased entry's live stream was not deleted; it expires within 30 s");
+        }
         if let Err(error) = shared.bus().publish(Signal::Invalidate, key).await {
             tracing::warn!(%error, "could not tell other instances to drop an erased entry; their copies expire with L1_TTL");
         }
@@ -507,7 +511,12 @@ impl NarrativeService {
             let both = Both(live.as_ref(), fleet.as_ref());
             self.generate(keyed, mode.trigger(), &both).await
         };
-        match shared.holder.fill(key, &token, want, generate).await {
+        let text = if mode == FillMode::Prewarm {
+            Text::Unwatched
+        } else {
+            Text::Streamed
+        };
+        match shared.holder.fill(key, &token, want, text, generate).await {
             Filled::Found(envelope) | Filled::Stored(envelope) => {
                 shared.tiers.put_l1(key, Arc::clone(&envelope)).await;
                 Ok(envelope)

@@ -78,10 +78,20 @@ pub(super) struct Joined {
 
 /// A flight's live text, open in its table until this is dropped: when the flight
 /// ends, or if its task panics.
-struct OpenLive<'a> {
+pub(super) struct OpenLive<'a> {
     feeds: &'a LiveFeeds<CacheKey>,
     key: &'a CacheKey,
     live: &'a Arc<LiveText>,
+}
+
+impl<'a> OpenLive<'a> {
+    pub(super) fn new(
+        feeds: &'a LiveFeeds<CacheKey>,
+        key: &'a CacheKey,
+        live: &'a Arc<LiveText>,
+    ) -> Self {
+        Self { feeds, key, live }
+    }
 }
 
 impl Drop for OpenLive<'_> {

@@ -58,7 +58,7 @@ use fill::{FlightLeader, FlightResult, Joined, Looked};
 pub use prewarm::{Pacer, PrewarmRuns, PrewarmStart, RunProgress, Step};
 pub use reporting::{AnalyticsSource, RedisTallies};
 pub use strategy::{FillStrategy, InProcessFill};
-pub use stream::{NarrativeStream, StreamEvent, StreamStart};
+pub use stream::{Followed, NarrativeStream, StreamEvent, StreamStart};
 
 use crate::metrics::Metrics;
 
@@ -77,6 +77,9 @@ pub struct NarrativeService {
     /// The text of each flight's generation while it is written, for streaming.
     live: LiveFeeds<CacheKey>,
     unstored_live: LiveFeeds<CacheKey>,
+    /// Streaming `GET`s of keys generated elsewhere: one follow per key.
+    follows: SingleFlight<CacheKey, FlightResult>,
+    followed_live: LiveFeeds<CacheKey>,
     /// Keys a client forced to regenerate (`no-cache`, `max-age`) within
     /// `REVALIDATE_MIN_INTERVAL`: they answer from what is stored until it passes.
     forced: moka::sync::Cache<CacheKey, ()>,
@@ -151,6 +154,8 @@ impl NarrativeService {
             unstored_flights: SingleFlight::new(),
             live: LiveFeeds::default(),
             unstored_live: LiveFeeds::default(),
+            follows: SingleFlight::new(),
+            followed_live: LiveFeeds::default(),
             forced: moka::sync::Cache::builder()
                 .max_capacity(FORCED_KEYS_KEPT)
                 .time_to_live(revalidate_min_interval.max(Duration::from_millis(1)))

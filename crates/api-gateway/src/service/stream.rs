@@ -20,14 +20,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cache_core::{CacheKey, KeyedProfile, LiveReader, LiveText, LiveUpdate};
+use cache_core::{CacheKey, Flight, KeyedProfile, LiveReader, LiveText, LiveUpdate};
 use futures::future::BoxFuture;
 use futures::FutureExt as _;
 use tokio::sync::mpsc;
 
 use super::answer::{Pending, Plan};
 use super::{Answer, Caller, Directives, Forwarded, Joined, Lookup, NarrativeService, NotCached};
-use super::{FlightResult, Source};
+use super::{FillError, FlightResult, Source};
 use analytics::RequestOutcome;
 
 /// Events queued for a slow client at most; past it the stream waits for the client,
@@ -62,6 +62,17 @@ pub enum StreamEvent {
     Done(Answer),
     /// The last event of a `GET` stream whose generation ended with nothing stored.
     Gone,
+}
+
+/// What a streaming `GET /narrative/{key}` finds.
+#[derive(Debug)]
+pub enum Followed {
+    Stream(NarrativeStream),
+    /// A generation runs elsewhere, but this instance follows no more (its
+    /// `MAX_PENDING_GENERATIONS` are running): answered 202 as without streaming.
+    Pending,
+    /// Neither stored nor being generated.
+    Missing,
 }
 
 /// A streamed answer: its start, then its events, ending with `Done` or `Gone`.
@@ -123,31 +134,24 @@ impl NarrativeService {
     }
 
     /// Streams what `GET /narrative/{key}` finds: a stored entry at once, a generation
-    /// running here or elsewhere live; `None` when the key is neither stored nor being
-    /// generated (a 404).
-    pub async fn follow_stream(self: &Arc<Self>, key: &CacheKey) -> Option<NarrativeStream> {
+    /// running here or elsewhere live. Requests following one key elsewhere share one
+    /// follow (its relay and its wait), counted against `MAX_PENDING_GENERATIONS`.
+    pub async fn follow_stream(self: &Arc<Self>, key: &CacheKey) -> Followed {
         let started = Instant::now();
         let (wait, live): (BoxFuture<'static, Option<FlightResult>>, _) =
             match self.lookup(key).await {
-                Lookup::Missing => return None,
+                Lookup::Missing => return Followed::Missing,
                 Lookup::Found(envelope, ttl) => {
-                    return Some(self.answered_stream(Answer::found(envelope, ttl), started));
+                    let answer = Answer::found(envelope, ttl);
+                    return Followed::Stream(self.answered_stream(answer, started));
                 }
                 Lookup::Pending => match self.flights.follow(key) {
                     Some(follower) => (follower.wait().boxed(), self.live.get(key)),
-                    None => {
-                        let live = LiveText::new();
-                        let (service, key, relayed) =
-                            (Arc::clone(self), key.clone(), Arc::clone(&live));
-                        let wait = async move {
-                            service
-                                .strategy
-                                .follow_elsewhere(&service, &key, &relayed)
-                                .await
-                                .map(Ok)
-                        };
-                        (wait.boxed(), Some(live))
-                    }
+                    None => match self.join_follow(key) {
+                        Some((follower, live)) => (follower.wait().boxed(), live),
+                        // Too many generations and follows run: the plain answer.
+                        None => return Followed::Pending,
+                    },
                 },
             };
         let (sender, events) = mpsc::channel(EVENTS_QUEUED);
@@ -173,7 +177,37 @@ impl NarrativeService {
             collapsed: true,
             forwarded: None,
         };
-        Some(NarrativeStream { start, events })
+        Followed::Stream(NarrativeStream { start, events })
+    }
+
+    /// Joins the one follow of `key`'s generation elsewhere, starting it (a tracked
+    /// task, relaying the key's stream into a live text of its own) if none runs.
+    /// `None` when `MAX_PENDING_GENERATIONS` tasks already run.
+    fn join_follow(
+        self: &Arc<Self>,
+        key: &CacheKey,
+    ) -> Option<(cache_core::Follower<FlightResult>, Option<Arc<LiveText>>)> {
+        let leader = match self.follows.join(key) {
+            Flight::Follower(follower) => return Some((follower, self.followed_live.get(key))),
+            Flight::Leader(leader) => leader,
+        };
+        let follower = leader.follower();
+        if self.must_shed() {
+            leader.complete(Err(FillError::Shed));
+            return None;
+        }
+        let live = self.followed_live.open(key);
+        let (service, key, followed) = (Arc::clone(self), key.clone(), Arc::clone(&live));
+        self.tasks.spawn(async move {
+            let open = super::fill::OpenLive::new(&service.followed_live, &key, &followed);
+            let found = service
+                .strategy
+                .follow_elsewhere(&service, &key, &followed)
+                .await;
+            drop(open);
+            leader.complete(found.ok_or(FillError::GaveUp));
+        });
+        Some((follower, Some(live)))
     }
 
     /// A hit, streamed: the request is accounted here.

@@ -428,6 +428,18 @@ impl TestApp {
     pub async fn stream_get(&self, path: &str) -> Streamed {
         read_stream(self.client.get(self.url(path))).await
     }
+
+    /// Whether `body`'s narrative is stored: `only-if-cached` answers 200, not 504.
+    pub async fn is_stored(&self, body: &Value) -> bool {
+        let reply = self
+            .client
+            .post(self.url("/narrative"))
+            .header("cache-control", "only-if-cached")
+            .json(body)
+            .send()
+            .await;
+        reply.is_ok_and(|reply| reply.status() == 200)
+    }
 }
 
 /// One generation streamed to many: every stream in `streamed` came live (`meta`
@@ -444,6 +456,16 @@ pub fn assert_streamed_to_all(
         late.meta()["source"],
         "generating",
         "joined while it was written"
+    );
+    // The text so far came first, at once: more than one chunk in its first delta.
+    let (name, first) = &late.events[1];
+    assert_eq!(name, "delta", "{:?}", late.names());
+    let first = first["text"].as_str().expect("text");
+    assert!(first.len() > 60, "the text so far first: {first:?}");
+    assert!(
+        late.deltas() >= 2,
+        "then the rest, live: {:?}",
+        late.names()
     );
     let narrative = late.text();
     assert!(narrative.len() > 300, "a whole narrative: {narrative:?}");
