@@ -12,11 +12,11 @@ pub mod auth;
 mod http;
 pub mod limits;
 pub mod metrics;
-mod server;
+pub mod server;
 pub mod service;
 pub mod settings;
 
 pub use app::{run, App, AppState};
-pub use http::{ApiError, MAX_BODY_BYTES};
+pub use http::{security_headers, ApiError, MAX_BODY_BYTES};
 pub use metrics::Metrics;
 pub use settings::Settings;

@@ -10,6 +10,10 @@
 //! Prints one line of figures: requests/s, latency percentiles in microseconds, and
 //! how many responses were not 200 or lacked `--expect-header`.
 //!
+//! `--rate R` paces the connections to R requests a second in all (each every
+//! concurrency/R seconds, latency counted from the send); without it, each connection
+//! sends its next request as soon as the last is answered.
+//!
 //! `--header 'Name: value'` (repeatable) adds a request header: with
 //! `--header 'Accept: text/event-stream'` each response is a whole streamed answer
 //! (chunked, read to its end).
@@ -39,6 +43,8 @@ struct Args {
     /// Extra request headers, `Name: value` each.
     headers: Vec<String>,
     slow: usize,
+    /// Requests a second in all, paced; `None` is as fast as answers come.
+    rate: Option<f64>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -54,6 +60,7 @@ fn parse_args() -> anyhow::Result<Args> {
         expect_header: None,
         headers: Vec::new(),
         slow: 0,
+        rate: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -72,6 +79,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--expect-header" => args.expect_header = Some(value()?.to_ascii_lowercase()),
             "--slow" => args.slow = value()?.parse().context("--slow")?,
             "--header" => args.headers.push(value()?),
+            "--rate" => args.rate = Some(value()?.parse().context("--rate")?),
             other => bail!("unknown flag {other}"),
         }
     }
@@ -176,8 +184,8 @@ async fn connection(
     addr: SocketAddr,
     request: Vec<u8>,
     expect: Option<String>,
-    warm_until: Instant,
-    until: Instant,
+    (warm_until, until): (Instant, Instant),
+    pace: Option<(Instant, Duration)>,
 ) -> anyhow::Result<Tally> {
     let mut stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
@@ -186,7 +194,15 @@ async fn connection(
         bad: 0,
     };
     let mut buf = Vec::with_capacity(16 * 1024);
+    let mut next = pace.map(|(first, _)| first);
     loop {
+        // Paced: wait for the request's turn. Latency counts from the send, not from
+        // the turn: the timer wakes up to a millisecond late, which would swamp what is
+        // measured at rates far below capacity (the only rates worth pacing at).
+        if let (Some(due), Some((_, every))) = (&mut next, pace) {
+            tokio::time::sleep_until((*due).into()).await;
+            *due += every;
+        }
         let sent = Instant::now();
         if sent >= until {
             return Ok(tally);
@@ -242,14 +258,25 @@ async fn main() -> anyhow::Result<()> {
     let slow: Vec<_> = (0..args.slow)
         .map(|_| tokio::spawn(slow_client(args.addr, until)))
         .collect();
+    // Paced: each connection sends every concurrency/rate seconds, the connections
+    // spread evenly over that interval.
+    let every = args
+        .rate
+        .map(|rate| Duration::from_secs_f64(args.concurrency as f64 / rate));
     let tasks: Vec<_> = (0..args.concurrency)
-        .map(|_| {
+        .map(|i| {
+            let pace = every.map(|every| {
+                (
+                    start + every.mul_f64(i as f64 / args.concurrency as f64),
+                    every,
+                )
+            });
             tokio::spawn(connection(
                 args.addr,
                 request.clone(),
                 args.expect_header.clone(),
-                warm_until,
-                until,
+                (warm_until, until),
+                pace,
             ))
         })
         .collect();

@@ -67,6 +67,11 @@ pub async fn read(
         }
         Ok(Bytes::from(bytes))
     };
+    // A small body usually came in with its headers: read at once, it needs no timer.
+    let mut whole = std::pin::pin!(whole);
+    if let Some(read) = futures::FutureExt::now_or_never(whole.as_mut()) {
+        return read;
+    }
     match tokio::time::timeout(limit, whole).await {
         Ok(read) => read,
         Err(_) if oversize.load(Ordering::Relaxed) => {

@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 
 pub use error::ApiError;
+pub use narrative::HitBodies;
 
 use crate::app::AppState;
 
@@ -61,7 +62,7 @@ pub(crate) fn accepted(location: &str, body: serde_json::Value) -> Response {
 
 /// Every answer is JSON or plain text for programs, never a page: browsers are told
 /// not to sniff it into one, frame it, or send referrers from it.
-fn security_headers(response: &mut Response) {
+pub fn security_headers(response: &mut Response) {
     let headers = response.headers_mut();
     for (name, value) in [
         ("x-content-type-options", "nosniff"),

@@ -12,7 +12,7 @@ use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use cache_core::{CacheKey, Envelope, KeyedProfile, ProfileInput};
+use cache_core::{CacheKey, Envelope};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -20,7 +20,9 @@ use super::access::Client;
 use super::body::RequestBody;
 use super::ApiError;
 use crate::app::AppState;
-use crate::service::{Answer, Caller, Directives, Followed, Forwarded, Lookup, NotCached, Source};
+use crate::service::{
+    Answer, Caller, Derived, Directives, Followed, Forwarded, Lookup, NotCached, Source,
+};
 
 pub fn router() -> Router<Arc<AppState>> {
     Router::new()
@@ -54,16 +56,21 @@ async fn post_narrative(
     RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let (keyed, caller) = parse_profile(&state, &headers, body, client)?;
+    let (derived, caller) = parse_profile(&state, &headers, body, client)?;
+    let keyed = &derived.keyed;
     tracing::Span::current().record("cache_key", keyed.key.as_str());
     let directives = request_directives(&headers);
     if super::stream::wants_event_stream(&headers) {
         let stream = state
             .service
-            .narrative_stream(&keyed, started, directives, &caller)
+            .narrative_stream(keyed, started, directives, &caller)
             .await
             .map_err(|NotCached| ApiError::NotCached)?;
-        return Ok(super::stream::event_stream(&state, keyed.key, stream));
+        return Ok(super::stream::event_stream(
+            &state,
+            keyed.key.clone(),
+            stream,
+        ));
     }
     // Cache-Control directives change what may be answered or stored, so a request
     // that carries any is answered synchronously under them.
@@ -71,7 +78,7 @@ async fn post_narrative(
         return Ok(
             match state
                 .service
-                .narrative_or_start(&keyed, started, &caller)
+                .narrative_or_start(keyed, started, &caller)
                 .await
             {
                 Some(answer) => narrative_response(&keyed.key, &answer),
@@ -81,10 +88,14 @@ async fn post_narrative(
     }
     let answer = state
         .service
-        .narrative_with(&keyed, started, directives, &caller)
+        .narrative_with(keyed, started, directives, &caller)
         .await
         .map_err(|NotCached| ApiError::NotCached)?;
-    Ok(narrative_response(&keyed.key, &answer))
+    Ok(narrative_response_with(
+        &keyed.key,
+        &answer,
+        Some(&state.hit_bodies),
+    ))
 }
 
 /// The request's `Cache-Control` directives (RFC 9111 5.2.1). Unknown directives and
@@ -155,18 +166,14 @@ fn parse_profile(
     headers: &HeaderMap,
     body: Result<Bytes, ApiError>,
     Client(client): Client,
-) -> Result<(KeyedProfile, Caller), ApiError> {
+) -> Result<(Arc<Derived>, Caller), ApiError> {
     let body = json_body(headers, body)?;
-    let input = ProfileInput::from_json(&body)?;
-    let keyed = state.service.derive(&input)?;
+    let derived = state.service.derive_body(&body)?;
     let caller = Caller {
-        user_hash: input
-            .user_id
-            .as_deref()
-            .map(|id| state.service.deriver().user_hash(id)),
+        user_hash: derived.user_hash.clone(),
         client,
     };
-    Ok((keyed, caller))
+    Ok((derived, caller))
 }
 
 /// The body of a JSON request: 415 unless it says it is JSON; the read's own error
@@ -191,8 +198,28 @@ pub(super) fn json_body(
 }
 
 fn narrative_response(key: &CacheKey, answer: &Answer) -> Response {
+    narrative_response_with(key, answer, None)
+}
+
+/// A narrative answer; a hit's body from `bodies`, rendered once per entry.
+fn narrative_response_with(
+    key: &CacheKey,
+    answer: &Answer,
+    bodies: Option<&HitBodies>,
+) -> Response {
     let (x_cache, cache_status) = cache_status(answer);
-    let mut response = Json(narrative_body(key, answer)).into_response();
+    let mut response = match (answer.source, bodies) {
+        (Source::Cache | Source::Stale, Some(bodies)) => {
+            let body = bodies.body(key, answer);
+            let mut response = body.into_response();
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        _ => Json(narrative_body(key, answer)).into_response(),
+    };
     let headers = response.headers_mut();
     headers.insert("x-cache", HeaderValue::from_static(x_cache));
     if let Ok(value) = HeaderValue::from_str(&cache_status) {
@@ -201,6 +228,71 @@ fn narrative_response(key: &CacheKey, answer: &Answer) -> Response {
     // Narratives are personal: shared caches between us and the user must not keep them.
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
     response
+}
+
+/// The JSON bodies of hits, rendered once per stored entry and shared: a hit of an
+/// entry sends the bytes the last hit of it sent, instead of serializing (and
+/// escaping) the narrative again. Bounded by bytes; an entry replaced by a new
+/// generation, or answered with another source, is rendered anew.
+pub struct HitBodies {
+    bodies: moka::sync::Cache<CacheKey, Arc<HitBody>>,
+}
+
+struct HitBody {
+    envelope: Arc<Envelope>,
+    source: Source,
+    json: Bytes,
+}
+
+/// Bytes of rendered hit bodies kept at most.
+const HIT_BODIES_BYTES: u64 = 64 * 1024 * 1024;
+
+impl Default for HitBodies {
+    fn default() -> Self {
+        Self {
+            bodies: moka::sync::Cache::builder()
+                .max_capacity(HIT_BODIES_BYTES)
+                .weigher(|_, body: &Arc<HitBody>| {
+                    u32::try_from(body.json.len() + body.envelope.body.len() + 256)
+                        .unwrap_or(u32::MAX)
+                })
+                .build(),
+        }
+    }
+}
+
+impl std::fmt::Debug for HitBodies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HitBodies")
+            .field("entries", &self.bodies.entry_count())
+            .finish()
+    }
+}
+
+impl HitBodies {
+    /// The JSON body of `answer` (a hit of `key`).
+    fn body(&self, key: &CacheKey, answer: &Answer) -> Bytes {
+        if let Some(hit) = self.bodies.get(key) {
+            // The same entry: the same allocation (L1), or equal field by field (an
+            // entry read from Redis again).
+            let same =
+                Arc::ptr_eq(&hit.envelope, &answer.envelope) || hit.envelope == answer.envelope;
+            if same && hit.source == answer.source {
+                return hit.json.clone();
+            }
+        }
+        let json =
+            Bytes::from(serde_json::to_vec(&narrative_body(key, answer)).unwrap_or_default());
+        self.bodies.insert(
+            key.clone(),
+            Arc::new(HitBody {
+                envelope: Arc::clone(&answer.envelope),
+                source: answer.source,
+                json: json.clone(),
+            }),
+        );
+        json
+    }
 }
 
 /// The body of a narrative answer, streamed or not.
@@ -301,7 +393,8 @@ async fn explain_key(
     headers: HeaderMap,
     RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
-    let (keyed, _) = parse_profile(&state, &headers, body, client)?;
+    let (derived, _) = parse_profile(&state, &headers, body, client)?;
+    let keyed = &derived.keyed;
     let canonical: &RawValue =
         serde_json::from_str(&keyed.canonical_json).map_err(|e| ApiError::InvalidParameter {
             field: "body",

@@ -23,7 +23,7 @@
 //! the fill strategies' trait and the in-process one; `distributed` the fill with
 //! Redis and workers; `accounting` counts every answer once and reports stats;
 //! `stream` streams an answer as its text is written (`Accept: text/event-stream`);
-//! `erasure` erases by user; `counters`, `reporting` and `prewarm` are the shared hit
+//! `memo` remembers what request bodies derived to; `erasure` erases by user; `counters`, `reporting` and `prewarm` are the shared hit
 //! counters, analytics reads and pre-warm runs.
 
 mod accounting;
@@ -32,6 +32,7 @@ mod counters;
 mod distributed;
 mod erasure;
 mod fill;
+mod memo;
 mod prewarm;
 mod reporting;
 mod strategy;
@@ -41,6 +42,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use analytics::{EventSink, Trigger};
+use bytes::Bytes;
 use cache_core::user_index::UserIndex;
 use cache_core::{
     CacheKey, CacheStore, KeyDeriver, KeyedProfile, KnownSystems, LiveFeeds, ProfileError,
@@ -55,6 +57,7 @@ pub use counters::{Count, Counters, Totals};
 pub use distributed::{Distributed, RedisFill, WorkerFill, Workers};
 pub use fill::{FillError, FillMode};
 use fill::{FlightLeader, FlightResult, Joined, Looked};
+pub use memo::{BodyMemo, Derived};
 pub use prewarm::{Pacer, PrewarmRuns, PrewarmStart, RunProgress, Step};
 pub use reporting::{AnalyticsSource, RedisTallies};
 pub use strategy::{FillStrategy, InProcessFill};
@@ -104,6 +107,8 @@ pub struct NarrativeService {
     known_systems: Option<KnownSystems>,
     /// `REVALIDATE_MIN_INTERVAL`: how young an entry a client cannot force out.
     revalidate_min_interval: Duration,
+    /// Request bodies seen before, and what they derived to.
+    memo: BodyMemo,
 }
 
 #[derive(Debug)]
@@ -177,6 +182,7 @@ impl NarrativeService {
             max_pending: max_pending_generations,
             known_systems,
             revalidate_min_interval,
+            memo: BodyMemo::default(),
         }
     }
 
@@ -214,6 +220,24 @@ impl NarrativeService {
             known.check(&keyed.profile)?;
         }
         Ok(keyed)
+    }
+
+    /// A request body's canonical form, key and user hash, from the memo when these
+    /// exact bytes derived before (`memo`), otherwise derived (and remembered).
+    pub fn derive_body(&self, body: &Bytes) -> Result<Arc<Derived>, ProfileError> {
+        if let Some(derived) = self.memo.get(body) {
+            return Ok(derived);
+        }
+        let input = ProfileInput::from_json(body)?;
+        let derived = Arc::new(Derived {
+            keyed: self.derive(&input)?,
+            user_hash: input
+                .user_id
+                .as_deref()
+                .map(|id| self.deriver.user_hash(id)),
+        });
+        self.memo.insert(body.clone(), Arc::clone(&derived));
+        Ok(derived)
     }
 
     /// Stops accepting generations and waits up to `grace` for those running to be

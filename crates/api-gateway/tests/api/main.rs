@@ -15,6 +15,7 @@ mod hostile;
 mod http_fuzz;
 mod limits;
 mod lost_holders;
+mod memo;
 mod narrative;
 mod ops;
 mod prewarm;
