@@ -22,6 +22,7 @@ COPY crates/analytics/Cargo.toml crates/analytics/
 COPY crates/api-gateway/Cargo.toml crates/api-gateway/
 COPY crates/cache-core/Cargo.toml crates/cache-core/
 COPY crates/cache-redis/Cargo.toml crates/cache-redis/
+COPY crates/ceiling/Cargo.toml crates/ceiling/
 COPY crates/generator-worker/Cargo.toml crates/generator-worker/
 COPY crates/llm-sim/Cargo.toml crates/llm-sim/
 COPY crates/loadgen/Cargo.toml crates/loadgen/

@@ -4,6 +4,9 @@
 #   scripts/bench.sh [seconds-per-round] [rounds]
 #   BASELINE_GATEWAY=path/to/api-gateway scripts/bench.sh ...   (a build to compare with)
 #
+# 0. The embedded hit against the ceiling (`ceiling`: the same HTTP stack answering a
+#    hit's body from memory), five alternating rounds, with the CPU microseconds each
+#    spent a request; then both at a fixed 5,000 requests/s.
 # 1. Cached-hit paths at concurrency 32, with `loadgen` (closed loop, keep-alive):
 #    the bare HTTP floor (GET /healthz), an embedded gateway's hit, a distributed
 #    gateway's hit served from L1, and one with L1 off (every hit read from Redis).
@@ -29,7 +32,7 @@ seconds=${1:-5}
 rounds=${2:-3}
 
 command -v redis-server >/dev/null || { echo "redis-server is missing: run scripts/test.sh first" >&2; exit 1; }
-cargo build --release -q -p api-gateway -p llm-sim -p loadgen
+cargo build --release -q -p api-gateway -p llm-sim -p loadgen -p ceiling
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 work=$(mktemp -d)
 pids=()
@@ -49,6 +52,7 @@ gateway() { # name, binary, extra env...
     CACHE_KEY_SECRET=bench-secret-0123456789 RUST_LOG=warn "${@:3}" "$2" &
   pids+=($!)
   printf -v "$1" '%s' "$port"
+  printf -v "${1}_pid" '%s' "$!"
 }
 gateway embedded target/release/api-gateway
 gateway with_l1 target/release/api-gateway REDIS_URL=redis://127.0.0.1:$redis_port
@@ -76,12 +80,36 @@ for port in "${ports[@]}"; do
   curl -fs -H 'content-type: application/json' --data-binary @"$work/profile.json" "http://127.0.0.1:$port/narrative" >/dev/null
 done
 
+# The ceiling: the gateway's HTTP stack answering a hit's very body from memory.
+curl -fs -H 'content-type: application/json' --data-binary @"$work/profile.json" "http://127.0.0.1:$embedded/narrative" >"$work/hit.json"
+ceiling_port=$(free_port)
+CEILING_BIND=127.0.0.1:$ceiling_port CEILING_BODY_FILE=$work/hit.json target/release/ceiling &
+ceiling_pid=$!
+pids+=("$ceiling_pid")
+for _ in $(seq 100); do curl -fs "http://127.0.0.1:$ceiling_port/healthz" >/dev/null && break; sleep 0.1; done
+
 load() { # label, port, loadgen args...
   target/release/loadgen --addr "127.0.0.1:$2" --concurrency 32 --seconds "$seconds" --warmup 1 --label "$1" "${@:3}"
 }
 hit=(--path /narrative --body-file "$work/profile.json" --expect-header "x-cache: hit")
 
 echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -m), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+echo "== embedded hit against the ceiling (same HTTP stack, static body), concurrency 32, ${seconds}s x 5 rounds; CPU us a request"
+for round in 1 2 3 4 5; do
+  for who in ceiling embedded; do
+    # shellcheck disable=SC2154 # embedded_pid is set by gateway()
+    if [ "$who" = ceiling ]; then port=$ceiling_port; pid=$ceiling_pid; else port=$embedded; pid=$embedded_pid; fi
+    before=$(cpu_ticks "$pid")
+    out=$(load "round$round $who" "$port" "${hit[@]}")
+    after=$(cpu_ticks "$pid")
+    n=$(echo "$out" | sed -E 's/.*requests=([0-9]+).*/\1/')
+    echo "$out cpu_us_per_request=$(awk -v a="$after" -v b="$before" -v n="$n" -v hz="$(getconf CLK_TCK)" 'BEGIN{printf "%.1f", (a-b)*1000000/hz/n}')"
+  done
+done
+echo "== embedded hit against the ceiling at a fixed 5,000 requests/s"
+load "fixed rate ceiling" "$ceiling_port" "${hit[@]}" --rate 5000
+load "fixed rate embedded" "$embedded" "${hit[@]}" --rate 5000
 echo "== cached-hit paths vs bare HTTP, concurrency 32, ${seconds}s x ${rounds} rounds"
 for round in $(seq "$rounds"); do
   load "round$round baseline /healthz" "$embedded" --path /healthz

@@ -236,7 +236,7 @@ impl NarrativeService {
                 .as_deref()
                 .map(|id| self.deriver.user_hash(id)),
         });
-        self.memo.insert(body.clone(), Arc::clone(&derived));
+        self.memo.insert(body, Arc::clone(&derived));
         Ok(derived)
     }
 
