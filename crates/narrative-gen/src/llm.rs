@@ -1,4 +1,5 @@
-//! An OpenAI-compatible chat-completions client.
+//! An OpenAI-compatible chat-completions client, always streamed: the first request
+//! for a key cannot know whether anyone will stream its text.
 //!
 //! Each attempt has a timeout. Timeouts, connection failures, 408, 429 and 5xx are
 //! retried with full-jitter exponential backoff, honouring `Retry-After`; other 4xx
@@ -6,12 +7,12 @@
 //! `finish_reason` must be `stop` and the text non-empty, which is the write policy
 //! (truncated or empty outputs are never stored).
 //!
-//! [`LlmClient::stream`] asks for the same completion streamed (`"stream": true`, with
+//! [`LlmClient::stream`] asks for the completion streamed (`"stream": true`, with
 //! `stream_options.include_usage` for the token counts) and hands each piece of text
 //! to its caller as it arrives. It waits `first_token_timeout` for the first piece and
 //! `idle_timeout` between pieces, and retries only before the first piece: text a
 //! caller has passed on cannot be taken back by a retry. An attempt ends by `timeout`
-//! however the text trickles, as a whole reply's does. The Server-Sent Events are
+//! however the text trickles. The Server-Sent Events are
 //! parsed by `eventsource-stream` (the parser async-openai uses), not by hand.
 
 use std::fmt;
@@ -129,8 +130,8 @@ pub struct Completion {
 
 #[derive(Debug, Clone)]
 pub struct LlmClient {
-    http: reqwest::Client,
-    /// Without a total timeout: a stream is bounded by its first-token and idle ones.
+    /// Without a total timeout: a stream is bounded by its first-token, idle and
+    /// attempt deadlines.
     streaming: reqwest::Client,
     endpoint: String,
     settings: LlmSettings,
@@ -142,10 +143,8 @@ struct ChatRequest<'a> {
     messages: [Message<'a>; 1],
     temperature: f32,
     max_tokens: u32,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
     stream: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stream_options: Option<StreamOptions>,
+    stream_options: StreamOptions,
 }
 
 #[derive(Serialize)]
@@ -180,23 +179,6 @@ struct Message<'a> {
 }
 
 #[derive(Deserialize)]
-struct ChatResponse {
-    choices: Vec<Choice>,
-    usage: Option<Usage>,
-}
-
-#[derive(Deserialize)]
-struct Choice {
-    message: Option<ReplyMessage>,
-    finish_reason: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct ReplyMessage {
-    content: Option<String>,
-}
-
-#[derive(Deserialize)]
 struct Usage {
     prompt_tokens: u32,
     completion_tokens: u32,
@@ -204,11 +186,6 @@ struct Usage {
 
 impl LlmClient {
     pub fn new(settings: LlmSettings) -> Result<Self, LlmError> {
-        let http = reqwest::Client::builder()
-            .timeout(settings.timeout)
-            .connect_timeout(settings.timeout.min(Duration::from_secs(5)))
-            .build()
-            .map_err(|e| LlmError::Connect(e.to_string()))?;
         let streaming = reqwest::Client::builder()
             .connect_timeout(settings.first_token_timeout.min(Duration::from_secs(5)))
             .build()
@@ -218,7 +195,6 @@ impl LlmClient {
             settings.base_url.trim_end_matches('/')
         );
         Ok(Self {
-            http,
             streaming,
             endpoint,
             settings,
@@ -227,35 +203,6 @@ impl LlmClient {
 
     pub fn settings(&self) -> &LlmSettings {
         &self.settings
-    }
-
-    /// Sends the prompt, retrying what can be retried.
-    pub async fn complete(&self, prompt: &str) -> Result<Completion, LlmError> {
-        let started = Instant::now();
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let error = match self.attempt(prompt).await {
-                Ok((text, tokens_in, tokens_out)) => {
-                    return Ok(Completion {
-                        text,
-                        tokens_in,
-                        tokens_out,
-                        attempts: attempt,
-                        elapsed: started.elapsed(),
-                    })
-                }
-                Err(error) => error,
-            };
-            if !error.is_retryable() || attempt > self.settings.max_retries {
-                return Err(error);
-            }
-            let Some(wait) = self.backoff(attempt, &error) else {
-                return Err(error);
-            };
-            tracing::debug!(attempt, error = %error, wait_ms = wait.as_millis() as u64, "retrying LLM call");
-            tokio::time::sleep(wait).await;
-        }
     }
 
     /// Sends the prompt for a streamed reply, handing each piece of text to
@@ -318,9 +265,9 @@ impl LlmClient {
             temperature: params.temperature,
             max_tokens: params.max_tokens,
             stream: true,
-            stream_options: Some(StreamOptions {
+            stream_options: StreamOptions {
                 include_usage: true,
-            }),
+            },
         };
         let started = tokio::time::Instant::now();
         let first_token_by = started + self.settings.first_token_timeout;
@@ -402,59 +349,6 @@ impl LlmClient {
             } => Some(jittered.max(*after)),
             _ => Some(jittered),
         }
-    }
-
-    async fn attempt(&self, prompt: &str) -> Result<(String, u32, u32), LlmError> {
-        let params = &self.settings.params;
-        let request = ChatRequest {
-            model: &params.model,
-            messages: [Message {
-                role: "user",
-                content: prompt,
-            }],
-            temperature: params.temperature,
-            max_tokens: params.max_tokens,
-            stream: false,
-            stream_options: None,
-        };
-        let response = self
-            .http
-            .post(&self.endpoint)
-            .bearer_auth(&self.settings.api_key.0)
-            .json(&request)
-            .send()
-            .await
-            .map_err(classify)?;
-        let response = succeeded(response)?;
-        let reply: ChatResponse = response.json().await.map_err(|e| {
-            if e.is_timeout() {
-                LlmError::Timeout
-            } else {
-                LlmError::Malformed(e.to_string())
-            }
-        })?;
-        let choice = reply
-            .choices
-            .into_iter()
-            .next()
-            .ok_or_else(|| LlmError::Malformed("no choices".into()))?;
-        let finish_reason = choice.finish_reason.unwrap_or_default();
-        if finish_reason != "stop" {
-            return Err(LlmError::Incomplete(finish_reason));
-        }
-        let text = choice
-            .message
-            .and_then(|m| m.content)
-            .unwrap_or_default()
-            .trim()
-            .to_owned();
-        if text.is_empty() {
-            return Err(LlmError::Empty);
-        }
-        let usage = reply
-            .usage
-            .ok_or_else(|| LlmError::Malformed("no usage block".into()))?;
-        Ok((text, usage.prompt_tokens, usage.completion_tokens))
     }
 }
 
