@@ -311,14 +311,6 @@ impl<K: Eq + Hash + Clone> LiveFeeds<K> {
             feeds.remove(key);
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.feeds().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.feeds().is_empty()
-    }
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ use std::time::Duration;
 use cache_core::{CacheKey, LiveSink, LiveText, Relayed, StoreError};
 use redis::streams::StreamRangeReply;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::backend::RedisBackend;
 use crate::codec::ValueCodec;
@@ -104,6 +104,16 @@ impl LiveStream {
             sender: Mutex::new(Some(sender)),
             task: Mutex::new(Some(task)),
         }
+    }
+
+    /// Starts relaying `key`'s stream into `live` in a task of its own; it stops when
+    /// the returned guard is dropped (or a generation here claims `live`).
+    pub fn spawn_relay(&self, key: &CacheKey, live: &Arc<LiveText>) -> DropGuard {
+        let stop = CancellationToken::new();
+        let guard = stop.clone().drop_guard();
+        let (stream, key, live) = (self.clone(), key.clone(), Arc::clone(live));
+        tokio::spawn(async move { stream.relay(&key, &live, &stop).await });
+        guard
     }
 
     /// Relays `key`'s stream into `live` from its start, until `stop`, or until a

@@ -31,7 +31,6 @@ use cache_redis::signals::{Signal, SignalBus, Waiter};
 use cache_redis::RedisStore;
 use narrative_fill::{Filled, Holder, Text, Want};
 use narrative_queue::{ConfirmedPublisher, Job, JOB_VERSION};
-use tokio_util::sync::CancellationToken;
 
 use super::prewarm::PrewarmStart;
 use super::{Counters, FillError, FillMode, FillStrategy, FlightLeader, FlightResult};
@@ -266,12 +265,7 @@ impl NarrativeService {
         // Whoever generates the key, its text reaches this instance's streaming
         // requests: relayed from the key's live stream until a generation here claims
         // `live` (the relay reads nothing while nobody streams).
-        let relay = CancellationToken::new();
-        let _stop_relay = relay.clone().drop_guard();
-        {
-            let (stream, key, live) = (shared.holder.live().clone(), key.clone(), Arc::clone(live));
-            tokio::spawn(async move { stream.relay(&key, &live, &relay).await });
-        }
+        let _relay = shared.holder.live().spawn_relay(key, live);
         // Long enough for a holder elsewhere to finish one slow generation.
         let give_up = Instant::now() + self.generation_wait.max(shared.lock().ttl()) * 4;
         // An erasure after this moment must not see this flight bring the entry back.
@@ -386,12 +380,7 @@ impl NarrativeService {
         key: &CacheKey,
         live: &Arc<LiveText>,
     ) -> Option<Arc<Envelope>> {
-        let relay = CancellationToken::new();
-        let _stop_relay = relay.clone().drop_guard();
-        {
-            let (stream, key, live) = (shared.holder.live().clone(), key.clone(), Arc::clone(live));
-            tokio::spawn(async move { stream.relay(&key, &live, &relay).await });
-        }
+        let _relay = shared.holder.live().spawn_relay(key, live);
         let give_up = Instant::now() + self.generation_wait.max(shared.lock().ttl()) * 4;
         let mut waiter = shared.bus().waiter(key);
         loop {

@@ -430,3 +430,61 @@ async fn without_text_in_time_the_template_streams_and_the_generation_is_stored(
     assert_eq!(hit.done()["source"], "cache");
     assert_eq!(app.llm_calls(), 1);
 }
+
+/// Streaming `GET`s of a key generated on another gateway share one follow, and
+/// follows count against `MAX_PENDING_GENERATIONS`: with a limit of one, twenty
+/// streams of one key all stream, and a stream of a second key is answered 202.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_gets_of_a_key_generated_elsewhere_share_one_follow() {
+    let (sim, version) = (sim(slow_stream()).await, unique_version("stream-follows"));
+    let redis = test_kit::redis().url.clone();
+    let vars = [
+        ("REDIS_URL", redis.as_str()),
+        ("ENGINE_VERSION", version.as_str()),
+    ];
+    let a = spawn_app_with(sim.clone(), &vars).await;
+    let limited = [
+        ("REDIS_URL", redis.as_str()),
+        ("ENGINE_VERSION", version.as_str()),
+        ("MAX_PENDING_GENERATIONS", "1"),
+    ];
+    let b = spawn_app_with(sim.clone(), &limited).await;
+    let first = crate::helpers::respond_async(&a, &profile(13)).await;
+    let second = crate::helpers::respond_async(&a, &profile(14)).await;
+    assert_eq!((first.status, second.status), (202, 202));
+    let (first, second) = (first.header("location"), second.header("location"));
+
+    // The first stream of the first key starts b's one follow, and holds it.
+    let opened = b
+        .client
+        .get(b.url(first))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(opened.status(), 200);
+    let other_key = b
+        .client
+        .get(b.url(second))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        other_key.status(),
+        202,
+        "the limit holds for a second key's follow"
+    );
+    let same_key = join_all((0..19).map(|_| b.stream_get(first))).await;
+    for stream in &same_key {
+        stream.assert_well_formed();
+        assert_eq!(
+            stream.meta()["source"],
+            "generating",
+            "{:?}",
+            stream.names()
+        );
+        assert_eq!(stream.done()["source"], "cache");
+    }
+    drop(opened);
+}
