@@ -16,30 +16,18 @@ use generator_worker::app::{run as run_worker, WorkerApp};
 use generator_worker::settings::WorkerSettings;
 use llm_sim::SimConfig;
 use serde_json::{json, Value};
-use system_tests::profile;
+use system_tests::{percentile, post_narrative, profile};
 
 const SIM_LATENCY_MS: u64 = 500;
 const TOKEN: &str = "bench-admin-token-0123";
 const MISSES: u32 = 40;
 const PREWARMED: u32 = 500;
 
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
-}
-
 async fn misses(label: &str, client: &reqwest::Client, url: &str, first: u32) {
     let mut overheads = Vec::new();
     for n in first..first + MISSES {
         let started = Instant::now();
-        let reply: Value = client
-            .post(format!("{url}/narrative"))
-            .json(&profile(n))
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("json");
+        let reply = post_narrative(client, url, &profile(n)).await;
         assert_eq!(reply["source"], "generated", "{reply}");
         overheads.push(started.elapsed().as_secs_f64() * 1000.0 - SIM_LATENCY_MS as f64);
     }

@@ -18,7 +18,7 @@ use futures::future::join_all;
 use generator_worker::app::{run as run_worker, WorkerApp};
 use generator_worker::settings::WorkerSettings;
 use llm_sim::SimConfig;
-use system_tests::{gateway, profile};
+use system_tests::{gateway, percentile, post_narrative, profile};
 
 const SIM_LATENCY_MS: u64 = 500;
 
@@ -36,23 +36,11 @@ async fn worker(vars: Vec<(&str, &str)>) -> WorkerApp {
     app
 }
 
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
-}
-
 async fn miss_overhead(label: &str, client: &reqwest::Client, url: &str, first: u32, count: u32) {
     let mut overheads = Vec::new();
     for n in first..first + count {
         let started = Instant::now();
-        let reply: serde_json::Value = client
-            .post(format!("{url}/narrative"))
-            .json(&profile(n))
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("json");
+        let reply = post_narrative(client, url, &profile(n)).await;
         assert_eq!(reply["source"], "generated", "{reply}");
         overheads.push(started.elapsed().as_secs_f64() * 1000.0 - SIM_LATENCY_MS as f64);
     }

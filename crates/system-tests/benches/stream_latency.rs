@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use llm_sim::SimConfig;
-use system_tests::{gateway, profile};
+use system_tests::{gateway, percentile, post_narrative, profile};
 
 const FIRST_TOKEN_MS: u64 = 400;
 const ROUNDS: u32 = 100;
@@ -71,7 +71,7 @@ fn signed_ms(later: Instant, earlier: Instant) -> f64 {
 
 fn report(label: &str, mut values: Vec<f64>) {
     values.sort_by(f64::total_cmp);
-    let at = |q: f64| values[((values.len() as f64 - 1.0) * q).round() as usize];
+    let at = |q: f64| percentile(&values, q);
     println!(
         "{label:<46} p50 {:>8.2} ms  p90 {:>8.2} ms  p99 {:>8.2} ms  max {:>8.2} ms  (n={})",
         at(0.5),
@@ -137,15 +137,7 @@ async fn main() {
     let mut whole = Vec::new();
     for n in 0..ROUNDS / 10 {
         let started = Instant::now();
-        let reply: serde_json::Value = client
-            .post(format!("{a}/narrative"))
-            .json(&profile(1000 + n))
-            .send()
-            .await
-            .expect("send")
-            .json()
-            .await
-            .expect("json");
+        let reply = post_narrative(&client, &a, &profile(1000 + n)).await;
         assert_eq!(reply["source"], "generated");
         whole.push(ms(started.elapsed()));
     }

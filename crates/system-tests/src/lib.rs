@@ -25,3 +25,25 @@ pub async fn gateway(vars: &[(&str, &str)]) -> String {
     tokio::spawn(run(listener, app, std::future::pending()));
     url
 }
+
+/// The value at quantile `q` (0 to 1) of `sorted` values.
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
+}
+
+/// `POST /narrative` of `body` to the gateway at `url`: its JSON answer.
+pub async fn post_narrative(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> serde_json::Value {
+    client
+        .post(format!("{url}/narrative"))
+        .json(body)
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json")
+}
