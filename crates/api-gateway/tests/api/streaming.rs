@@ -488,3 +488,26 @@ async fn streaming_gets_of_a_key_generated_elsewhere_share_one_follow() {
     }
     drop(opened);
 }
+
+/// A miss that asks for both `Prefer: respond-async` and an event stream streams: a
+/// stream is the better way not to wait.
+#[tokio::test]
+async fn an_event_stream_wins_over_respond_async() {
+    let app = spawn_app(
+        SimConfig {
+            latency_ms: 5,
+            ..SimConfig::default()
+        },
+        &[],
+    )
+    .await;
+    let streamed = crate::helpers::read_stream(
+        app.client
+            .post(app.url("/narrative"))
+            .header("prefer", "respond-async")
+            .json(&profile(15)),
+    )
+    .await;
+    streamed.assert_well_formed();
+    assert_eq!(streamed.done()["source"], "generated");
+}
