@@ -433,6 +433,16 @@ struct StatsBody {
     /// Hits by tier: `l1` in process, `l2` Redis (distributed mode only).
     #[serde(skip_serializing_if = "Option::is_none")]
     tier_hits: Option<TierHitsBody>,
+    /// This instance's last answers, newest first (the console's list).
+    recent: Vec<RecentBody>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RecentBody {
+    at: String,
+    source: &'static str,
+    latency_ms: f64,
 }
 
 #[derive(Serialize)]
@@ -472,6 +482,15 @@ async fn stats(_client: Client, State(state): State<Arc<AppState>>) -> Json<Stat
         },
         store: service.store_name(),
         model: service.generator().model().to_owned(),
+        recent: stats
+            .recent
+            .iter()
+            .map(|answer| RecentBody {
+                at: rfc3339(i64::try_from(answer.at_ms).unwrap_or(i64::MAX)),
+                source: answer.source.as_str(),
+                latency_ms: answer.latency_us as f64 / 1000.0,
+            })
+            .collect(),
         tier_hits: service.distributed().map(|shared| {
             let hits = shared.tiers.tier_hits();
             TierHitsBody {

@@ -72,5 +72,8 @@ async fn readyz(State(state): State<Arc<AppState>>) -> impl IntoResponse {
             "analytics": {"kind": "memory", "state": "up"},
         },
         "generator": {"kind": generator, "model": state.service.generator().model()},
+        // Whether client routes need a key (`API_KEYS`): what any caller learns from a
+        // 401 anyway, said up front so that the console asks before it calls.
+        "access": if state.settings.client_keys.is_empty() { "open" } else { "key" },
     }))
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use analytics::{new_event_id, RequestEvent, RequestOutcome};
 use cache_core::{Envelope, KeyedProfile, Tier};
 
-use super::{Answer, Caller, Count, NarrativeService, Source, Totals};
+use super::{Answer, Caller, Count, NarrativeService, RecentAnswer, RecentSource, Source, Totals};
 use crate::metrics::Outcome;
 use cache_core::StoreStats;
 
@@ -18,6 +18,8 @@ pub struct ServiceStats {
     pub counts: Totals,
     pub counts_are_global: bool,
     pub in_flight: usize,
+    /// This instance's last answers, newest first.
+    pub recent: Vec<RecentAnswer>,
 }
 
 impl NarrativeService {
@@ -65,8 +67,9 @@ impl NarrativeService {
                 (Outcome::Fallback, RequestOutcome::Fallback)
             }
         };
-        self.metrics
-            .observe_request(outcome, started.elapsed().as_secs_f64());
+        let elapsed = started.elapsed();
+        self.metrics.observe_request(outcome, elapsed.as_secs_f64());
+        self.remember(RecentSource::Answered(answer.source), elapsed);
         self.record_event(
             keyed,
             started,
@@ -80,9 +83,22 @@ impl NarrativeService {
     /// A 202: a miss whose generation runs on without the request.
     pub(super) fn account_pending(&self, keyed: &KeyedProfile, started: Instant, caller: &Caller) {
         self.counters.add(Count::Miss);
+        let elapsed = started.elapsed();
         self.metrics
-            .observe_request(Outcome::Pending, started.elapsed().as_secs_f64());
+            .observe_request(Outcome::Pending, elapsed.as_secs_f64());
+        self.remember(RecentSource::Pending, elapsed);
         self.record_request(keyed, started, caller, RequestOutcome::Miss, None);
+    }
+
+    fn remember(&self, source: RecentSource, took: Duration) {
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis() as u64);
+        self.recent.record(RecentAnswer {
+            at_ms,
+            source,
+            latency_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+        });
     }
 
     /// Hands the request's event to the sink (never blocks). A hit credits what its
@@ -154,6 +170,7 @@ impl NarrativeService {
             counts: global.unwrap_or_else(|| self.counters.local()),
             counts_are_global: global.is_some(),
             in_flight: self.flights.len(),
+            recent: self.recent.newest_first(),
         }
     }
 

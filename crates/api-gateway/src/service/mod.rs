@@ -23,8 +23,9 @@
 //! the fill strategies' trait and the in-process one; `distributed` the fill with
 //! Redis and workers; `accounting` counts every answer once and reports stats;
 //! `stream` streams an answer as its text is written (`Accept: text/event-stream`);
-//! `memo` remembers what request bodies derived to; `erasure` erases by user; `counters`, `reporting` and `prewarm` are the shared hit
-//! counters, analytics reads and pre-warm runs.
+//! `memo` remembers what request bodies derived to; `erasure` erases by user;
+//! `counters`, `reporting` and `prewarm` are the shared hit counters, analytics reads
+//! and pre-warm runs; `recent` the last few answers, for the console.
 
 mod accounting;
 mod answer;
@@ -34,6 +35,7 @@ mod erasure;
 mod fill;
 mod memo;
 mod prewarm;
+mod recent;
 mod reporting;
 mod strategy;
 mod stream;
@@ -59,6 +61,7 @@ pub use fill::{FillError, FillMode};
 use fill::{FlightLeader, FlightResult, Joined, Looked};
 pub use memo::{BodyMemo, Derived};
 pub use prewarm::{Pacer, PrewarmRuns, PrewarmStart, RunProgress, Step};
+pub use recent::{RecentAnswer, RecentSource, RECENT_ANSWERS};
 pub use reporting::{AnalyticsSource, RedisTallies};
 pub use strategy::{FillStrategy, InProcessFill};
 pub use stream::{Followed, NarrativeStream, StreamEvent, StreamStart};
@@ -97,6 +100,7 @@ pub struct NarrativeService {
     /// `narr:<version>:<promptHash>:` of earlier versions, newest first.
     previous_prefixes: Vec<String>,
     counters: Counters,
+    recent: recent::RecentAnswers,
     /// Which keys each user asked for, for erasure.
     user_index: Arc<dyn UserIndex>,
     /// How long an erasure's tombstone keeps jobs enqueued before it from writing.
@@ -177,6 +181,7 @@ impl NarrativeService {
                 .map(|(version, hash)| format!("narr:{version}:{hash}:"))
                 .collect(),
             counters: Counters::default(),
+            recent: recent::RecentAnswers::default(),
             user_index,
             erasure_tombstone,
             max_pending: max_pending_generations,
