@@ -4,6 +4,7 @@
 mod access;
 mod admin;
 mod body;
+mod console;
 mod error;
 mod narrative;
 mod ops;
@@ -29,6 +30,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(narrative::router())
         .merge(admin::router())
         .merge(ops::router())
+        .merge(console::router())
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::middleware::map_response_with_state(
@@ -60,9 +62,10 @@ pub(crate) fn accepted(location: &str, body: serde_json::Value) -> Response {
     response
 }
 
-/// Every answer is JSON or plain text for programs, never a page: browsers are told
-/// not to sniff it into one, frame it, or send referrers from it.
+/// Every answer but the console's is JSON or plain text for programs, never a page:
+/// browsers are told not to sniff it into one, frame it, or send referrers from it.
 pub fn security_headers(response: &mut Response) {
+    let is_console = response.extensions().get::<console::Page>().is_some();
     let headers = response.headers_mut();
     for (name, value) in [
         ("x-content-type-options", "nosniff"),
@@ -75,5 +78,13 @@ pub fn security_headers(response: &mut Response) {
         ("cross-origin-resource-policy", "same-origin"),
     ] {
         headers.insert(name, HeaderValue::from_static(value));
+    }
+    // The console is the one page: it may run its own scripts and styles, and call
+    // this gateway, nothing more.
+    if is_console {
+        headers.insert(
+            "content-security-policy",
+            HeaderValue::from_static(console::CONSOLE_POLICY),
+        );
     }
 }

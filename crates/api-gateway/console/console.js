@@ -1,0 +1,492 @@
+// The narrative-cache console: figures from the gateway's JSON routes, refreshed every
+// few seconds, and a playground that streams a narrative as it is written.
+//
+// Everything shown comes from the gateway this page was served by; nothing is stored
+// but the client key, in this tab's sessionStorage. Text from the gateway (system
+// names, errors, narratives) is only ever set as textContent.
+"use strict";
+
+(() => {
+  const REFRESH_MS = 3000;
+  const KEY_STORAGE = "narrative-cache.client-key";
+
+  const $ = (id) => document.getElementById(id);
+  const figure = (name) => document.querySelector(`[data-figure="${name}"]`);
+
+  // ---- Talking to the gateway -------------------------------------------------------
+
+  function clientKey() {
+    return sessionStorage.getItem(KEY_STORAGE);
+  }
+
+  function withAuth(headers = {}) {
+    const key = clientKey();
+    return key ? { ...headers, authorization: `Bearer ${key}` } : headers;
+  }
+
+  class Unauthorized extends Error {}
+
+  async function getJson(path) {
+    const response = await fetch(path, { headers: withAuth({ accept: "application/json" }) });
+    if (response.status === 401) throw new Unauthorized(path);
+    if (!response.ok) throw new Error(`${path}: ${response.status}`);
+    return response.json();
+  }
+
+  // ---- Formatting -------------------------------------------------------------------
+
+  const count = (n) => (n == null ? "—" : Number(n).toLocaleString("en-US"));
+  const percent = (r) => (r == null ? "—" : `${(r * 100).toFixed(1)}%`);
+  const dollars = (d) => (d == null ? "—" : `$${d.toFixed(d < 1 ? 6 : 2)}`);
+  const millis = (ms) => (ms == null ? "—" : `${Math.round(ms).toLocaleString("en-US")} ms`);
+  const took = (ms) => (ms < 1 ? `${(ms * 1000).toFixed(0)} µs` : `${ms.toFixed(1)} ms`);
+  const clock = (iso) => new Date(iso).toLocaleTimeString("en-GB", { hour12: false });
+
+  function set(name, text) {
+    const element = figure(name);
+    if (element) element.textContent = text;
+  }
+
+  function rows(tbody, items) {
+    tbody.replaceChildren(
+      ...items.map((cells) => {
+        const tr = document.createElement("tr");
+        cells.forEach(([text, className]) => {
+          const td = document.createElement("td");
+          td.textContent = text;
+          if (className) td.className = className;
+          tr.append(td);
+        });
+        return tr;
+      }),
+    );
+  }
+
+  // ---- Mode and backends (/readyz needs no key) ---------------------------------------
+
+  async function showReadiness() {
+    const ready = await getJson("/readyz");
+    $("mode").textContent = `${ready.mode} mode · ${ready.generator.kind} ${ready.generator.model}`;
+    $("mode").dataset.mode = ready.mode;
+    const items = Object.entries(ready.backends).map(([name, backend]) => {
+      const li = document.createElement("li");
+      li.className = `backend state-${backend.state}`;
+      li.dataset.backend = name;
+      const extra = ["signals", "l1"]
+        .filter((part) => backend[part])
+        .map((part) => ` · ${part} ${backend[part]}`)
+        .join("");
+      li.textContent = `${name}: ${backend.kind} ${backend.state}${extra}`;
+      return li;
+    });
+    $("backends").replaceChildren(...items);
+    return ready;
+  }
+
+  // ---- Figures ----------------------------------------------------------------------
+
+  let previousCounts = null;
+  let chart = null;
+  let refreshTimer = null;
+
+  function showStats(stats) {
+    set("hitRate", percent(stats.hitRate));
+    set("hits", count(stats.hits));
+    set("misses", count(stats.misses));
+    set("fallbacks", count(stats.fallbacks));
+    set("inFlight", count(stats.inFlight));
+    set("keys", count(stats.keys));
+    set("memoryUsed", stats.memoryUsed);
+    set("store", stats.store);
+    $("counts-scope").textContent = stats.counts === "global" ? "whole fleet" : "this instance";
+
+    const now = { hits: stats.hits, misses: stats.misses };
+    if (previousCounts) {
+      const hits = now.hits - previousCounts.hits;
+      const requests = hits + (now.misses - previousCounts.misses);
+      set("hitRateNow", requests > 0 ? percent(hits / requests) : "no requests");
+    }
+    previousCounts = now;
+
+    rows(
+      $("entries-by-version"),
+      Object.entries(stats.entriesByVersion).map(([version, n]) => [
+        [version],
+        [count(n), "num"],
+      ]),
+    );
+    rows(
+      $("recent"),
+      stats.recent.map((answer) => [
+        [clock(answer.at)],
+        [answer.source, `source source-${answer.source}`],
+        [took(answer.latencyMs), "num"],
+      ]),
+    );
+  }
+
+  function showAnalytics(summary) {
+    set("totalRequests", count(summary.totalRequests));
+    set("uniqueUsers", count(summary.uniqueUsers));
+    set("generations", count(summary.generations));
+    set("failedGenerations", count(summary.failedGenerations));
+    set("avgGenerationTime", millis(summary.avgGenerationTime));
+    set("estimatedCost", dollars(summary.estimatedCost));
+    set("costSaved", dollars(summary.costSaved));
+    set("tokensIn", count(summary.tokensIn));
+    set("tokensOut", count(summary.tokensOut));
+    set("tokensSaved", count(summary.tokensSaved));
+    rows(
+      $("top-systems"),
+      summary.topSystems.map((top) => [[top.system], [count(top.count), "num"]]),
+    );
+    showChart(summary.hitRateByHour);
+  }
+
+  function chartWidth() {
+    return Math.max(240, $("chart").clientWidth);
+  }
+
+  // The last day, by the hour; the analytics range (30 days) holds more.
+  const CHART_HOURS = 24;
+  let chartRange = [0, 1];
+
+  function showChart(buckets) {
+    const hour = 3600;
+    const end = Math.ceil(Date.now() / 1000 / hour) * hour;
+    chartRange = [end - CHART_HOURS * hour, end];
+    buckets = buckets.filter((b) => Date.parse(b.start) / 1000 >= chartRange[0]);
+    $("chart-empty").hidden = buckets.length > 0;
+    const data = [
+      buckets.map((b) => Date.parse(b.start) / 1000),
+      buckets.map((b) => b.hitRate * 100),
+      buckets.map((b) => b.requests),
+    ];
+    if (chart) {
+      if (chart.width !== chartWidth()) chart.setSize({ width: chartWidth(), height: 220 });
+      chart.setData(data);
+      return;
+    }
+    if (typeof uPlot === "undefined") return;
+    chart = new uPlot(
+      {
+        width: chartWidth(),
+        height: 220,
+        scales: { x: { time: true, range: () => chartRange }, pct: { range: [0, 100] }, n: { range: (_u, _min, max) => [0, Math.max(1, max)] } },
+        series: [
+          {},
+          { label: "Hit rate", scale: "pct", stroke: "#2f7d5b", width: 2, points: { show: true }, value: (_u, v) => (v == null ? "—" : `${v.toFixed(1)}%`) },
+          { label: "Requests", scale: "n", stroke: "#6b6fd4", width: 1, dash: [4, 3], points: { show: true } },
+        ],
+        axes: [
+          {},
+          { scale: "pct", values: (_u, ticks) => ticks.map((t) => `${t}%`) },
+          { scale: "n", side: 1, grid: { show: false } },
+        ],
+      },
+      data,
+      $("chart"),
+    );
+    window.addEventListener("resize", () => chart.setSize({ width: chartWidth(), height: 220 }));
+  }
+
+  async function refresh() {
+    try {
+      const [stats, summary] = await Promise.all([
+        getJson("/narrative/stats"),
+        getJson("/narrative/analytics"),
+      ]);
+      // Shown before they are drawn, so that the chart takes its panel's width.
+      $("figures").hidden = false;
+      showStats(stats);
+      showAnalytics(summary);
+      const at = new Date();
+      $("updated-at").dateTime = at.toISOString();
+      $("updated-at").textContent = at.toLocaleTimeString("en-GB", { hour12: false });
+      $("figures").dataset.refreshes = String(Number($("figures").dataset.refreshes || 0) + 1);
+      await showReadiness();
+    } catch (error) {
+      if (error instanceof Unauthorized) {
+        askForKey("That key was refused.");
+        return;
+      }
+      $("mode").textContent = `unreachable: ${error.message}`;
+    }
+    refreshTimer = setTimeout(refresh, REFRESH_MS);
+  }
+
+  function startFigures() {
+    clearTimeout(refreshTimer);
+    $("refresh-seconds").textContent = String(REFRESH_MS / 1000);
+    refresh();
+  }
+
+  // ---- The client key ---------------------------------------------------------------
+
+  function askForKey(message) {
+    clearTimeout(refreshTimer);
+    sessionStorage.removeItem(KEY_STORAGE);
+    $("figures").hidden = true;
+    $("auth").hidden = false;
+    $("auth-error").textContent = message || "";
+    $("auth-key").focus();
+  }
+
+  $("auth-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const key = $("auth-key").value.trim();
+    if (!key) return;
+    sessionStorage.setItem(KEY_STORAGE, key);
+    $("auth-key").value = "";
+    $("auth").hidden = true;
+    $("auth-error").textContent = "";
+    startFigures();
+  });
+
+  // ---- Playground: the profile form -------------------------------------------------
+
+  const DEFAULT_SHARES = [
+    ["Pleiades", "62.4"],
+    ["Sirius", "25.1"],
+    ["Arcturus", "12.5"],
+  ];
+  let nextShareId = 0;
+
+  function addShare(name = "", share = "") {
+    const id = nextShareId++;
+    const li = document.createElement("li");
+    li.className = "share";
+
+    const nameLabel = document.createElement("label");
+    nameLabel.htmlFor = `share-name-${id}`;
+    nameLabel.textContent = "System";
+    const nameInput = document.createElement("input");
+    nameInput.id = `share-name-${id}`;
+    nameInput.className = "share-name";
+    nameInput.value = name;
+
+    const shareLabel = document.createElement("label");
+    shareLabel.htmlFor = `share-value-${id}`;
+    shareLabel.textContent = "Share %";
+    const shareInput = document.createElement("input");
+    shareInput.id = `share-value-${id}`;
+    shareInput.className = "share-value";
+    shareInput.inputMode = "decimal";
+    shareInput.value = share;
+
+    const error = document.createElement("p");
+    error.id = `share-error-${id}`;
+    error.className = "field-error";
+    error.setAttribute("role", "alert");
+    shareInput.setAttribute("aria-describedby", error.id);
+
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "secondary remove";
+    remove.textContent = "Remove";
+    remove.setAttribute("aria-label", `Remove system ${id + 1}`);
+    remove.addEventListener("click", () => li.remove());
+
+    li.append(nameLabel, nameInput, shareLabel, shareInput, remove, error);
+    $("shares").append(li);
+    return li;
+  }
+
+  function profileBody() {
+    const percentages = {};
+    for (const li of $("shares").children) {
+      const name = li.querySelector(".share-name").value.trim();
+      const raw = li.querySelector(".share-value").value.trim();
+      if (!name && !raw) continue;
+      // A share that is not a number is sent as typed, for the gateway to name it.
+      const number = Number(raw);
+      percentages[name] = raw !== "" && Number.isFinite(number) ? number : raw;
+    }
+    const body = {
+      classification: $("classification").value,
+      percentages,
+      hdData: {
+        type: $("hd-type").value,
+        authority: $("hd-authority").value,
+        profile: $("hd-profile").value.trim(),
+      },
+    };
+    if (body.classification === "primary") {
+      body.primary = $("primary").value.trim();
+    } else {
+      body.hybrid = $("hybrid").value.split(",").map((s) => s.trim()).filter(Boolean);
+    }
+    const userId = $("user-id").value.trim();
+    if (userId) body.userId = userId;
+    return body;
+  }
+
+  $("classification").addEventListener("change", () => {
+    const hybrid = $("classification").value === "hybrid";
+    $("primary-row").hidden = hybrid;
+    $("hybrid-row").hidden = !hybrid;
+  });
+  $("add-share").addEventListener("click", () => addShare().querySelector("input").focus());
+
+  // ---- Playground: errors next to their input -----------------------------------------
+
+  function clearErrors() {
+    document.querySelectorAll("#profile-form .field-error").forEach((p) => (p.textContent = ""));
+    document
+      .querySelectorAll("#profile-form [aria-invalid]")
+      .forEach((input) => input.removeAttribute("aria-invalid"));
+  }
+
+  // Where the gateway's `field` belongs: `percentages.<Name>` at that system's share,
+  // `hybrid[1]` at the hybrid list, `hdData.type` at the type; the body otherwise.
+  function errorSlot(field) {
+    const share = /^percentages\.(.+)$/.exec(field || "");
+    if (share) {
+      const wanted = share[1].toLowerCase();
+      for (const li of $("shares").children) {
+        if (li.querySelector(".share-name").value.trim().toLowerCase() === wanted) {
+          return { error: li.querySelector(".field-error"), input: li.querySelector(".share-value") };
+        }
+      }
+    }
+    const base = (field || "body").replace(/\[\d+\]$/, "").replace(/^percentages\..*$/, "percentages");
+    const error = document.querySelector(`#profile-form [data-field="${CSS.escape(base)}"]`);
+    if (!error) return { error: $("error-body"), input: null };
+    const input = document.querySelector(`[aria-describedby="${error.id}"]`);
+    return { error, input };
+  }
+
+  function showError(payload, status) {
+    const { field, message, code } = (payload && payload.error) || {};
+    const { error, input } = errorSlot(field);
+    error.textContent = field ? `${field}: ${message}` : `${code || status}: ${message || "failed"}`;
+    if (input) {
+      input.setAttribute("aria-invalid", "true");
+      input.focus();
+    }
+    answerState("error", `${status} ${code || ""}`.trim());
+  }
+
+  // ---- Playground: the answer ----------------------------------------------------------
+
+  function answerState(state, note) {
+    $("answer").dataset.state = state;
+    $("answer-state").textContent = note || "";
+  }
+
+  function resetAnswer() {
+    for (const id of ["answer-source", "answer-x-cache", "answer-cache-status", "answer-key"]) {
+      $(id).textContent = "—";
+    }
+    $("narrative").textContent = "";
+    $("canonical").hidden = true;
+    $("canonical").textContent = "";
+  }
+
+  async function explain(body) {
+    const response = await fetch("/narrative/key", {
+      method: "POST",
+      headers: withAuth({ "content-type": "application/json" }),
+      body: JSON.stringify(body),
+    });
+    const payload = await response.json();
+    if (!response.ok) return showError(payload, response.status);
+    $("answer-key").textContent = payload.cacheKey;
+    $("canonical").textContent = JSON.stringify(payload.canonical, null, 2);
+    $("canonical").hidden = false;
+    answerState("done", "the canonical form the key is the digest of");
+  }
+
+  // Server-Sent Events from a fetch body: `event:` and `data:` lines, a blank line
+  // ends an event, lines starting with `:` are comments (the keepalive).
+  async function* events(response) {
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += value;
+      let end;
+      while ((end = buffer.search(/\r?\n\r?\n/)) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end).replace(/^\r?\n\r?\n/, "");
+        let name = "message";
+        const data = [];
+        for (const line of block.split(/\r?\n/)) {
+          if (line.startsWith(":")) continue;
+          const colon = line.indexOf(":");
+          const field = colon < 0 ? line : line.slice(0, colon);
+          const text = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+          if (field === "event") name = text;
+          else if (field === "data") data.push(text);
+        }
+        if (data.length) yield { name, data: JSON.parse(data.join("\n")) };
+      }
+    }
+  }
+
+  async function generate(body, noCache) {
+    const headers = withAuth({ "content-type": "application/json", accept: "text/event-stream" });
+    if (noCache) headers["cache-control"] = "no-cache";
+    const response = await fetch("/narrative", { method: "POST", headers, body: JSON.stringify(body) });
+    $("answer-x-cache").textContent = response.headers.get("x-cache") || "—";
+    $("answer-cache-status").textContent = response.headers.get("cache-status") || "—";
+    if (!(response.headers.get("content-type") || "").startsWith("text/event-stream")) {
+      const payload = await response.json().catch(() => null);
+      if (response.status === 401) askForKey("The gateway asks for a client key.");
+      return showError(payload, response.status);
+    }
+    answerState("streaming", "streaming…");
+    const narrative = $("narrative");
+    for await (const event of events(response)) {
+      if (event.name === "meta") {
+        $("answer-key").textContent = event.data.cacheKey;
+        $("answer-source").textContent = event.data.source;
+      } else if (event.name === "delta") {
+        narrative.append(event.data.text);
+      } else if (event.name === "reset") {
+        narrative.textContent = "";
+        answerState("streaming", `restarted (${event.data.reason})…`);
+      } else if (event.name === "done") {
+        if (event.data.error) return showError(event.data, response.status);
+        narrative.textContent = event.data.narrative;
+        $("answer-source").textContent = event.data.source;
+        answerState("done", `${event.data.model} · generated at ${event.data.generatedAt}`);
+      }
+    }
+    if ($("answer").dataset.state === "streaming") answerState("error", "the stream ended early");
+  }
+
+  $("profile-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const action = (event.submitter && event.submitter.value) || "generate";
+    clearErrors();
+    resetAnswer();
+    answerState("sending", "sending…");
+    const buttons = document.querySelectorAll("#profile-form button[type=submit]");
+    buttons.forEach((button) => (button.disabled = true));
+    try {
+      const body = profileBody();
+      if (action === "explain") await explain(body);
+      else await generate(body, action === "no-cache");
+    } catch (error) {
+      answerState("error", error.message);
+    } finally {
+      buttons.forEach((button) => (button.disabled = false));
+      // After an error the focus stays on the input it names.
+      if (event.submitter && $("answer").dataset.state !== "error") event.submitter.focus();
+    }
+  });
+
+  // ---- Start ------------------------------------------------------------------------
+
+  DEFAULT_SHARES.forEach(([name, share]) => addShare(name, share));
+  showReadiness()
+    .then((ready) => {
+      if (ready.access === "key" && !clientKey()) askForKey();
+      else startFigures();
+    })
+    .catch((error) => {
+      $("mode").textContent = `unreachable: ${error.message}`;
+    });
+})();
