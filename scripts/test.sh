@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine: installs the servers the tests start
 # (redis-server with redis-cli, rabbitmq-server, postgresql; the tests run their own on
-# loopback ports, nothing is mocked) and promtool (Debian's prometheus package),
+# loopback ports, nothing is mocked), promtool (Debian's prometheus package) and
+# chromium with chromium-driver (the console's browser test),
 # validates the deploy files (scripts/validate-deploy.sh), then runs every test.
 #
 #   scripts/test.sh [extra cargo test args]
@@ -14,6 +15,9 @@ command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || need+
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 # promtool checks the Prometheus config and alert rules in deploy/.
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+# The console's browser test drives headless Chromium through ChromeDriver.
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   sudo=""

@@ -800,3 +800,76 @@ fn redis_ping(port: u16) -> bool {
         && stream.read_exact(&mut reply).is_ok()
         && &reply == b"+PONG\r\n"
 }
+
+/// A `chromedriver` (Debian's `chromium-driver`) on loopback, for browser tests: each
+/// test opens its own session on it, each session its own headless `chromium`.
+#[derive(Debug)]
+pub struct ChromeDriver {
+    pub process: ServerProcess,
+    /// The WebDriver endpoint, `http://127.0.0.1:<port>`.
+    pub url: String,
+}
+
+/// The chromedriver of this test binary, started on first use and shared by its tests.
+pub fn chromedriver() -> &'static ChromeDriver {
+    static DRIVER: OnceLock<ChromeDriver> = OnceLock::new();
+    DRIVER.get_or_init(|| {
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            match start_chromedriver(free_port()) {
+                Ok(driver) => return driver,
+                Err(error) => last_error = error,
+            }
+        }
+        panic!("chromedriver would not start: {last_error}")
+    })
+}
+
+/// The browser the sessions start, found like the servers are.
+pub fn chromium_binary() -> PathBuf {
+    find_binary("chromium")
+}
+
+fn start_chromedriver(port: u16) -> Result<ChromeDriver, String> {
+    let dir = scratch_dir("chromedriver");
+    let mut command = Command::new(find_binary("chromedriver"));
+    command
+        .arg(format!("--port={port}"))
+        .arg(format!(
+            "--log-path={}",
+            dir.join("chromedriver.log").display()
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let process = ServerProcess::spawn(command, port, dir).map_err(|e| e.to_string())?;
+    wait_for(
+        || http_get(port, "/status").contains("\"ready\":true"),
+        "chromedriver",
+    )?;
+    if !process.is_running() {
+        return Err(format!("exited at start on port {port}"));
+    }
+    Ok(ChromeDriver {
+        process,
+        url: format!("http://127.0.0.1:{port}"),
+    })
+}
+
+/// The answer to `GET path` on a loopback port (spaces removed), or nothing if it
+/// does not answer. Whatever arrives within half a second: chromedriver keeps the
+/// connection open after its answer.
+fn http_get(port: u16, path: &str) -> String {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return String::new();
+    }
+    // On a timeout, what was read before it is kept.
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).replace(' ', "")
+}

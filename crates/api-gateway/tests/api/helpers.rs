@@ -63,6 +63,17 @@ pub async fn spawn_app_with(sim: SimHandle, vars: &[(&str, &str)]) -> TestApp {
     }
 }
 
+/// The streaming issue's simulator: first token at 400 ms, 60-character chunks every
+/// 80 ms (a narrative of about 900 characters takes some 1.5 s).
+pub fn slow_stream() -> SimConfig {
+    SimConfig {
+        latency_ms: 400,
+        chunk_chars: 60,
+        chunk_interval_ms: 80,
+        ..SimConfig::default()
+    }
+}
+
 /// A valid profile; different `n` (below 6,400) give different keys.
 pub fn profile(n: u32) -> Value {
     let lead = 30.0 + f64::from(n % 100) * 0.5;

@@ -3,6 +3,7 @@
 mod access;
 mod analytics;
 mod connections;
+mod console;
 mod directives;
 mod distributed;
 mod erasure;

@@ -11,21 +11,10 @@ use llm_sim::{SimConfig, SimHandle};
 use serde_json::Value;
 
 use crate::helpers::{
-    assert_streamed_to_all, profile, spawn_app, spawn_app_with, unique_version, Reply, Streamed,
-    TestApp,
+    assert_streamed_to_all, profile, slow_stream, spawn_app, spawn_app_with, unique_version, Reply,
+    Streamed, TestApp,
 };
 use crate::process::spawn_process;
-
-/// The simulator: first token at 400 ms, 60-character chunks every 80 ms (a
-/// narrative of about 900 characters takes some 1.5 s).
-fn slow_stream() -> SimConfig {
-    SimConfig {
-        latency_ms: 400,
-        chunk_chars: 60,
-        chunk_interval_ms: 80,
-        ..SimConfig::default()
-    }
-}
 
 async fn sim(config: SimConfig) -> SimHandle {
     llm_sim::spawn(config).await.expect("simulator starts")
