@@ -176,12 +176,20 @@
         series: [
           {},
           { label: "Hit rate", scale: "pct", stroke: "#2f7d5b", width: 2, points: { show: true }, value: (_u, v) => (v == null ? "—" : `${v.toFixed(1)}%`) },
-          { label: "Requests", scale: "n", stroke: "#6b6fd4", width: 1, dash: [4, 3], points: { show: true } },
+          {
+            label: "Requests",
+            scale: "n",
+            stroke: "#6b6fd4",
+            fill: "rgba(107, 111, 212, 0.25)",
+            paths: uPlot.paths.bars({ size: [0.6, 24] }),
+            points: { show: false },
+          },
         ],
         axes: [
           {},
           { scale: "pct", values: (_u, ticks) => ticks.map((t) => `${t}%`) },
-          { scale: "n", side: 1, grid: { show: false } },
+          // Requests are whole numbers: no tick at 0.2 of one.
+          { scale: "n", side: 1, grid: { show: false }, incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1e3, 2e3, 5e3, 1e4, 1e5, 1e6] },
         ],
       },
       data,

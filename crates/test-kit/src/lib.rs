@@ -7,7 +7,8 @@
 //! exits however it exits (pass, fail, panic, kill). Their scratch folders are removed
 //! at the next start when the process that made them is gone.
 //!
-//! RabbitMQ and Postgres join the same way, through [`ServerProcess`].
+//! RabbitMQ, Postgres and [`chromedriver()`] (for browser tests) join the same way,
+//! through [`ServerProcess`].
 
 #![allow(unsafe_code)] // Only for the parent-death signal in `ServerProcess::spawn`.
 

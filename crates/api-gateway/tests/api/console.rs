@@ -389,7 +389,16 @@ async fn the_console_shows_the_routes_figures_and_streams_a_narrative() {
         stored.body["narrative"].as_str().expect("narrative").trim()
     );
     assert_eq!(app.llm_calls(), 3, "one call per profile");
+    // The figures follow: the generation is among the last answers.
+    let shown = assert_figures_match(&browser, &app, None).await;
+    assert_eq!(shown["generations"], "3", "{shown}");
     browser.assert_no_console_errors().await;
+    // The whole page, figures and answer, for the docs.
+    browser
+        .client
+        .set_window_size(1000, 2300)
+        .await
+        .expect("resize");
     browser.script("window.scrollTo(0, 0); return true;").await;
     browser.screenshot("console.png").await;
 
