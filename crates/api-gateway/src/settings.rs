@@ -60,6 +60,9 @@ pub struct Settings {
     pub client_keys: ClientKeys,
     /// `RATE_LIMIT_RPS` and `RATE_LIMIT_BURST`: per client, per gateway; off unset.
     pub rate_limit: Option<RateLimit>,
+    /// `CONSOLE`: whether `GET /console` is served (on by default; off leaves the
+    /// gateway's address with no HTML at all).
+    pub console: bool,
     /// `LLM_MAX_CONCURRENCY` and `LLM_DAILY_BUDGET_USD`.
     pub guard: GuardSettings,
     /// `ERASURE_TOMBSTONE_TTL`: how long an erased entry refuses work begun before
@@ -229,6 +232,7 @@ impl Settings {
             guard: guard_settings_from(vars)?,
             client_keys,
             rate_limit,
+            console: vars.bool_or("CONSOLE", true)?,
             admin_token,
             prewarm_interval: Duration::from_secs_f64(1.0 / prewarm_rate),
             prewarm_window: positive(
@@ -281,6 +285,7 @@ impl Settings {
             "llm": self.llm.is_some(),
             "clients": self.client_keys.names().collect::<Vec<_>>(),
             "adminToken": self.admin_token.is_some(),
+            "console": self.console,
             "llmMaxConcurrency": self.guard.max_concurrency,
             "llmDailyBudgetUsd": self.guard.daily_budget_usd,
             "rateLimit": self.rate_limit.map(|l| serde_json::json!({"perSecond": l.per_second, "burst": l.burst})),

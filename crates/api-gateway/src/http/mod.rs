@@ -26,11 +26,16 @@ use crate::app::AppState;
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 pub fn router(state: Arc<AppState>) -> Router {
+    let console = if state.settings.console {
+        console::router()
+    } else {
+        Router::new()
+    };
     Router::new()
         .merge(narrative::router())
         .merge(admin::router())
         .merge(ops::router())
-        .merge(console::router())
+        .merge(console)
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::middleware::map_response_with_state(

@@ -58,7 +58,7 @@ pub struct RecentAnswer {
 }
 
 // A word: 42 bits of Unix milliseconds (until the year 2109), 3 of source, 19 of
-// latency in units of 100 µs (up to 52 s, where longer answers are pinned).
+// latency in units of 100 µs, rounded (up to 52.4 s, where longer answers are pinned).
 const SOURCE_SHIFT: u32 = 42;
 const LATENCY_SHIFT: u32 = 45;
 const LATENCY_UNIT_US: u64 = 100;
@@ -73,7 +73,7 @@ pub struct RecentAnswers {
 
 impl RecentAnswers {
     pub fn record(&self, answer: RecentAnswer) {
-        let units = answer.latency_us.min(LATENCY_CAP_US) / LATENCY_UNIT_US;
+        let units = (answer.latency_us.min(LATENCY_CAP_US) + LATENCY_UNIT_US / 2) / LATENCY_UNIT_US;
         let word = (answer.at_ms & ((1 << SOURCE_SHIFT) - 1))
             | (answer.source.to_bits() << SOURCE_SHIFT)
             | (units << LATENCY_SHIFT);
@@ -82,11 +82,13 @@ impl RecentAnswers {
     }
 
     /// The remembered answers, newest first. Under concurrent answers a slot may be
-    /// read just before or after it is overwritten; each answer read is a whole one.
+    /// read just before or after it is overwritten (a claimed slot still holds the
+    /// answer sixteen back); each answer read is a whole one, and they are ordered by
+    /// time.
     pub fn newest_first(&self) -> Vec<RecentAnswer> {
         let next = self.next.load(Ordering::Relaxed);
         let count = next.min(RECENT_ANSWERS as u64);
-        (1..=count)
+        let mut answers: Vec<RecentAnswer> = (1..=count)
             .filter_map(|back| {
                 let slot = ((next - back) % RECENT_ANSWERS as u64) as usize;
                 let word = self.slots[slot].load(Ordering::Relaxed);
@@ -96,7 +98,10 @@ impl RecentAnswers {
                     latency_us: (word >> LATENCY_SHIFT) * LATENCY_UNIT_US,
                 })
             })
-            .collect()
+            .collect();
+        // Stable: answers of one millisecond keep the ring's order.
+        answers.sort_by_key(|answer| std::cmp::Reverse(answer.at_ms));
+        answers
     }
 }
 
@@ -132,7 +137,7 @@ mod tests {
                 answer(
                     1_767_225_600_200,
                     RecentSource::Answered(Source::Cache),
-                    100
+                    200
                 ),
                 answer(
                     1_767_225_600_123,
