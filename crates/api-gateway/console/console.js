@@ -25,11 +25,20 @@
   }
 
   class Unauthorized extends Error {}
+  // Any other answer than 200: the gateway's word, not a bug of the page.
+  class Refused extends Error {}
 
-  async function getJson(path) {
-    const response = await fetch(path, { headers: withAuth({ accept: "application/json" }) });
+  // The gateway's routes, relative to this page: a proxy may mount the gateway under
+  // a path prefix.
+  const route = (path) => new URL(path, document.baseURI).toString();
+
+  async function getJson(path, signal) {
+    const response = await fetch(route(path), {
+      headers: withAuth({ accept: "application/json" }),
+      signal,
+    });
     if (response.status === 401) throw new Unauthorized(path);
-    if (!response.ok) throw new Error(`${path}: ${response.status}`);
+    if (!response.ok) throw new Refused(`${path} answered ${response.status}`);
     return response.json();
   }
 
@@ -39,7 +48,8 @@
   const percent = (r) => (r == null ? "—" : `${(r * 100).toFixed(1)}%`);
   const dollars = (d) => (d == null ? "—" : `$${d.toFixed(d < 1 ? 6 : 2)}`);
   const millis = (ms) => (ms == null ? "—" : `${Math.round(ms).toLocaleString("en-US")} ms`);
-  const took = (ms) => (ms < 1 ? `${(ms * 1000).toFixed(0)} µs` : `${ms.toFixed(1)} ms`);
+  const took = (ms) =>
+    ms < 0.1 ? "<100 µs" : ms < 1 ? `${(ms * 1000).toFixed(0)} µs` : `${ms.toFixed(1)} ms`;
   const clock = (iso) => new Date(iso).toLocaleTimeString("en-GB", { hour12: false });
 
   function set(name, text) {
@@ -64,8 +74,8 @@
 
   // ---- Mode and backends (/readyz needs no key) ---------------------------------------
 
-  async function showReadiness() {
-    const ready = await getJson("/readyz");
+  async function showReadiness(signal) {
+    const ready = await getJson("readyz", signal);
     $("mode").textContent = `${ready.mode} mode · ${ready.generator.kind} ${ready.generator.model}`;
     $("mode").dataset.mode = ready.mode;
     const items = Object.entries(ready.backends).map(([name, backend]) => {
@@ -87,7 +97,6 @@
 
   let previousCounts = null;
   let chart = null;
-  let refreshTimer = null;
 
   function showStats(stats) {
     set("hitRate", percent(stats.hitRate));
@@ -100,11 +109,17 @@
     set("store", stats.store);
     $("counts-scope").textContent = stats.counts === "global" ? "whole fleet" : "this instance";
 
-    const now = { hits: stats.hits, misses: stats.misses };
-    if (previousCounts) {
+    // Over the last interval: the difference of two refreshes' counts, when both
+    // count the same thing (a fleet's counts and an instance's do not mix, and a
+    // restarted gateway counts from zero).
+    const now = { hits: stats.hits, misses: stats.misses, scope: stats.counts };
+    if (previousCounts && previousCounts.scope === now.scope) {
       const hits = now.hits - previousCounts.hits;
-      const requests = hits + (now.misses - previousCounts.misses);
-      set("hitRateNow", requests > 0 ? percent(hits / requests) : "no requests");
+      const misses = now.misses - previousCounts.misses;
+      if (hits < 0 || misses < 0) set("hitRateNow", "—");
+      else set("hitRateNow", hits + misses > 0 ? percent(hits / (hits + misses)) : "no requests");
+    } else {
+      set("hitRateNow", "—");
     }
     previousCounts = now;
 
@@ -155,12 +170,18 @@
     const hour = 3600;
     const end = Math.ceil(Date.now() / 1000 / hour) * hour;
     chartRange = [end - CHART_HOURS * hour, end];
-    buckets = buckets.filter((b) => Date.parse(b.start) / 1000 >= chartRange[0]);
-    $("chart-empty").hidden = buckets.length > 0;
+    const byHour = new Map(
+      buckets.map((b) => [Date.parse(b.start) / 1000, b]).filter(([at]) => at >= chartRange[0]),
+    );
+    $("chart-empty").hidden = byHour.size > 0;
+    $("chart").dataset.points = String(byHour.size);
+    // Every hour of the range, so that the line breaks where no request came.
+    const hours = [];
+    for (let at = chartRange[0]; at < chartRange[1]; at += hour) hours.push(at);
     const data = [
-      buckets.map((b) => Date.parse(b.start) / 1000),
-      buckets.map((b) => b.hitRate * 100),
-      buckets.map((b) => b.requests),
+      hours,
+      hours.map((at) => (byHour.has(at) ? byHour.get(at).hitRate * 100 : null)),
+      hours.map((at) => (byHour.has(at) ? byHour.get(at).requests : null)),
     ];
     if (chart) {
       if (chart.width !== chartWidth()) chart.setSize({ width: chartWidth(), height: 220 });
@@ -198,12 +219,30 @@
     window.addEventListener("resize", () => chart.setSize({ width: chartWidth(), height: 220 }));
   }
 
-  async function refresh() {
+  // One refresh loop at a time: starting it again (a new key) or stopping it (a key
+  // refused) bumps the epoch, aborts what is in flight, and a refresh of an older
+  // epoch neither draws nor re-arms.
+  let epoch = 0;
+  let inFlight = null;
+  let refreshTimer = null;
+
+  function stopFigures() {
+    epoch += 1;
+    clearTimeout(refreshTimer);
+    if (inFlight) inFlight.abort();
+    inFlight = null;
+  }
+
+  async function refresh(mine) {
+    const controller = new AbortController();
+    inFlight = controller;
+    let retry = REFRESH_MS;
     try {
       const [stats, summary] = await Promise.all([
-        getJson("/narrative/stats"),
-        getJson("/narrative/analytics"),
+        getJson("narrative/stats", controller.signal),
+        getJson("narrative/analytics", controller.signal),
       ]);
+      if (mine !== epoch) return;
       // Shown before they are drawn, so that the chart takes its panel's width.
       $("figures").hidden = false;
       showStats(stats);
@@ -212,27 +251,50 @@
       $("updated-at").dateTime = at.toISOString();
       $("updated-at").textContent = at.toLocaleTimeString("en-GB", { hour12: false });
       $("figures").dataset.refreshes = String(Number($("figures").dataset.refreshes || 0) + 1);
-      await showReadiness();
+      await showReadiness(controller.signal);
     } catch (error) {
+      if (mine !== epoch || error.name === "AbortError") return;
       if (error instanceof Unauthorized) {
         askForKey("That key was refused.");
         return;
       }
-      $("mode").textContent = `unreachable: ${error.message}`;
+      // A network failure (TypeError) or an answer like 429 or 503 is the gateway's
+      // state, shown; anything else is a fault of this page, logged.
+      if (!(error instanceof TypeError || error instanceof Refused)) console.error(error);
+      $("mode").textContent = `unreachable: ${error.message}; retrying`;
+      retry = REFRESH_MS * 2;
+    } finally {
+      if (inFlight === controller) inFlight = null;
     }
-    refreshTimer = setTimeout(refresh, REFRESH_MS);
+    if (mine !== epoch) return;
+    // A hidden tab asks nothing; it refreshes when shown again.
+    if (document.visibilityState === "hidden") return;
+    refreshTimer = setTimeout(() => refresh(mine), retry);
   }
 
   function startFigures() {
-    clearTimeout(refreshTimer);
+    stopFigures();
     $("refresh-seconds").textContent = String(REFRESH_MS / 1000);
-    refresh();
+    $("interval-label").textContent = `${REFRESH_MS / 1000} s`;
+    previousCounts = null;
+    refresh(epoch);
   }
+
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "visible" && $("auth").hidden && !inFlight) {
+      clearTimeout(refreshTimer);
+      refresh(epoch);
+    }
+  });
 
   // ---- The client key ---------------------------------------------------------------
 
+  // What an HTTP header may carry: a pasted key with a zero-width space or a smart
+  // quote would make every request throw.
+  const KEY_SHAPE = /^[\x21-\x7e]+$/;
+
   function askForKey(message) {
-    clearTimeout(refreshTimer);
+    stopFigures();
     sessionStorage.removeItem(KEY_STORAGE);
     $("figures").hidden = true;
     $("auth").hidden = false;
@@ -244,6 +306,10 @@
     event.preventDefault();
     const key = $("auth-key").value.trim();
     if (!key) return;
+    if (!KEY_SHAPE.test(key)) {
+      $("auth-error").textContent = "A key is printable ASCII without spaces; check what was pasted.";
+      return;
+    }
     sessionStorage.setItem(KEY_STORAGE, key);
     $("auth-key").value = "";
     $("auth").hidden = true;
@@ -300,19 +366,29 @@
     return li;
   }
 
+  class Duplicate extends Error {}
+
+  // The form as a `POST /narrative` body. A system listed twice cannot be sent (a
+  // JSON object keeps one of the two), so it is refused here, at the second row.
   function profileBody() {
-    const percentages = {};
+    const percentages = new Map();
     for (const li of $("shares").children) {
       const name = li.querySelector(".share-name").value.trim();
       const raw = li.querySelector(".share-value").value.trim();
       if (!name && !raw) continue;
+      if (percentages.has(name)) {
+        li.querySelector(".field-error").textContent = `${name}: is listed twice`;
+        li.querySelector(".share-name").setAttribute("aria-invalid", "true");
+        li.querySelector(".share-name").focus();
+        throw new Duplicate(name);
+      }
       // A share that is not a number is sent as typed, for the gateway to name it.
       const number = Number(raw);
-      percentages[name] = raw !== "" && Number.isFinite(number) ? number : raw;
+      percentages.set(name, raw !== "" && Number.isFinite(number) ? number : raw);
     }
     const body = {
       classification: $("classification").value,
-      percentages,
+      percentages: Object.fromEntries(percentages),
       hdData: {
         type: $("hd-type").value,
         authority: $("hd-authority").value,
@@ -350,12 +426,14 @@
   function errorSlot(field) {
     const share = /^percentages\.(.+)$/.exec(field || "");
     if (share) {
-      const wanted = share[1].toLowerCase();
-      for (const li of $("shares").children) {
-        if (li.querySelector(".share-name").value.trim().toLowerCase() === wanted) {
-          return { error: li.querySelector(".field-error"), input: li.querySelector(".share-value") };
-        }
-      }
+      // The gateway names the system as it was sent: the same spelling first, then
+      // any spelling that differs only in case.
+      const rows = [...$("shares").children];
+      const named = (same) => rows.find((li) => same(li.querySelector(".share-name").value.trim()));
+      const li =
+        named((name) => name === share[1]) ||
+        named((name) => name.toLowerCase() === share[1].toLowerCase());
+      if (li) return { error: li.querySelector(".field-error"), input: li.querySelector(".share-value") };
     }
     const base = (field || "body").replace(/\[\d+\]$/, "").replace(/^percentages\..*$/, "percentages");
     const error = document.querySelector(`#profile-form [data-field="${CSS.escape(base)}"]`);
@@ -380,6 +458,8 @@
   function answerState(state, note) {
     $("answer").dataset.state = state;
     $("answer-state").textContent = note || "";
+    // Screen readers hear the state, not every piece of a streaming text.
+    $("narrative").setAttribute("aria-busy", String(state === "streaming"));
   }
 
   function resetAnswer() {
@@ -391,14 +471,20 @@
     $("canonical").textContent = "";
   }
 
+  // A refused request: the key asked for again on a 401, the error placed otherwise.
+  function refused(payload, status) {
+    if (status === 401) askForKey("The gateway asks for a client key.");
+    showError(payload, status);
+  }
+
   async function explain(body) {
-    const response = await fetch("/narrative/key", {
+    const response = await fetch(route("narrative/key"), {
       method: "POST",
       headers: withAuth({ "content-type": "application/json" }),
       body: JSON.stringify(body),
     });
-    const payload = await response.json();
-    if (!response.ok) return showError(payload, response.status);
+    const payload = await response.json().catch(() => null);
+    if (!response.ok) return refused(payload, response.status);
     $("answer-key").textContent = payload.cacheKey;
     $("canonical").textContent = JSON.stringify(payload.canonical, null, 2);
     $("canonical").hidden = false;
@@ -410,39 +496,47 @@
   async function* events(response) {
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
     let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) return;
-      buffer += value;
-      let end;
-      while ((end = buffer.search(/\r?\n\r?\n/)) >= 0) {
-        const block = buffer.slice(0, end);
-        buffer = buffer.slice(end).replace(/^\r?\n\r?\n/, "");
-        let name = "message";
-        const data = [];
-        for (const line of block.split(/\r?\n/)) {
-          if (line.startsWith(":")) continue;
-          const colon = line.indexOf(":");
-          const field = colon < 0 ? line : line.slice(0, colon);
-          const text = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
-          if (field === "event") name = text;
-          else if (field === "data") data.push(text);
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) return;
+        buffer += value;
+        let end;
+        while ((end = buffer.search(/\r?\n\r?\n/)) >= 0) {
+          const block = buffer.slice(0, end);
+          buffer = buffer.slice(end).replace(/^\r?\n\r?\n/, "");
+          let name = "message";
+          const data = [];
+          for (const line of block.split(/\r?\n/)) {
+            if (line.startsWith(":")) continue;
+            const colon = line.indexOf(":");
+            const field = colon < 0 ? line : line.slice(0, colon);
+            const text = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+            if (field === "event") name = text;
+            else if (field === "data") data.push(text);
+          }
+          if (data.length) yield { name, data: JSON.parse(data.join("\n")) };
         }
-        if (data.length) yield { name, data: JSON.parse(data.join("\n")) };
       }
+    } finally {
+      // Left early too (an error in `done`): the connection is not kept reading.
+      reader.cancel().catch(() => {});
     }
   }
 
   async function generate(body, noCache) {
     const headers = withAuth({ "content-type": "application/json", accept: "text/event-stream" });
     if (noCache) headers["cache-control"] = "no-cache";
-    const response = await fetch("/narrative", { method: "POST", headers, body: JSON.stringify(body) });
+    const response = await fetch(route("narrative"), {
+      method: "POST",
+      headers,
+      body: JSON.stringify(body),
+    });
     $("answer-x-cache").textContent = response.headers.get("x-cache") || "—";
     $("answer-cache-status").textContent = response.headers.get("cache-status") || "—";
     if (!(response.headers.get("content-type") || "").startsWith("text/event-stream")) {
       const payload = await response.json().catch(() => null);
-      if (response.status === 401) askForKey("The gateway asks for a client key.");
-      return showError(payload, response.status);
+      return refused(payload, response.status);
     }
     answerState("streaming", "streaming…");
     const narrative = $("narrative");
@@ -478,7 +572,8 @@
       if (action === "explain") await explain(body);
       else await generate(body, action === "no-cache");
     } catch (error) {
-      answerState("error", error.message);
+      if (!(error instanceof Duplicate || error instanceof TypeError)) console.error(error);
+      answerState("error", error instanceof Duplicate ? "a system is listed twice" : error.message);
     } finally {
       buttons.forEach((button) => (button.disabled = false));
       // After an error the focus stays on the input it names.
@@ -489,12 +584,19 @@
   // ---- Start ------------------------------------------------------------------------
 
   DEFAULT_SHARES.forEach(([name, share]) => addShare(name, share));
-  showReadiness()
-    .then((ready) => {
+
+  // Until the gateway answers `/readyz` (it may be restarting), try again, slower
+  // each time; then ask for a key first if client routes need one.
+  async function boot(delay) {
+    try {
+      const ready = await showReadiness();
       if (ready.access === "key" && !clientKey()) askForKey();
       else startFigures();
-    })
-    .catch((error) => {
-      $("mode").textContent = `unreachable: ${error.message}`;
-    });
+    } catch (error) {
+      if (!(error instanceof TypeError || error instanceof Refused)) console.error(error);
+      $("mode").textContent = `unreachable: ${error.message}; retrying`;
+      setTimeout(() => boot(Math.min(delay * 2, 30000)), delay);
+    }
+  }
+  boot(1000);
 })();
