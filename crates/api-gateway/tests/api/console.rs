@@ -335,7 +335,8 @@ async fn type_into(browser: &Browser, css: &str, text: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_shows_the_routes_figures_and_streams_a_narrative() {
-    let app = spawn_app(slow_stream(), &[]).await;
+    // A no-cache regenerates at once (by default at most once a minute per key).
+    let app = spawn_app(slow_stream(), &[("REVALIDATE_MIN_INTERVAL", "0s")]).await;
     // Traffic to show: two profiles generated, one of them hit twice.
     for body in [profile(11), profile(11), profile(12), profile(11)] {
         assert_eq!(app.post_narrative(&body).await.status, 200);
@@ -428,13 +429,13 @@ async fn the_console_shows_the_routes_figures_and_streams_a_narrative() {
         .await
         .starts_with("narrative-cache; fwd=miss"));
     let narrative = browser.text("#narrative").await;
-    let stored = app
-        .post_narrative(&json!({
-            "classification": "primary", "primary": "Pleiades",
-            "percentages": {"Pleiades": 60, "Sirius": 27.5, "Arcturus": 12.5},
-            "hdData": {"type": "Generator", "authority": "Sacral", "profile": "2/4"},
-        }))
-        .await;
+    // The profile the form now holds.
+    let streamed_profile = json!({
+        "classification": "primary", "primary": "Pleiades",
+        "percentages": {"Pleiades": 60, "Sirius": 27.5, "Arcturus": 12.5},
+        "hdData": {"type": "Generator", "authority": "Sacral", "profile": "2/4"},
+    });
+    let stored = app.post_narrative(&streamed_profile).await;
     assert_eq!(
         stored.source(),
         "cache",
@@ -457,6 +458,44 @@ async fn the_console_shows_the_routes_figures_and_streams_a_narrative() {
         .expect("resize");
     browser.script("window.scrollTo(0, 0); return true;").await;
     browser.screenshot("console.png").await;
+
+    // Explain the key: the route's canonical form and key, and nothing generated.
+    browser.find("#explain").await.click().await.expect("click");
+    browser
+        .until(
+            "the key explained",
+            Duration::from_secs(10),
+            "return !document.getElementById('canonical').hidden;",
+        )
+        .await;
+    let explained = app.post_json("/narrative/key", &streamed_profile).await;
+    assert_eq!(
+        browser.text("#answer-key").await,
+        explained.body["cacheKey"].as_str().expect("key")
+    );
+    let canonical: Value =
+        serde_json::from_str(&browser.text("#canonical").await).expect("canonical JSON shown");
+    assert_eq!(canonical, explained.body["canonical"]);
+    assert_eq!(app.llm_calls(), 3, "explaining generates nothing");
+
+    // The same profile with no-cache: generated again, though it is stored.
+    browser
+        .find("#generate-fresh")
+        .await
+        .click()
+        .await
+        .expect("click");
+    browser
+        .until(
+            "the no-cache answer",
+            Duration::from_secs(20),
+            "return document.getElementById('answer').dataset.state === 'done';",
+        )
+        .await;
+    assert_eq!(browser.text("#answer-source").await, "generated");
+    assert_eq!(browser.text("#answer-x-cache").await, "MISS");
+    assert_eq!(app.llm_calls(), 4, "no-cache asked the LLM again");
+    browser.assert_no_console_errors().await;
 
     // A share out of range: the gateway's error, next to that share.
     type_into(&browser, "#shares li:nth-child(2) .share-value", "150").await;
