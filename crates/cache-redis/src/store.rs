@@ -18,6 +18,51 @@ pub struct RedisStore {
     /// Counting entries walks the keyspace, so the count is reused for a while.
     counted: Mutex<Option<(Instant, Counted)>>,
     walking: tokio::sync::Mutex<()>,
+    decoded: DecodedValues,
+}
+
+/// The last value read for each key and the envelope it decoded to. Every read still
+/// goes to Redis; only when Redis answers the very bytes decoded last time is their
+/// envelope reused, skipping the decryption and the Brotli decompression (most of a
+/// hit's CPU without L1). Equal bytes decode to equal envelopes, so nothing stale can
+/// be answered. Bounded by bytes, and no copy is kept longer than [`DECODED_TTL`]
+/// (an erased entry's decoded copy on another gateway is gone within that, as its L1
+/// copy is within `L1_TTL`).
+struct DecodedValues {
+    values: moka::sync::Cache<CacheKey, Arc<Decoded>>,
+}
+
+struct Decoded {
+    raw: Vec<u8>,
+    envelope: Arc<Envelope>,
+}
+
+/// Bytes of decoded values kept at most.
+const DECODED_BYTES: u64 = 32 * 1024 * 1024;
+/// The longest a decoded value is kept.
+pub const DECODED_TTL: Duration = Duration::from_secs(60);
+
+impl Default for DecodedValues {
+    fn default() -> Self {
+        Self {
+            values: moka::sync::Cache::builder()
+                .max_capacity(DECODED_BYTES)
+                .weigher(|_, decoded: &Arc<Decoded>| {
+                    u32::try_from(decoded.raw.len() + decoded.envelope.body.len() + 256)
+                        .unwrap_or(u32::MAX)
+                })
+                .time_to_live(DECODED_TTL)
+                .build(),
+        }
+    }
+}
+
+impl std::fmt::Debug for DecodedValues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecodedValues")
+            .field("entries", &self.values.entry_count())
+            .finish()
+    }
 }
 
 /// Entries in all, and by engine version.
@@ -33,6 +78,7 @@ impl RedisStore {
             codec,
             counted: Mutex::new(None),
             walking: tokio::sync::Mutex::new(()),
+            decoded: DecodedValues::default(),
         }
     }
 
@@ -146,10 +192,31 @@ impl RedisStore {
         key: &CacheKey,
         value: Option<Vec<u8>>,
     ) -> Result<Option<Arc<Envelope>>, StoreError> {
-        let Some(value) = value else { return Ok(None) };
+        let Some(value) = value else {
+            self.decoded.values.invalidate(key);
+            return Ok(None);
+        };
+        if let Some(last) = self.decoded.values.get(key) {
+            if last.raw == value {
+                return Ok(Some(Arc::clone(&last.envelope)));
+            }
+        }
         match self.codec.decode(key.as_str(), &value) {
-            Ok(envelope) => Ok(Some(Arc::new(envelope))),
-            Err(error) => Err(StoreError::Corrupt(error.to_string())),
+            Ok(envelope) => {
+                let envelope = Arc::new(envelope);
+                self.decoded.values.insert(
+                    key.clone(),
+                    Arc::new(Decoded {
+                        raw: value,
+                        envelope: Arc::clone(&envelope),
+                    }),
+                );
+                Ok(Some(envelope))
+            }
+            Err(error) => {
+                self.decoded.values.invalidate(key);
+                Err(StoreError::Corrupt(error.to_string()))
+            }
         }
     }
 }
@@ -180,6 +247,7 @@ impl CacheStore for RedisStore {
     }
 
     async fn delete(&self, key: &CacheKey) -> Result<bool, StoreError> {
+        self.decoded.values.invalidate(key);
         let name = key.as_str().to_owned();
         let removed: u64 = self
             .backend

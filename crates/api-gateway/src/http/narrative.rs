@@ -246,6 +246,10 @@ struct HitBody {
 
 /// Bytes of rendered hit bodies kept at most.
 const HIT_BODIES_BYTES: u64 = 64 * 1024 * 1024;
+/// The longest a rendered body is kept: an erased entry's is gone within this, as an
+/// L1 copy on another gateway is within `L1_TTL` (a body is only ever sent for the
+/// entry the store answered, so this bounds what memory holds, not what is served).
+const HIT_BODIES_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Default for HitBodies {
     fn default() -> Self {
@@ -256,6 +260,7 @@ impl Default for HitBodies {
                     u32::try_from(body.json.len() + body.envelope.body.len() + 256)
                         .unwrap_or(u32::MAX)
                 })
+                .time_to_live(HIT_BODIES_TTL)
                 .build(),
         }
     }

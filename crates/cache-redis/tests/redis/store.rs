@@ -96,6 +96,58 @@ async fn values_round_trip_with_their_ttl_compressed() {
     assert!(store.get(&key).await.expect("get").is_none());
 }
 
+/// A reader reuses what it decoded only while Redis answers the same bytes: another
+/// instance's new value, a corrupted value and a deletion are each seen at once.
+#[tokio::test]
+async fn a_value_read_again_is_decoded_once_and_never_answered_stale() {
+    let url = &test_kit::redis().url;
+    let secret = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
+    let keys = EncryptionKeys::parse(&format!("k1:{secret}")).expect("keys");
+    let (reader, writer) = (
+        RedisStore::new(backend(url), ValueCodec::new(Some(keys.clone()))),
+        RedisStore::new(backend(url), ValueCodec::new(Some(keys))),
+    );
+    let key = key("decoded-once");
+    writer
+        .put(&key, envelope(NARRATIVE), Duration::from_secs(3600))
+        .await
+        .expect("put");
+    let first = reader.get(&key).await.expect("get").expect("hit");
+    let again = reader.get(&key).await.expect("get").expect("hit");
+    assert!(
+        Arc::ptr_eq(&first, &again),
+        "the same bytes are not decoded twice"
+    );
+
+    // Another instance replaces the value: the next read decodes the new bytes.
+    writer
+        .put(
+            &key,
+            envelope("A new narrative."),
+            Duration::from_secs(3600),
+        )
+        .await
+        .expect("put");
+    assert_eq!(
+        reader.get(&key).await.expect("get").expect("hit").body,
+        "A new narrative."
+    );
+
+    // Bytes that no longer open are an error, not the envelope decoded before.
+    let mut raw = raw(url).await;
+    let mut stored: Vec<u8> = raw.get(key.as_str()).await.expect("GET");
+    let last = stored.len() - 1;
+    stored[last] ^= 1;
+    let _: () = raw.set(key.as_str(), stored).await.expect("SET");
+    assert!(matches!(
+        reader.get(&key).await,
+        Err(StoreError::Corrupt(_))
+    ));
+
+    let _: () = raw.del(key.as_str()).await.expect("DEL");
+    assert!(reader.get(&key).await.expect("get").is_none());
+}
+
 #[tokio::test]
 async fn sealed_values_hold_no_plaintext_and_do_not_open_under_another_key() {
     let url = &test_kit::redis().url;
