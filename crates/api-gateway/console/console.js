@@ -261,7 +261,8 @@
       // A network failure (TypeError) or an answer like 429 or 503 is the gateway's
       // state, shown; anything else is a fault of this page, logged.
       if (!(error instanceof TypeError || error instanceof Refused)) console.error(error);
-      $("mode").textContent = `unreachable: ${error.message}; retrying`;
+      const what = error instanceof Refused ? error.message : `unreachable: ${error.message}`;
+      $("mode").textContent = `${what}; retrying`;
       retry = REFRESH_MS * 2;
     } finally {
       if (inFlight === controller) inFlight = null;

@@ -1,8 +1,9 @@
 //! `GET /console`: the gateway's own page, for a person with a browser and no Grafana.
 //!
 //! The page and everything it runs are compiled into the binary (`console/` in this
-//! crate, uPlot vendored from the npm registry), so it works offline and behind any
-//! proxy. It holds no data: its script reads the JSON routes (`/readyz`,
+//! crate, uPlot vendored from the npm registry), so it works offline; its URLs are
+//! relative, so it works under a proxy's path prefix. It holds no data: its script
+//! reads the JSON routes (`/readyz`,
 //! `/narrative/stats`, `/narrative/analytics`) and posts to `/narrative`, with the
 //! tab's client key when `API_KEYS` is set. Loading it needs no key.
 //!

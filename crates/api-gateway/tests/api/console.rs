@@ -301,7 +301,7 @@ async fn assert_figures_match(browser: &Browser, app: &TestApp, key: Option<&str
             browser.script(&table("entries-by-version")).await,
         );
         let mode = browser.text("#mode").await;
-        let problem = if mode.starts_with("unreachable") {
+        let problem = if mode.ends_with("retrying") {
             Some(format!("the page says {mode:?}"))
         } else if let Some(problem) = mismatch(&shown, &stats, &summary) {
             Some(problem)
