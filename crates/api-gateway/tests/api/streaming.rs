@@ -500,3 +500,51 @@ async fn an_event_stream_wins_over_respond_async() {
     streamed.assert_well_formed();
     assert_eq!(streamed.done()["source"], "generated");
 }
+
+/// While the LLM has written nothing yet, an idle stream still carries a comment every
+/// `KEEPALIVE` (15 s), so that proxies and browsers keep it open: read off the wire,
+/// before the first token (this test waits those 15 seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_stream_carries_a_keepalive_comment() {
+    use futures::StreamExt as _;
+    let app = spawn_app(
+        SimConfig {
+            latency_ms: 18_000,
+            ..SimConfig::default()
+        },
+        &[("GENERATION_WAIT_MS", "60000"), ("LLM_TIMEOUT_MS", "60000")],
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let response = app
+        .client
+        .post(app.url("/narrative"))
+        .header("content-type", "application/json")
+        .header("accept", "text/event-stream")
+        .json(&profile(41))
+        .send()
+        .await
+        .expect("stream");
+    let mut body = response.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains(": keepalive") {
+        let chunk = tokio::time::timeout(Duration::from_secs(20), body.next())
+            .await
+            .expect("something within 20 s")
+            .expect("the stream stays open")
+            .expect("bytes");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(14),
+        "the first keepalive came after {waited:?}, not after 15 s of silence"
+    );
+    assert!(seen.contains("event: meta"), "{seen}");
+    assert!(
+        !seen.contains("event: delta"),
+        "nothing written yet: {seen}"
+    );
+    drop(body);
+    app.shutdown().await;
+}
