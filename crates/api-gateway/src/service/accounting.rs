@@ -67,12 +67,13 @@ impl NarrativeService {
                 (Outcome::Fallback, RequestOutcome::Fallback)
             }
         };
-        let elapsed = started.elapsed();
-        self.metrics.observe_request(outcome, elapsed.as_secs_f64());
-        self.remember(RecentSource::Answered(answer.source), elapsed);
+        // One reading of each clock serves the histogram, the last answers and the event.
+        let (at, took) = (time::OffsetDateTime::now_utc(), started.elapsed());
+        self.metrics.observe_request(outcome, took.as_secs_f64());
+        self.remember(RecentSource::Answered(answer.source), at, took);
         self.record_event(
             keyed,
-            started,
+            (at, took),
             caller,
             event_outcome,
             Some(&answer.envelope),
@@ -83,19 +84,16 @@ impl NarrativeService {
     /// A 202: a miss whose generation runs on without the request.
     pub(super) fn account_pending(&self, keyed: &KeyedProfile, started: Instant, caller: &Caller) {
         self.counters.add(Count::Miss);
-        let elapsed = started.elapsed();
+        let (at, took) = (time::OffsetDateTime::now_utc(), started.elapsed());
         self.metrics
-            .observe_request(Outcome::Pending, elapsed.as_secs_f64());
-        self.remember(RecentSource::Pending, elapsed);
-        self.record_request(keyed, started, caller, RequestOutcome::Miss, None);
+            .observe_request(Outcome::Pending, took.as_secs_f64());
+        self.remember(RecentSource::Pending, at, took);
+        self.record_event(keyed, (at, took), caller, RequestOutcome::Miss, None, None);
     }
 
-    fn remember(&self, source: RecentSource, took: Duration) {
-        let at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| since.as_millis() as u64);
+    fn remember(&self, source: RecentSource, at: time::OffsetDateTime, took: Duration) {
         self.recent.record(RecentAnswer {
-            at_ms,
+            at_ms: u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
             source,
             latency_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
         });
@@ -111,13 +109,15 @@ impl NarrativeService {
         outcome: RequestOutcome,
         answered: Option<&Envelope>,
     ) {
-        self.record_event(keyed, started, caller, outcome, answered, None);
+        let answered_at = (time::OffsetDateTime::now_utc(), started.elapsed());
+        self.record_event(keyed, answered_at, caller, outcome, answered, None);
     }
 
+    /// `(at, took)`: when the answer went out, and how long after the request it did.
     fn record_event(
         &self,
         keyed: &KeyedProfile,
-        started: Instant,
+        (at, took): (time::OffsetDateTime, Duration),
         caller: &Caller,
         outcome: RequestOutcome,
         answered: Option<&Envelope>,
@@ -131,9 +131,9 @@ impl NarrativeService {
         });
         self.events.record_request(RequestEvent {
             id: new_event_id(),
-            at: time::OffsetDateTime::now_utc(),
+            at,
             outcome,
-            latency_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            latency_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
             engine_version: self.deriver.engine_version().to_string(),
             prompt_hash: self.deriver.prompt_hash().to_string(),
             classification: keyed.profile.classification.as_str().to_owned(),
