@@ -78,8 +78,28 @@ impl BodyMemo {
         mac.finalize().into_bytes().into()
     }
 
+    /// What `body` derived to before if these exact bytes did, or else what `derive`
+    /// gives, remembered when it succeeds. The body is digested once either way.
+    pub fn get_or_derive<E>(
+        &self,
+        body: &[u8],
+        derive: impl FnOnce() -> Result<Arc<Derived>, E>,
+    ) -> Result<Arc<Derived>, E> {
+        if body.len() > LARGEST_BODY {
+            return derive();
+        }
+        let digest = self.digest(body);
+        if let Some(derived) = self.entries.get(&digest) {
+            return Ok(derived);
+        }
+        let derived = derive()?;
+        self.entries.insert(digest, Arc::clone(&derived));
+        Ok(derived)
+    }
+
     /// What `body` derived to before, if these exact bytes did.
-    pub fn get(&self, body: &[u8]) -> Option<Arc<Derived>> {
+    #[cfg(test)]
+    fn get(&self, body: &[u8]) -> Option<Arc<Derived>> {
         if body.len() > LARGEST_BODY {
             return None;
         }
@@ -87,7 +107,8 @@ impl BodyMemo {
     }
 
     /// Remembers what `body` derived to.
-    pub fn insert(&self, body: &[u8], derived: Arc<Derived>) {
+    #[cfg(test)]
+    fn insert(&self, body: &[u8], derived: Arc<Derived>) {
         if body.len() > LARGEST_BODY {
             return;
         }

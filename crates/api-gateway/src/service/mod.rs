@@ -230,19 +230,16 @@ impl NarrativeService {
     /// A request body's canonical form, key and user hash, from the memo when these
     /// exact bytes derived before (`memo`), otherwise derived (and remembered).
     pub fn derive_body(&self, body: &Bytes) -> Result<Arc<Derived>, ProfileError> {
-        if let Some(derived) = self.memo.get(body) {
-            return Ok(derived);
-        }
-        let input = ProfileInput::from_json(body)?;
-        let derived = Arc::new(Derived {
-            keyed: self.derive(&input)?,
-            user_hash: input
-                .user_id
-                .as_deref()
-                .map(|id| self.deriver.user_hash(id)),
-        });
-        self.memo.insert(body, Arc::clone(&derived));
-        Ok(derived)
+        self.memo.get_or_derive(body, || {
+            let input = ProfileInput::from_json(body)?;
+            Ok(Arc::new(Derived {
+                keyed: self.derive(&input)?,
+                user_hash: input
+                    .user_id
+                    .as_deref()
+                    .map(|id| self.deriver.user_hash(id)),
+            }))
+        })
     }
 
     /// Stops accepting generations and waits up to `grace` for those running to be
