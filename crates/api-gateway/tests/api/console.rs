@@ -90,16 +90,12 @@ impl Browser {
             .unwrap_or_else(|e| panic!("script failed: {e}\n{body}"))
     }
 
-    /// Polls `check` (a script returning true or false) every 25 ms for up to `limit`.
+    /// Waits until `check` (a script returning true or false) holds, for up to `limit`.
     async fn until(&self, what: &str, limit: Duration, check: &str) {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if self.script(check).await == Value::Bool(true) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("timed out after {limit:?} waiting for {what}");
+        test_kit::eventually(what, limit, || async move {
+            self.script(check).await == Value::Bool(true)
+        })
+        .await;
     }
 
     /// What the page logged to its console since the last call (chromedriver's log
