@@ -344,9 +344,9 @@ fn merge<'a>(batches: impl Iterator<Item = &'a Batch>) -> Batch {
 /// (text cannot hold them), a profile that is not JSON, costs beyond the column.
 fn clean(batch: &mut Batch) {
     const MAX_COST: f64 = 1e9;
-    let strip = |text: &mut String| {
+    let strip = |text: &mut Arc<str>| {
         if text.contains('\0') {
-            text.retain(|c| c != '\0');
+            *text = text.replace('\0', "").into();
         }
     };
     for event in &mut batch.requests {
@@ -365,13 +365,13 @@ fn clean(batch: &mut Batch) {
             strip(user);
         }
         if serde_json::from_str::<serde::de::IgnoredAny>(&event.profile).is_err() {
-            event.profile = "{}".to_owned();
+            event.profile = "{}".into();
         }
         event.entry_cost_usd = event.entry_cost_usd.clamp(0.0, MAX_COST);
     }
     for event in &mut batch.generations {
-        strip(&mut event.model);
-        strip(&mut event.key_digest);
+        event.model.retain(|c| c != '\0');
+        event.key_digest.retain(|c| c != '\0');
         event.cost_usd = event.cost_usd.clamp(0.0, MAX_COST);
     }
 }
@@ -386,13 +386,13 @@ mod tests {
     fn clean_makes_hostile_text_storable() {
         let mut batch = Batch::new();
         let mut event = request(RequestOutcome::Miss, "Sir\0ius");
-        event.profile = "not json".to_owned();
+        event.profile = "not json".into();
         event.entry_cost_usd = 1e300;
         batch.requests.push(event);
         clean(&mut batch);
         let event = &batch.requests[0];
-        assert_eq!(event.primary_system, "Sirius");
-        assert_eq!(event.profile, "{}");
+        assert_eq!(&*event.primary_system, "Sirius");
+        assert_eq!(&*event.profile, "{}");
         assert_eq!(event.entry_cost_usd, 1e9);
     }
 }

@@ -5,7 +5,7 @@
 //! names must not grow memory without bound).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use time::OffsetDateTime;
 
@@ -22,7 +22,7 @@ pub const MAX_SYSTEMS_PER_HOUR: usize = 1_000;
 #[derive(Debug, Default, Clone)]
 struct HourTotals {
     by_outcome: [u64; RequestOutcome::ALL.len()],
-    systems: HashMap<String, u64>,
+    systems: HashMap<Arc<str>, u64>,
     tokens_saved: u64,
     saved_usd: f64,
     generations: u64,
@@ -151,7 +151,7 @@ impl InMemoryAnalytics {
                 total.by_outcome[i] += count;
             }
             for (system, count) in &totals.systems {
-                *systems.entry(system.clone()).or_default() += count;
+                *systems.entry(system.to_string()).or_default() += count;
             }
             total.tokens_saved += totals.tokens_saved;
             total.saved_usd += totals.saved_usd;
@@ -297,7 +297,7 @@ mod tests {
         analytics.record_request(request(RequestOutcome::Error, "Lyra"));
         analytics.record_generation(generation(false, now));
         let mut with_user = request(RequestOutcome::HitL2, "Orion");
-        with_user.user_hash = Some("u1".to_owned());
+        with_user.user_hash = Some("u1".into());
         analytics.record_request(with_user.clone());
         with_user.id = new_event_id();
         analytics.record_request(with_user);

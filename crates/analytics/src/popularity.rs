@@ -6,6 +6,7 @@
 //! [`ProfileCounts`] in process.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use time::{Duration, OffsetDateTime};
 
@@ -27,7 +28,7 @@ pub struct PopularProfile {
 /// new ones get room, and the cost is spread over the many inserts that filled it.
 #[derive(Debug, Default)]
 pub struct ProfileCounts {
-    counts: HashMap<String, Seen>,
+    counts: HashMap<Arc<str>, Seen>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -39,8 +40,9 @@ struct Seen {
 impl ProfileCounts {
     pub const CAPACITY: usize = 50_000;
 
-    /// Counts one request for `canonical`, taking the string only when it is new.
-    pub fn record(&mut self, canonical: String, at: OffsetDateTime) {
+    /// Counts one request for `canonical`, keeping the (shared) string only when it is
+    /// new.
+    pub fn record(&mut self, canonical: Arc<str>, at: OffsetDateTime) {
         if canonical.is_empty() {
             return;
         }
@@ -76,7 +78,7 @@ impl ProfileCounts {
             .iter()
             .filter(|(_, seen)| seen.last >= since)
             .map(|(canonical, seen)| PopularProfile {
-                canonical: canonical.clone(),
+                canonical: canonical.to_string(),
                 requests: seen.requests,
             })
             .collect();
@@ -108,11 +110,11 @@ mod tests {
         let mut counts = ProfileCounts::default();
         for (profile, times) in [("a", 3), ("b", 5), ("c", 1)] {
             for _ in 0..times {
-                counts.record(profile.to_owned(), now);
+                counts.record(Arc::from(profile), now);
             }
         }
-        counts.record("old".to_owned(), now - Duration::days(40));
-        counts.record("old".to_owned(), now - Duration::days(40));
+        counts.record("old".into(), now - Duration::days(40));
+        counts.record("old".into(), now - Duration::days(40));
         let top = counts.top(2, now - DEFAULT_WINDOW);
         let names: Vec<_> = top
             .iter()
@@ -131,13 +133,13 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let mut counts = ProfileCounts::default();
         for _ in 0..10 {
-            counts.record("popular".to_owned(), now);
+            counts.record("popular".into(), now);
         }
         for i in 0..ProfileCounts::CAPACITY {
-            counts.record(format!("once-{i}"), now);
+            counts.record(format!("once-{i}").into(), now);
         }
         assert!(counts.len() <= ProfileCounts::CAPACITY);
-        counts.record("newcomer".to_owned(), now);
+        counts.record("newcomer".into(), now);
         let top = counts.top(1, now - DEFAULT_WINDOW);
         assert_eq!(top[0].canonical, "popular");
         assert!(counts

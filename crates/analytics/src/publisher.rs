@@ -18,6 +18,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::{Batch, GenerationEvent, RequestEvent};
+
+/// What a published batch is: binary v2 (see [`crate::event::binary`]).
+pub const BATCH_CONTENT_TYPE: &str = "application/vnd.narrative-cache.events.v2";
 use crate::EventSink;
 
 #[derive(Debug, Clone)]
@@ -298,7 +301,7 @@ impl PublisherTask {
             .publish(Message {
                 to: topology::EVENTS,
                 body: &body,
-                content_type: "application/json",
+                content_type: BATCH_CONTENT_TYPE,
                 correlation_id: None,
                 confirm_timeout: Some(self.settings.confirm_timeout),
             })
@@ -314,6 +317,5 @@ fn into_batch(items: Vec<Item>) -> Batch {
             Item::Generation(event) => batch.generations.push(event),
         }
     }
-    batch.compact();
     batch
 }

@@ -587,30 +587,30 @@ async fn insert_requests(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     events: &[RequestEvent],
 ) -> Result<u64, StoreError> {
-    let column = |f: fn(&RequestEvent) -> String| events.iter().map(f).collect::<Vec<_>>();
+    let column = |f: fn(&RequestEvent) -> &str| events.iter().map(f).collect::<Vec<_>>();
     let inserted: i64 = sqlx::query_scalar(INSERT_REQUESTS_SQL.as_str())
         .bind(events.iter().map(|e| e.id).collect::<Vec<_>>())
         .bind(events.iter().map(|e| e.at).collect::<Vec<_>>())
-        .bind(column(|e| e.outcome.as_str().to_owned()))
+        .bind(column(|e| e.outcome.as_str()))
         .bind(
             events
                 .iter()
                 .map(|e| signed(e.latency_us))
                 .collect::<Vec<_>>(),
         )
-        .bind(column(|e| e.engine_version.clone()))
-        .bind(column(|e| e.prompt_hash.clone()))
-        .bind(column(|e| e.classification.clone()))
-        .bind(column(|e| e.primary_system.clone()))
-        .bind(column(|e| e.client.clone()))
+        .bind(column(|e| &e.engine_version))
+        .bind(column(|e| &e.prompt_hash))
+        .bind(column(|e| &e.classification))
+        .bind(column(|e| &e.primary_system))
+        .bind(column(|e| &e.client))
         .bind(
             events
                 .iter()
-                .map(|e| e.user_hash.clone())
+                .map(|e| e.user_hash.as_deref())
                 .collect::<Vec<_>>(),
         )
-        .bind(column(|e| e.key_digest.clone()))
-        .bind(column(|e| e.profile.clone()))
+        .bind(column(|e| &e.key_digest))
+        .bind(column(|e| &e.profile))
         .bind(
             events
                 .iter()

@@ -75,17 +75,18 @@ fn sample(at: OffsetDateTime) -> Batch {
             at,
             outcome: outcomes[i % outcomes.len()],
             latency_us: 50 + 97 * i as u64,
-            engine_version: "narrative@1.0.0".to_owned(),
-            prompt_hash: "e589996ee664".to_owned(),
-            classification: if i % 3 == 0 { "hybrid" } else { "primary" }.to_owned(),
-            primary_system: ["Sirius", "Pleiades", "Lyra", "Orion"][i % 4].to_owned(),
-            client: "anonymous".to_owned(),
-            user_hash: Some(format!("{i:032x}")),
-            key_digest: format!("{:064x}", i % 7),
+            engine_version: "narrative@1.0.0".into(),
+            prompt_hash: "e589996ee664".into(),
+            classification: if i % 3 == 0 { "hybrid" } else { "primary" }.into(),
+            primary_system: ["Sirius", "Pleiades", "Lyra", "Orion"][i % 4].into(),
+            client: "anonymous".into(),
+            user_hash: Some(format!("{i:032x}").into()),
+            key_digest: format!("{:064x}", i % 7).into(),
             profile: format!(
                 r#"{{"classification":"primary","primary":"Sirius","n":{}}}"#,
                 i % 7
-            ),
+            )
+            .into(),
             entry_tokens: 700,
             entry_cost_usd: 0.0021,
             // Some of them streamed.

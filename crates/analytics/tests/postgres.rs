@@ -22,14 +22,14 @@ fn request(outcome: RequestOutcome, system: &str, at: OffsetDateTime) -> Request
         at,
         outcome,
         latency_us: 420,
-        engine_version: "narrative@1.0.0".to_owned(),
-        prompt_hash: "e589996ee664".to_owned(),
-        classification: "primary".to_owned(),
-        primary_system: system.to_owned(),
-        client: "anonymous".to_owned(),
-        user_hash: Some("5f1c0b2a".to_owned()),
-        key_digest: format!("digest-{system}"),
-        profile: format!(r#"{{"classification":"primary","primary":"{system}"}}"#),
+        engine_version: "narrative@1.0.0".into(),
+        prompt_hash: "e589996ee664".into(),
+        classification: "primary".into(),
+        primary_system: system.into(),
+        client: "anonymous".into(),
+        user_hash: Some("5f1c0b2a".into()),
+        key_digest: format!("digest-{system}").into(),
+        profile: format!(r#"{{"classification":"primary","primary":"{system}"}}"#).into(),
         entry_tokens: 700,
         entry_cost_usd: 0.0021,
         first_delta_us: None,
@@ -48,7 +48,7 @@ fn generation(outcome: GenerationOutcome, at: OffsetDateTime) -> GenerationEvent
         attempts: 1,
         outcome,
         trigger: Trigger::Miss,
-        key_digest: "digest-Sirius".to_owned(),
+        key_digest: "digest-Sirius".into(),
     }
 }
 
@@ -298,7 +298,7 @@ async fn top_profiles_are_the_most_requested_across_versions_within_the_window()
             let mut event = request(RequestOutcome::HitL1, system, now);
             // The same profile under two engine versions is one profile.
             if i % 2 == 1 {
-                event.engine_version = "narrative@2.0.0".to_owned();
+                event.engine_version = "narrative@2.0.0".into();
             }
             batch.requests.push(event);
         }
@@ -308,7 +308,7 @@ async fn top_profiles_are_the_most_requested_across_versions_within_the_window()
         "Orion",
         now - time::Duration::days(40),
     );
-    old.key_digest = "digest-old".to_owned();
+    old.key_digest = "digest-old".into();
     batch.requests.push(old);
     store.insert(&batch).await.expect("insert");
 
@@ -337,7 +337,7 @@ async fn an_erased_user_has_no_events_left_and_late_ones_arrive_without_them() {
     let now = OffsetDateTime::now_utc();
     let mine = |at| {
         let mut event = request(RequestOutcome::HitL1, "Sirius", at);
-        event.user_hash = Some("erase-me".to_owned());
+        event.user_hash = Some("erase-me".into());
         event
     };
     let mut batch = Batch::new();

@@ -87,14 +87,14 @@ fn batch(n: usize) -> Batch {
                 RequestOutcome::Miss
             },
             latency_us: 300,
-            engine_version: "narrative@1.0.0".to_owned(),
-            prompt_hash: "e589996ee664".to_owned(),
-            classification: "primary".to_owned(),
-            primary_system: "Sirius".to_owned(),
-            client: "anonymous".to_owned(),
+            engine_version: "narrative@1.0.0".into(),
+            prompt_hash: "e589996ee664".into(),
+            classification: "primary".into(),
+            primary_system: "Sirius".into(),
+            client: "anonymous".into(),
             user_hash: None,
-            key_digest: format!("d{i}"),
-            profile: format!(r#"{{"n":{i}}}"#),
+            key_digest: format!("d{i}").into(),
+            profile: format!(r#"{{"n":{i}}}"#).into(),
             entry_tokens: 700,
             entry_cost_usd: 0.002,
             first_delta_us: None,
@@ -152,6 +152,65 @@ async fn a_batch_delivered_twice_is_stored_once() {
     service.stop().await;
 }
 
+/// A rolling upgrade: gateways of the last release still publish v1 (JSON) while
+/// upgraded ones publish v2 (binary), and a batch may even be redelivered in the
+/// other format. The consumer stores both alike, each event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_of_both_formats_are_stored_alike() {
+    let (service, amqp_url) = Service::start("formats").await;
+    let (old, new) = (batch(40), batch(40));
+    let mut streamed = new.clone();
+    for (i, event) in streamed.requests.iter_mut().enumerate() {
+        event.id = new_event_id();
+        event.user_hash = Some(format!("{i:032x}").into());
+        event.first_delta_us = Some(1_000 + i as u64);
+    }
+    publish_raw(
+        &amqp_url,
+        &[
+            old.to_json_v1(),
+            new.to_bytes(),
+            new.to_json_v1(),
+            streamed.to_bytes(),
+        ],
+    )
+    .await;
+    let metrics = service.app.metrics().clone();
+    test_kit::eventually("every delivery handled", Duration::from_secs(20), || {
+        let handled = metrics.inserted("request") + metrics.duplicates.get();
+        async move { handled == 160 }
+    })
+    .await;
+    assert_eq!(metrics.inserted("request"), 120);
+    assert_eq!(metrics.duplicates.get(), 40);
+    assert_eq!(metrics.dead_lettered.get(), 0);
+    // What each row holds is what its event said, whichever format carried it.
+    for event in old
+        .requests
+        .iter()
+        .chain(&new.requests)
+        .chain(&streamed.requests)
+    {
+        let (profile, user, first_delta, digest): (String, Option<String>, Option<i64>, String) =
+            sqlx::query_as(
+                "SELECT p.canonical::text, e.user_hash, e.first_delta_us, e.key_digest
+                 FROM request_events e JOIN profiles p USING (profile_digest)
+                 WHERE e.id = $1",
+            )
+            .bind(event.id)
+            .fetch_one(service.app.store.pool())
+            .await
+            .expect("stored");
+        let stored: serde_json::Value = serde_json::from_str(&profile).expect("profile");
+        let sent: serde_json::Value = serde_json::from_str(&event.profile).expect("profile");
+        assert_eq!(stored, sent);
+        assert_eq!(user.as_deref(), event.user_hash.as_deref());
+        assert_eq!(first_delta, event.first_delta_us.map(|us| us as i64));
+        assert_eq!(digest, &*event.key_digest);
+    }
+    service.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_batch_is_dead_lettered_and_the_rest_flow() {
     let (service, amqp_url) = Service::start("poison").await;
@@ -160,6 +219,8 @@ async fn an_unreadable_batch_is_dead_lettered_and_the_rest_flow() {
         &[
             b"not json".to_vec(),
             br#"{"v":99}"#.to_vec(),
+            // A binary batch cut short.
+            batch(3).to_bytes()[..40].to_vec(),
             batch(3).to_bytes(),
         ],
     )
@@ -168,7 +229,7 @@ async fn an_unreadable_batch_is_dead_lettered_and_the_rest_flow() {
         service.count("SELECT count(*) FROM request_events").await == 3
     })
     .await;
-    assert_eq!(service.app.metrics().dead_lettered.get(), 2);
+    assert_eq!(service.app.metrics().dead_lettered.get(), 3);
     let connection = amqp::connect(&amqp_url, Duration::from_secs(5))
         .await
         .expect("connect");
@@ -184,7 +245,7 @@ async fn an_unreadable_batch_is_dead_lettered_and_the_rest_flow() {
         )
         .await
         .expect("dead queue");
-    assert_eq!(dead.message_count(), 2, "kept for inspection, not dropped");
+    assert_eq!(dead.message_count(), 3, "kept for inspection, not dropped");
     // ...and shown to operators.
     let depths = service.app.queue_depths.clone();
     test_kit::eventually(
@@ -192,7 +253,7 @@ async fn an_unreadable_batch_is_dead_lettered_and_the_rest_flow() {
         Duration::from_secs(30),
         || {
             let seen = depths.get(EVENTS.dead_queue);
-            async move { seen == 2 }
+            async move { seen == 3 }
         },
     )
     .await;

@@ -4,6 +4,8 @@
 //! token is compared by digest in constant time, so neither the secret nor how much of
 //! it a guess got right leaks through memory dumps, logs or timing.
 
+use std::sync::Arc;
+
 use sha2::{Digest, Sha256};
 
 #[derive(Clone)]
@@ -44,7 +46,8 @@ pub const ANONYMOUS_CLIENT: &str = "anonymous";
 /// `API_KEYS`: named client keys. Empty means client routes are open (anonymous).
 #[derive(Debug, Clone, Default)]
 pub struct ClientKeys {
-    keys: Vec<(String, BearerSecret)>,
+    /// Names shared: every request of a client carries its name to its event.
+    keys: Vec<(Arc<str>, BearerSecret)>,
 }
 
 /// The longest client name: names become metric labels and event fields.
@@ -55,7 +58,7 @@ impl ClientKeys {
     /// `name:key[,name:key...]`. Names are 1 to 32 of `a-z 0-9 - _`, each once; keys
     /// at least 16 bytes.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let mut keys: Vec<(String, BearerSecret)> = Vec::new();
+        let mut keys: Vec<(Arc<str>, BearerSecret)> = Vec::new();
         for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let Some((name, key)) = pair.split_once(':') else {
                 return Err("each entry must be name:key".to_owned());
@@ -79,10 +82,10 @@ impl ClientKeys {
                     "the key of {name:?} must be at least {MIN_CLIENT_KEY_BYTES} bytes"
                 ));
             }
-            if keys.iter().any(|(existing, _)| existing == name) {
+            if keys.iter().any(|(existing, _)| &**existing == name) {
                 return Err(format!("client name {name:?} appears twice"));
             }
-            keys.push((name.to_owned(), BearerSecret::new(key)));
+            keys.push((Arc::from(name), BearerSecret::new(key)));
         }
         if keys.is_empty() {
             return Err("no name:key entries".to_owned());
@@ -96,18 +99,18 @@ impl ClientKeys {
 
     /// The client whose key `presented` is. Every key is compared, match or not, so
     /// the time taken does not tell which one (or how many) came close.
-    pub fn identify(&self, presented: &str) -> Option<&str> {
+    pub fn identify(&self, presented: &str) -> Option<&Arc<str>> {
         let mut found = None;
         for (name, secret) in &self.keys {
             if secret.matches(presented) && found.is_none() {
-                found = Some(name.as_str());
+                found = Some(name);
             }
         }
         found
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.keys.iter().map(|(name, _)| name.as_str())
+        self.keys.iter().map(|(name, _)| &**name)
     }
 }
 
@@ -119,8 +122,9 @@ mod tests {
     fn client_keys_identify_their_client_and_refuse_bad_config() {
         let keys =
             ClientKeys::parse("mobile:key-mobile-0123456789, web:key-web-0123456789ab").unwrap();
-        assert_eq!(keys.identify("key-web-0123456789ab"), Some("web"));
-        assert_eq!(keys.identify("key-mobile-0123456789"), Some("mobile"));
+        let name = |token| keys.identify(token).map(|name| name.to_string());
+        assert_eq!(name("key-web-0123456789ab").as_deref(), Some("web"));
+        assert_eq!(name("key-mobile-0123456789").as_deref(), Some("mobile"));
         assert_eq!(keys.identify("key-web-0123456789a"), None);
         for bad in [
             "mobile",

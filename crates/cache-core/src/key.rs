@@ -7,6 +7,7 @@
 //! prompt, model or parameters moves every request to new keys.
 
 use std::fmt;
+use std::sync::Arc;
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
@@ -188,12 +189,19 @@ impl fmt::Display for CacheKey {
 }
 
 /// A validated profile with its canonical bytes and key.
+///
+/// The texts every request event of this profile names are kept shared (`Arc<str>`),
+/// so that an event made on a hit counts references instead of copying them.
 #[derive(Debug, Clone)]
 pub struct KeyedProfile {
     pub profile: CanonicalProfile,
     /// Exactly the bytes the digest covers.
-    pub canonical_json: String,
+    pub canonical_json: Arc<str>,
     pub key: CacheKey,
+    /// The key's digest ([`CacheKey::digest`]).
+    pub digest: Arc<str>,
+    /// The profile's primary system ([`CanonicalProfile::primary_system`]).
+    pub primary_system: Arc<str>,
 }
 
 /// Derives keys for one configuration (secret, engine version, prompt hash, step).
@@ -262,9 +270,11 @@ impl KeyDeriver {
         let digest = hex::encode(mac.finalize().into_bytes());
         let key = CacheKey(format!("{}{{{digest}}}", self.prefix));
         KeyedProfile {
+            primary_system: profile.primary_system().into(),
             profile,
-            canonical_json,
+            canonical_json: canonical_json.into(),
             key,
+            digest: digest.into(),
         }
     }
 

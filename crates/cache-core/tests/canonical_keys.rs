@@ -49,7 +49,7 @@ fn golden_vectors_pin_canonical_bytes_and_keys() {
             .derive(&input)
             .unwrap_or_else(|e| panic!("{}: {e}", vector.name));
         assert_eq!(
-            keyed.canonical_json, vector.canonical,
+            &*keyed.canonical_json, vector.canonical,
             "canonical bytes of {:?}",
             vector.name
         );

@@ -7,7 +7,7 @@
 //! - Admin routes: the admin token only; a client key gets 403, anything else 401, and
 //!   with no `ADMIN_TOKEN` configured every caller gets 403.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use axum::extract::FromRequestParts;
 use axum::http::header;
@@ -17,8 +17,13 @@ use super::ApiError;
 use crate::app::AppState;
 
 /// A client route's caller, by name: a client of `API_KEYS`, `admin`, or `anonymous`.
+/// The name is shared (it goes on to the request's event): identifying allocates
+/// nothing.
 #[derive(Debug, Clone)]
-pub struct Client(pub String);
+pub struct Client(pub Arc<str>);
+
+static ADMIN: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(crate::auth::ADMIN_CLIENT));
+static ANONYMOUS: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(crate::auth::ANONYMOUS_CLIENT));
 
 /// A request that presented the admin token.
 #[derive(Debug)]
@@ -47,17 +52,17 @@ impl Client {
         // The admin token is the admin's wherever it is shown, open routes included:
         // it is exempt from limits a client is not.
         if bearer(parts).is_some_and(|token| is_admin(state, token)) {
-            return Ok(Self(crate::auth::ADMIN_CLIENT.to_owned()));
+            return Ok(Self(Arc::clone(&ADMIN)));
         }
         if keys.is_empty() {
-            return Ok(Self(crate::auth::ANONYMOUS_CLIENT.to_owned()));
+            return Ok(Self(Arc::clone(&ANONYMOUS)));
         }
         let token = bearer(parts).ok_or(ApiError::Unauthorized)?;
         if let Some(name) = keys.identify(token) {
-            return Ok(Self(name.to_owned()));
+            return Ok(Self(Arc::clone(name)));
         }
         if is_admin(state, token) {
-            return Ok(Self(crate::auth::ADMIN_CLIENT.to_owned()));
+            return Ok(Self(Arc::clone(&ADMIN)));
         }
         Err(ApiError::Unauthorized)
     }

@@ -1,10 +1,12 @@
 //! Accounting: every answer counted once (Prometheus by outcome, the shared hit
 //! counters, a request event for analytics), and what `/narrative/stats` reports.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use analytics::{new_event_id, RequestEvent, RequestOutcome};
-use cache_core::{Envelope, KeyedProfile, Tier};
+use cache_core::profile::Classification;
+use cache_core::{Envelope, KeyDeriver, KeyedProfile, Tier};
 
 use super::{Answer, Caller, Count, NarrativeService, RecentAnswer, RecentSource, Source, Totals};
 use crate::metrics::Outcome;
@@ -20,6 +22,33 @@ pub struct ServiceStats {
     pub in_flight: usize,
     /// This instance's last answers, newest first.
     pub recent: Vec<RecentAnswer>,
+}
+
+/// The texts every request event of a service names, made once and shared by all.
+#[derive(Debug)]
+pub(super) struct EventTexts {
+    engine_version: Arc<str>,
+    prompt_hash: Arc<str>,
+    primary: Arc<str>,
+    hybrid: Arc<str>,
+}
+
+impl EventTexts {
+    pub(super) fn new(deriver: &KeyDeriver) -> Self {
+        Self {
+            engine_version: deriver.engine_version().to_string().into(),
+            prompt_hash: deriver.prompt_hash().to_string().into(),
+            primary: Classification::Primary.as_str().into(),
+            hybrid: Classification::Hybrid.as_str().into(),
+        }
+    }
+
+    fn classification(&self, classification: Classification) -> Arc<str> {
+        Arc::clone(match classification {
+            Classification::Primary => &self.primary,
+            Classification::Hybrid => &self.hybrid,
+        })
+    }
 }
 
 impl NarrativeService {
@@ -129,19 +158,21 @@ impl NarrativeService {
                 envelope.cost_usd,
             )
         });
+        // Every text is shared: the event allocates nothing of its own.
+        let texts = &self.event_texts;
         self.events.record_request(RequestEvent {
             id: new_event_id(),
             at,
             outcome,
             latency_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
-            engine_version: self.deriver.engine_version().to_string(),
-            prompt_hash: self.deriver.prompt_hash().to_string(),
-            classification: keyed.profile.classification.as_str().to_owned(),
-            primary_system: keyed.profile.primary_system().to_owned(),
-            client: caller.client.clone(),
+            engine_version: Arc::clone(&texts.engine_version),
+            prompt_hash: Arc::clone(&texts.prompt_hash),
+            classification: texts.classification(keyed.profile.classification),
+            primary_system: Arc::clone(&keyed.primary_system),
+            client: Arc::clone(&caller.client),
             user_hash: caller.user_hash.clone(),
-            key_digest: keyed.key.digest().to_owned(),
-            profile: keyed.canonical_json.clone(),
+            key_digest: Arc::clone(&keyed.digest),
+            profile: Arc::clone(&keyed.canonical_json),
             entry_tokens,
             entry_cost_usd,
             first_delta_us: first_delta

@@ -139,23 +139,23 @@ impl Answer {
 #[derive(Debug, Clone)]
 pub struct Caller {
     /// The API client's name (`anonymous` until client keys are configured).
-    pub client: String,
+    pub client: Arc<str>,
     /// The keyed hash of the request's `userId`.
-    pub user_hash: Option<String>,
+    pub user_hash: Option<Arc<str>>,
 }
 
 impl Caller {
     /// The admin token's holder, exempt from `REVALIDATE_MIN_INTERVAL` (no client key
     /// may be named `admin`).
     pub fn is_admin(&self) -> bool {
-        self.client == crate::auth::ADMIN_CLIENT
+        &*self.client == crate::auth::ADMIN_CLIENT
     }
 }
 
 impl Default for Caller {
     fn default() -> Self {
         Self {
-            client: "anonymous".to_owned(),
+            client: crate::auth::ANONYMOUS_CLIENT.into(),
             user_hash: None,
         }
     }

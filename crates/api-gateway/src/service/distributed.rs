@@ -207,7 +207,7 @@ impl FillStrategy for WorkerFill {
         let job = Job {
             version: JOB_VERSION,
             key: keyed.key.to_string(),
-            canonical: keyed.canonical_json.clone(),
+            canonical: keyed.canonical_json.to_string(),
             lock_token: String::new(),
             trigger: Trigger::Prewarm,
             request_id: format!("prewarm-{}", hex_id()),
@@ -418,7 +418,7 @@ impl NarrativeService {
         let job = Job {
             version: JOB_VERSION,
             key: key.to_string(),
-            canonical: keyed.canonical_json.clone(),
+            canonical: keyed.canonical_json.to_string(),
             lock_token: token.as_str().to_owned(),
             trigger: FillMode::Miss.trigger(),
             request_id: hex_id(),

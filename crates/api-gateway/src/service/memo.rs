@@ -30,7 +30,7 @@ const LARGEST_BODY: usize = 4096;
 pub struct Derived {
     pub keyed: KeyedProfile,
     /// The keyed hash of the body's `userId`, if it has one.
-    pub user_hash: Option<String>,
+    pub user_hash: Option<Arc<str>>,
 }
 
 type Digest = [u8; 32];

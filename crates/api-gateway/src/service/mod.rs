@@ -113,6 +113,8 @@ pub struct NarrativeService {
     revalidate_min_interval: Duration,
     /// Request bodies seen before, and what they derived to.
     memo: BodyMemo,
+    /// What every request event of this service names.
+    event_texts: accounting::EventTexts,
 }
 
 #[derive(Debug)]
@@ -156,6 +158,7 @@ impl NarrativeService {
             revalidate_min_interval,
         } = parts;
         Self {
+            event_texts: accounting::EventTexts::new(&deriver),
             deriver,
             store,
             generator,
@@ -237,7 +240,7 @@ impl NarrativeService {
                 user_hash: input
                     .user_id
                     .as_deref()
-                    .map(|id| self.deriver.user_hash(id)),
+                    .map(|id| self.deriver.user_hash(id).into()),
             }))
         })
     }

@@ -211,7 +211,7 @@ impl BatchObserver for RedisTallies {
         // Each user once per day per batch: an active user appears in most batches.
         let mut users: BTreeMap<time::Date, BTreeSet<&str>> = BTreeMap::new();
         for event in &batch.requests {
-            *systems.entry(event.primary_system.as_str()).or_default() += 1;
+            *systems.entry(&*event.primary_system).or_default() += 1;
             if let Some(user) = &event.user_hash {
                 users.entry(event.at.date()).or_default().insert(user);
             }

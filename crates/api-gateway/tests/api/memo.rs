@@ -27,7 +27,11 @@ fn fresh(
         .user_id
         .as_deref()
         .map(|id| service.deriver().user_hash(id));
-    Ok((keyed.key.to_string(), keyed.canonical_json, user))
+    Ok((
+        keyed.key.to_string(),
+        keyed.canonical_json.to_string(),
+        user,
+    ))
 }
 
 fn memoized(
@@ -39,8 +43,8 @@ fn memoized(
         .map_err(|e| e.field)?;
     Ok((
         derived.keyed.key.to_string(),
-        derived.keyed.canonical_json.clone(),
-        derived.user_hash.clone(),
+        derived.keyed.canonical_json.to_string(),
+        derived.user_hash.as_deref().map(str::to_owned),
     ))
 }
 

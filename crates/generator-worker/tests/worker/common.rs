@@ -68,7 +68,7 @@ pub async fn enqueue_misses(
         let job = Job {
             version: JOB_VERSION,
             key: keyed.key.to_string(),
-            canonical: keyed.canonical_json.clone(),
+            canonical: keyed.canonical_json.to_string(),
             lock_token: token.as_str().to_owned(),
             trigger: Trigger::Miss,
             request_id: format!("{label}-{n}"),
