@@ -311,6 +311,8 @@ impl PublisherTask {
 
 fn into_batch(items: Vec<Item>) -> Batch {
     let mut batch = Batch::new();
+    // Nearly every event of a gateway's batch is a request event.
+    batch.requests.reserve_exact(items.len());
     for item in items {
         match item {
             Item::Request(event) => batch.requests.push(event),

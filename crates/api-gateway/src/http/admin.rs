@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -88,8 +87,7 @@ struct PrewarmRequest {
 async fn start_prewarm(
     _admin: Admin,
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    RequestBody(body): RequestBody,
+    RequestBody { headers, body }: RequestBody,
 ) -> Result<Response, ApiError> {
     let body = json_body(&headers, body)?;
     let request: PrewarmRequest =

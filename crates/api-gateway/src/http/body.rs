@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
+use axum::http::HeaderMap;
 use futures::StreamExt as _;
 
 use super::{ApiError, MAX_BODY_BYTES};
@@ -21,17 +22,26 @@ use crate::app::AppState;
 /// 413; past it the connection is closed unread.
 pub const DRAIN_BYTES: usize = 1024 * 1024;
 
-/// A request's body, or why it could not be read: a handler argument that never
-/// rejects, so the handler decides what a bad body means (after checking the caller).
+/// A request's headers and body, or why the body could not be read: a handler
+/// argument that never rejects, so the handler decides what a bad body means (after
+/// checking the caller). It takes the headers by value: axum's `HeaderMap` extractor
+/// would copy them.
 #[derive(Debug)]
-pub struct RequestBody(pub Result<Bytes, ApiError>);
+pub struct RequestBody {
+    pub headers: HeaderMap,
+    pub body: Result<Bytes, ApiError>,
+}
 
 impl FromRequest<Arc<AppState>> for RequestBody {
     type Rejection = Infallible;
 
     async fn from_request(request: Request, state: &Arc<AppState>) -> Result<Self, Infallible> {
         let limit = state.settings.http.body;
-        Ok(Self(read(request.into_body(), MAX_BODY_BYTES, limit).await))
+        let (parts, body) = request.into_parts();
+        Ok(Self {
+            headers: parts.headers,
+            body: read(body, MAX_BODY_BYTES, limit).await,
+        })
     }
 }
 

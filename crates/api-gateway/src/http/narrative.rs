@@ -52,8 +52,7 @@ pub(super) const CACHE_NAME: &str = "narrative-cache";
 async fn post_narrative(
     client: Client,
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    RequestBody(body): RequestBody,
+    RequestBody { headers, body }: RequestBody,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let (derived, caller) = parse_profile(&state, &headers, body, client)?;
@@ -395,8 +394,7 @@ struct ExplainBody<'a> {
 async fn explain_key(
     client: Client,
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    RequestBody(body): RequestBody,
+    RequestBody { headers, body }: RequestBody,
 ) -> Result<Response, ApiError> {
     let (derived, _) = parse_profile(&state, &headers, body, client)?;
     let keyed = &derived.keyed;
