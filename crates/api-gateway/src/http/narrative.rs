@@ -206,7 +206,13 @@ fn narrative_response_with(
     answer: &Answer,
     bodies: Option<&HitBodies>,
 ) -> Response {
-    let (x_cache, cache_status) = cache_status(answer);
+    let (x_cache, status) = match answer.source {
+        Source::Cache => ("HIT", fresh_hit_status(answer)),
+        _ => {
+            let (x_cache, status) = cache_status(answer);
+            (x_cache, HeaderValue::from_str(&status).ok())
+        }
+    };
     let mut response = match (answer.source, bodies) {
         (Source::Cache | Source::Stale, Some(bodies)) => {
             let body = bodies.body(key, answer);
@@ -221,12 +227,34 @@ fn narrative_response_with(
     };
     let headers = response.headers_mut();
     headers.insert("x-cache", HeaderValue::from_static(x_cache));
-    if let Ok(value) = HeaderValue::from_str(&cache_status) {
+    if let Some(value) = status {
         headers.insert("cache-status", value);
     }
     // Narratives are personal: shared caches between us and the user must not keep them.
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
     response
+}
+
+/// A fresh hit's `Cache-Status`. It only changes when its `ttl` does, once a second,
+/// so each thread keeps the last one it made and shares it instead of formatting and
+/// copying it for every hit.
+fn fresh_hit_status(answer: &Answer) -> Option<HeaderValue> {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(Option<i64>, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| {
+        let ttl = answer.ttl_remaining_secs;
+        if let Some((made_for, value)) = last {
+            if *made_for == ttl {
+                return Some(value.clone());
+            }
+        }
+        let (_, status) = cache_status(answer);
+        let value = HeaderValue::from_maybe_shared(Bytes::from(status)).ok()?;
+        *last = Some((ttl, value.clone()));
+        Some(value)
+    })
 }
 
 /// The JSON bodies of hits, rendered once per stored entry and shared: a hit of an
@@ -556,6 +584,35 @@ mod tests {
         assert_eq!(human_bytes(512), "512B");
         assert_eq!(human_bytes(2_516_582), "2.40M");
         assert_eq!(human_bytes(1536), "1.50K");
+    }
+
+    #[test]
+    fn a_fresh_hit_status_is_made_again_when_its_ttl_changes() {
+        let envelope = Arc::new(Envelope {
+            body: "narrative".to_owned(),
+            created_at_ms: 1,
+            engine_version: "narrative@1.0.0".to_owned(),
+            prompt_hash: "abcd".to_owned(),
+            model: "m".to_owned(),
+            tokens_in: 1,
+            tokens_out: 1,
+            cost_usd: 0.0,
+            generation_ms: 1,
+        });
+        let hit = |ttl| Answer {
+            envelope: Arc::clone(&envelope),
+            source: Source::Cache,
+            collapsed: false,
+            ttl_remaining_secs: Some(ttl),
+            forwarded: None,
+            stored: false,
+            tier: None,
+        };
+        for ttl in [600, 600, 599, 600, 0] {
+            let expected = cache_status(&hit(ttl)).1;
+            assert_eq!(expected, format!("narrative-cache; hit; ttl={ttl}"));
+            assert_eq!(fresh_hit_status(&hit(ttl)).unwrap(), expected.as_str());
+        }
     }
 
     #[test]
