@@ -343,7 +343,6 @@ fn merge<'a>(batches: impl Iterator<Item = &'a Batch>) -> Batch {
 /// What Postgres would refuse for its content alone, made storable: NUL characters
 /// (text cannot hold them), a profile that is not JSON, costs beyond the column.
 fn clean(batch: &mut Batch) {
-    const MAX_COST: f64 = 1e9;
     let strip = |text: &mut Arc<str>| {
         if text.contains('\0') {
             *text = text.replace('\0', "").into();
@@ -367,12 +366,23 @@ fn clean(batch: &mut Batch) {
         if serde_json::from_str::<serde::de::IgnoredAny>(&event.profile).is_err() {
             event.profile = "{}".into();
         }
-        event.entry_cost_usd = event.entry_cost_usd.clamp(0.0, MAX_COST);
+        event.entry_cost_usd = storable_cost(event.entry_cost_usd);
     }
     for event in &mut batch.generations {
         event.model.retain(|c| c != '\0');
         event.key_digest.retain(|c| c != '\0');
-        event.cost_usd = event.cost_usd.clamp(0.0, MAX_COST);
+        event.cost_usd = storable_cost(event.cost_usd);
+    }
+}
+
+/// A cost the money columns can hold. JSON cannot carry NaN or infinity but a binary
+/// batch can, and one NaN would make every sum over its hour NaN.
+fn storable_cost(usd: f64) -> f64 {
+    const MAX_COST: f64 = 1e9;
+    if usd.is_finite() {
+        usd.clamp(0.0, MAX_COST)
+    } else {
+        0.0
     }
 }
 
@@ -394,5 +404,8 @@ mod tests {
         assert_eq!(&*event.primary_system, "Sirius");
         assert_eq!(&*event.profile, "{}");
         assert_eq!(event.entry_cost_usd, 1e9);
+        for cost in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -1.0] {
+            assert_eq!(storable_cost(cost), 0.0, "{cost}");
+        }
     }
 }

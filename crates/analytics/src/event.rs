@@ -1,7 +1,8 @@
 //! The events, and the batch format they travel in.
 //!
-//! A batch is binary (v2, [`binary`]); batches of earlier releases are JSON (v1) and
-//! are read as well, so a fleet can be upgraded one service at a time.
+//! A batch is binary (v2, [`binary`]) unless `EVENT_BATCH_FORMAT=json` asks for the
+//! JSON of earlier releases (v1); both are read, so the `analytics` service is upgraded
+//! first and publishers after it (docs/operations.md).
 //! Every event has a unique id (UUID v7, so ids of one batch sort by time) fixed where
 //! it happened, which is what makes inserting a redelivered batch a no-op.
 //! Nothing here identifies a person: the user id arrives only as its keyed hash, and
@@ -79,6 +80,8 @@ pub enum GenerationOutcome {
 }
 
 impl GenerationOutcome {
+    pub const ALL: [Self; 2] = [Self::Ok, Self::Failed];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Ok => "ok",
@@ -110,9 +113,10 @@ pub struct RequestEvent {
     pub user_hash: Option<Arc<str>>,
     /// The cache key's digest: which entry answered.
     pub key_digest: Arc<str>,
-    /// The canonical profile's JSON, for popularity (pre-warming). In a published
-    /// batch it is sent once per key (see [`Batch::profiles`]) and empty elsewhere.
-    #[serde(default, skip_serializing_if = "is_empty")]
+    /// The canonical profile's JSON, for popularity (pre-warming). A v1 (JSON) batch
+    /// sends it once per key and leaves it empty elsewhere; a v2 batch writes it once
+    /// in its string table.
+    #[serde(default, skip_serializing_if = "profile_is_empty")]
     pub profile: Arc<str>,
     /// What the answered entry took to generate; a hit saves exactly that.
     pub entry_tokens: u64,
@@ -123,8 +127,8 @@ pub struct RequestEvent {
     pub first_delta_us: Option<u64>,
 }
 
-fn is_empty(text: &Arc<str>) -> bool {
-    text.is_empty()
+fn profile_is_empty(profile: &Arc<str>) -> bool {
+    profile.is_empty()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,7 +170,7 @@ pub struct Batch {
 pub enum BatchError {
     #[error("not an event batch: {0}")]
     Malformed(String),
-    #[error("batch format {0} (this build reads 1 and {BATCH_VERSION})")]
+    #[error("batch format {0} (this build reads JSON v1 and binary v{BATCH_VERSION})")]
     UnknownVersion(u32),
 }
 
@@ -183,23 +187,66 @@ impl Batch {
         self.len() == 0
     }
 
-    /// The batch in the format this build writes: v2, binary (see [`binary`]).
+    /// The batch in the default format: v2, binary (see [`binary`]).
     pub fn to_bytes(&self) -> Vec<u8> {
-        binary::encode(self)
+        self.encode(BatchFormat::Binary)
     }
 
     /// The batch as releases before v2 wrote it: JSON, each key's profile once.
-    /// Kept so that a rolling upgrade's mixed traffic can be tested and replayed.
     pub fn to_json_v1(&self) -> Vec<u8> {
-        json::encode(self)
+        self.encode(BatchFormat::Json)
+    }
+
+    pub fn encode(&self, format: BatchFormat) -> Vec<u8> {
+        match format {
+            BatchFormat::Binary => binary::encode(self),
+            BatchFormat::Json => json::encode(self),
+        }
     }
 
     /// Reads either format: v2 by its magic bytes, v1 (JSON) otherwise.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, BatchError> {
-        match bytes {
-            [b'N', b'C', b'B', 2, rest @ ..] => binary::decode(rest),
-            [b'N', b'C', b'B', version, ..] => Err(BatchError::UnknownVersion(u32::from(*version))),
+        match bytes.strip_prefix(binary::MAGIC_PREFIX) {
+            Some([version, rest @ ..]) if u32::from(*version) == BATCH_VERSION => {
+                binary::decode(rest)
+            }
+            Some([version, ..]) => Err(BatchError::UnknownVersion(u32::from(*version))),
             _ => json::decode(bytes),
+        }
+    }
+}
+
+/// Which format a publisher writes (`EVENT_BATCH_FORMAT`). This build reads both;
+/// the choice matters to an `analytics` service of an earlier release, which reads
+/// JSON alone: `json` keeps a fleet's events readable by it before it is upgraded,
+/// or while it is rolled back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BatchFormat {
+    /// v2, the default.
+    #[default]
+    Binary,
+    /// v1.
+    Json,
+}
+
+impl std::str::FromStr for BatchFormat {
+    type Err = &'static str;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "binary" => Ok(Self::Binary),
+            "json" => Ok(Self::Json),
+            _ => Err("must be binary or json"),
+        }
+    }
+}
+
+impl BatchFormat {
+    /// The message's content type.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Binary => "application/vnd.narrative-cache.events.v2",
+            Self::Json => "application/json",
         }
     }
 }
@@ -286,8 +333,11 @@ pub mod binary {
         Trigger,
     };
 
-    /// The first bytes of a v2 batch: `NCB` and the version (JSON cannot start so).
+    /// What a binary batch starts with, before its version byte (JSON cannot start so).
+    pub const MAGIC_PREFIX: &[u8] = b"NCB";
+    /// The first bytes of a v2 batch.
     pub const MAGIC: &[u8] = b"NCB\x02";
+    const _: () = assert!(MAGIC[3] as u32 == super::BATCH_VERSION);
 
     #[derive(Serialize, Deserialize)]
     struct Wire<'a> {
@@ -301,7 +351,7 @@ pub mod binary {
     #[derive(Serialize, Deserialize)]
     struct RequestRecord {
         id: [u8; 16],
-        at_unix_ns: i64,
+        at_unix_ns: i128,
         outcome: u32,
         latency_us: u64,
         engine_version: u32,
@@ -320,7 +370,7 @@ pub mod binary {
     #[derive(Serialize, Deserialize)]
     struct GenerationRecord {
         id: [u8; 16],
-        at_unix_ns: i64,
+        at_unix_ns: i128,
         model: u32,
         tokens_in: u64,
         tokens_out: u64,
@@ -357,15 +407,12 @@ pub mod binary {
             if let Some(&index) = self.by_text.get(text) {
                 return index;
             }
-            let index = u32::try_from(self.table.len()).unwrap_or(u32::MAX);
+            // A batch holds at most a few hundred thousand strings.
+            let index = u32::try_from(self.table.len()).expect("fewer than 2^32 strings");
             self.table.push(text);
             self.by_text.insert(text, index);
             index
         }
-    }
-
-    fn unix_ns(at: OffsetDateTime) -> i64 {
-        i64::try_from(at.unix_timestamp_nanos()).unwrap_or(i64::MAX)
     }
 
     pub(super) fn encode(batch: &Batch) -> Vec<u8> {
@@ -375,7 +422,7 @@ pub mod binary {
             .iter()
             .map(|event| RequestRecord {
                 id: event.id.into_bytes(),
-                at_unix_ns: unix_ns(event.at),
+                at_unix_ns: event.at.unix_timestamp_nanos(),
                 outcome: strings.text(event.outcome.as_str()),
                 latency_us: event.latency_us,
                 engine_version: strings.shared(&event.engine_version),
@@ -396,7 +443,7 @@ pub mod binary {
             .iter()
             .map(|event| GenerationRecord {
                 id: event.id.into_bytes(),
-                at_unix_ns: unix_ns(event.at),
+                at_unix_ns: event.at.unix_timestamp_nanos(),
                 model: strings.text(&event.model),
                 tokens_in: event.tokens_in,
                 tokens_out: event.tokens_out,
@@ -422,7 +469,24 @@ pub mod binary {
     }
 
     pub(super) fn decode(bytes: &[u8]) -> Result<Batch, BatchError> {
-        let wire: Wire<'_> = postcard::from_bytes(bytes).map_err(malformed)?;
+        let (wire, rest): (Wire<'_>, _) = postcard::take_from_bytes(bytes).map_err(malformed)?;
+        if !rest.is_empty() {
+            return Err(malformed(format_args!(
+                "{} bytes after the batch",
+                rest.len()
+            )));
+        }
+        // Each event names at most nine strings and every string costs a decoded
+        // `Arc`: a table longer than its events could name is not a batch of ours
+        // (and could make a small message cost much memory).
+        let most = 9 * wire.requests.len() + 4 * wire.generations.len() + 16;
+        if wire.strings.len() > most {
+            return Err(malformed(format_args!(
+                "{} strings for {} events",
+                wire.strings.len(),
+                wire.requests.len() + wire.generations.len()
+            )));
+        }
         let strings: Vec<Arc<str>> = wire.strings.iter().map(|&text| Arc::from(text)).collect();
         let text = |index: u32| -> Result<Arc<str>, BatchError> {
             usize::try_from(index)
@@ -439,8 +503,7 @@ pub mod binary {
         let named = |index: u32, kind: &str| -> Result<Arc<str>, BatchError> {
             text(index).map_err(|_| malformed(format_args!("{kind}: no string {index}")))
         };
-        let at =
-            |ns: i64| OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns)).map_err(malformed);
+        let at = |ns: i128| OffsetDateTime::from_unix_timestamp_nanos(ns).map_err(malformed);
         let mut batch = Batch::new();
         batch.requests.reserve(wire.requests.len());
         for record in wire.requests {
@@ -451,7 +514,7 @@ pub mod binary {
                 outcome: RequestOutcome::ALL
                     .into_iter()
                     .find(|o| o.as_str() == &*outcome)
-                    .ok_or_else(|| malformed(format_args!("request outcome {outcome:?}")))?,
+                    .ok_or_else(|| malformed(format_args!("request outcome {outcome:.32}")))?,
                 latency_us: record.latency_us,
                 engine_version: text(record.engine_version)?,
                 prompt_hash: text(record.prompt_hash)?,
@@ -479,14 +542,14 @@ pub mod binary {
                 cost_usd: record.cost_usd,
                 duration_ms: record.duration_ms,
                 attempts: record.attempts,
-                outcome: [GenerationOutcome::Ok, GenerationOutcome::Failed]
+                outcome: GenerationOutcome::ALL
                     .into_iter()
                     .find(|o| o.as_str() == &*outcome)
-                    .ok_or_else(|| malformed(format_args!("generation outcome {outcome:?}")))?,
-                trigger: [Trigger::Miss, Trigger::Refresh, Trigger::Prewarm]
+                    .ok_or_else(|| malformed(format_args!("generation outcome {outcome:.32}")))?,
+                trigger: Trigger::ALL
                     .into_iter()
                     .find(|t| t.as_str() == &*trigger)
-                    .ok_or_else(|| malformed(format_args!("trigger {trigger:?}")))?,
+                    .ok_or_else(|| malformed(format_args!("trigger {trigger:.32}")))?,
                 key_digest: text(record.key_digest)?.to_string(),
             });
         }
@@ -537,6 +600,20 @@ pub mod binary {
             );
             let error = read(1, "hit_l3").unwrap_err();
             assert!(error.to_string().contains("hit_l3"), "{error}");
+        }
+
+        #[test]
+        fn a_table_longer_than_its_events_could_name_is_malformed() {
+            let wire = Wire {
+                strings: vec![""; 100_000],
+                requests: Vec::new(),
+                generations: Vec::new(),
+            };
+            let error = decode(&postcard::to_allocvec(&wire).unwrap()).unwrap_err();
+            assert!(
+                error.to_string().contains("100000 strings for 0 events"),
+                "{error}"
+            );
         }
     }
 }
@@ -594,11 +671,12 @@ pub(crate) mod tests {
             }
             batch.requests.push(event);
         }
-        // A 202's event: no profile, and (in v1) no other event of its key with one.
+        // An event without a profile, alone on its key: v1 would give it the profile
+        // of another event of its key (profiles travel once per key there), v2 not.
         batch.requests[2].profile = "".into();
         batch.requests[2].key_digest = "d3".into();
-        for outcome in [GenerationOutcome::Ok, GenerationOutcome::Failed] {
-            for trigger in [Trigger::Miss, Trigger::Refresh, Trigger::Prewarm] {
+        for outcome in GenerationOutcome::ALL {
+            for trigger in Trigger::ALL {
                 batch.generations.push(generation(outcome, trigger));
             }
         }
@@ -631,6 +709,14 @@ pub(crate) mod tests {
             Batch::from_bytes(b"{\"v\":1,\"requests\":[{}]}"),
             Err(BatchError::Malformed(_))
         ));
+        // Something after the batch, or a second one glued to it: refused.
+        let mut glued = mixed_batch().to_bytes();
+        glued.extend_from_slice(&mixed_batch().to_bytes()[binary::MAGIC.len()..]);
+        let error = Batch::from_bytes(&glued).unwrap_err();
+        assert!(
+            error.to_string().contains("bytes after the batch"),
+            "{error}"
+        );
         // Cut anywhere, a binary batch is refused, never misread.
         let whole = mixed_batch().to_bytes();
         for end in binary::MAGIC.len()..whole.len() {
@@ -685,11 +771,11 @@ pub(crate) mod tests {
             numbers in proptest::array::uniform4(proptest::num::u64::ANY),
             cost in -1e12f64..1e12,
             first_delta in proptest::option::of(proptest::num::u64::ANY),
-            at_ns in proptest::num::i64::ANY,
+            at_ns in -377_705_116_800_000_000_000i128..253_402_300_800_000_000_000,
             outcome in 0..RequestOutcome::ALL.len(),
         ) {
             let mut event = request(RequestOutcome::ALL[outcome], &texts[0]);
-            event.at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(at_ns)).unwrap();
+            event.at = OffsetDateTime::from_unix_timestamp_nanos(at_ns).unwrap();
             event.engine_version = texts[1].as_str().into();
             event.prompt_hash = texts[2].as_str().into();
             event.classification = texts[3].as_str().into();

@@ -29,7 +29,8 @@ pub mod store;
 pub mod summary;
 
 pub use event::{
-    new_event_id, Batch, GenerationEvent, GenerationOutcome, RequestEvent, RequestOutcome, Trigger,
+    new_event_id, Batch, BatchFormat, GenerationEvent, GenerationOutcome, RequestEvent,
+    RequestOutcome, Trigger,
 };
 pub use memory::{AuditRecord, InMemoryAnalytics};
 pub use popularity::PopularProfile;

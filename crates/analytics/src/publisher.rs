@@ -17,10 +17,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{Batch, GenerationEvent, RequestEvent};
-
-/// What a published batch is: binary v2 (see [`crate::event::binary`]).
-pub const BATCH_CONTENT_TYPE: &str = "application/vnd.narrative-cache.events.v2";
+use crate::event::{Batch, BatchFormat, GenerationEvent, RequestEvent};
 use crate::EventSink;
 
 #[derive(Debug, Clone)]
@@ -35,6 +32,8 @@ pub struct PublisherSettings {
     pub confirm_timeout: Duration,
     /// How long the last batches get at shutdown.
     pub drain_timeout: Duration,
+    /// What batches are written as (`EVENT_BATCH_FORMAT`).
+    pub format: BatchFormat,
 }
 
 impl Default for PublisherSettings {
@@ -45,6 +44,7 @@ impl Default for PublisherSettings {
             linger: Duration::from_millis(200),
             confirm_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
+            format: BatchFormat::default(),
         }
     }
 }
@@ -296,12 +296,12 @@ impl PublisherTask {
     }
 
     async fn publish(&self, batch: &Batch) -> Result<(), PublishError> {
-        let body = batch.to_bytes();
+        let body = batch.encode(self.settings.format);
         self.broker
             .publish(Message {
                 to: topology::EVENTS,
                 body: &body,
-                content_type: BATCH_CONTENT_TYPE,
+                content_type: self.settings.format.content_type(),
                 correlation_id: None,
                 confirm_timeout: Some(self.settings.confirm_timeout),
             })

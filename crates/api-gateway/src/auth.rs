@@ -4,7 +4,7 @@
 //! token is compared by digest in constant time, so neither the secret nor how much of
 //! it a guess got right leaks through memory dumps, logs or timing.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use sha2::{Digest, Sha256};
 
@@ -42,6 +42,10 @@ impl std::fmt::Debug for BearerSecret {
 pub const ADMIN_CLIENT: &str = "admin";
 /// The client name of a request without a key where none is needed, reserved.
 pub const ANONYMOUS_CLIENT: &str = "anonymous";
+
+/// The two reserved names, shared: naming a caller allocates nothing.
+pub static ADMIN: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(ADMIN_CLIENT));
+pub static ANONYMOUS: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(ANONYMOUS_CLIENT));
 
 /// `API_KEYS`: named client keys. Empty means client routes are open (anonymous).
 #[derive(Debug, Clone, Default)]

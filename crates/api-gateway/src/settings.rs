@@ -302,7 +302,7 @@ pub struct AnalyticsSettings {
 }
 
 /// `DATABASE_URL` (which needs `AMQP_URL`: events reach Postgres through RabbitMQ and
-/// the `analytics` service) and `EVENT_BUFFER`.
+/// the `analytics` service), `EVENT_BUFFER` and `EVENT_BATCH_FORMAT`.
 fn analytics_settings(
     vars: &Vars,
     queue: Option<&QueueSettings>,
@@ -324,6 +324,7 @@ fn analytics_settings(
     let events = PublisherSettings {
         capacity,
         confirm_timeout: queue.confirm_timeout.max(defaults.confirm_timeout),
+        format: vars.from_str_or("EVENT_BATCH_FORMAT", defaults.format)?,
         ..defaults
     };
     Ok(Some(AnalyticsSettings {
@@ -426,6 +427,16 @@ mod tests {
             ("MEMORY_CACHE_MAX_MB", "18446744073709551615", &[]),
             ("PREWARM_RATE", "fast", &[]),
             ("PREWARM_WINDOW", "0s", &[]),
+            (
+                "EVENT_BATCH_FORMAT",
+                "msgpack",
+                &[
+                    SECRET,
+                    REDIS,
+                    ("AMQP_URL", "amqp://127.0.0.1:5672"),
+                    ("DATABASE_URL", "postgres://127.0.0.1/analytics"),
+                ],
+            ),
         ];
         for (var, value, context) in cases {
             let pairs = context.iter().copied().chain([(*var, *value)]);

@@ -60,7 +60,10 @@ impl WorkerApp {
         ));
         let (events, publisher) = EventPublisher::new(
             broker,
-            PublisherSettings::default(),
+            PublisherSettings {
+                format: settings.event_format,
+                ..PublisherSettings::default()
+            },
             None,
             EventMetrics::register(&metrics.registry)?,
         );

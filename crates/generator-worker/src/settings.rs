@@ -22,6 +22,8 @@ pub struct WorkerSettings {
     pub llm: Option<LlmSettings>,
     pub guard: GuardSettings,
     pub cache_ttl: Duration,
+    /// `EVENT_BATCH_FORMAT`: what generation events are published as.
+    pub event_format: analytics::BatchFormat,
 }
 
 impl WorkerSettings {
@@ -50,6 +52,8 @@ impl WorkerSettings {
             ));
         }
         let cache_ttl = vars.duration_or("CACHE_TTL", Duration::from_secs(30 * 86_400))?;
+        let event_format =
+            vars.from_str_or("EVENT_BATCH_FORMAT", analytics::BatchFormat::default())?;
         Ok(Self {
             bind_addr: vars.from_str_or("BIND_ADDR", SocketAddr::from(([127, 0, 0, 1], 9091)))?,
             redis,
@@ -59,6 +63,7 @@ impl WorkerSettings {
             llm: llm_settings_from(vars)?,
             guard: guard_settings_from(vars)?,
             cache_ttl,
+            event_format,
         })
     }
 }

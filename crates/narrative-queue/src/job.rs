@@ -23,6 +23,8 @@ pub enum Trigger {
 }
 
 impl Trigger {
+    pub const ALL: [Self; 3] = [Self::Miss, Self::Refresh, Self::Prewarm];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Miss => "miss",

@@ -131,17 +131,20 @@ fn cpu_seconds(pid: &str) -> Option<f64> {
 
 /// Events a gateway's publisher has had confirmed, from its `/metrics`.
 async fn published_events(client: &reqwest::Client, gateway: std::net::SocketAddr) -> u64 {
-    let Ok(reply) = client.get(format!("http://{gateway}/metrics")).send().await else {
-        return 0;
-    };
-    reply
+    let metrics = client
+        .get(format!("http://{gateway}/metrics"))
+        .send()
+        .await
+        .expect("the gateway's metrics")
         .text()
         .await
-        .unwrap_or_default()
+        .expect("the gateway's metrics");
+    metrics
         .lines()
         .find_map(|line| line.strip_prefix("narrative_events_published_total "))
         .and_then(|value| value.trim().parse::<f64>().ok())
-        .map_or(0, |value| value as u64)
+        .map(|value| value as u64)
+        .expect("narrative_events_published_total in the gateway's metrics")
 }
 
 #[tokio::main]
@@ -281,9 +284,11 @@ async fn main() {
             // Let ingest catch up, so it does not run into the next measurement: until
             // every event the "on" gateway published is stored (a pause in inserts is
             // not enough: one insert of merged batches can take longer than a pause).
-            let published = published_events(&client, on).await;
             let deadline = std::time::Instant::now() + Duration::from_secs(180);
-            while metrics.inserted("request") + metrics.duplicates.get() < published {
+            // Read again each time: the gateway may still be publishing its buffer.
+            while metrics.inserted("request") + metrics.duplicates.get()
+                < published_events(&client, on).await
+            {
                 if std::time::Instant::now() > deadline {
                     println!("    (ingest still behind after 180 s; the next figure shares the cores with it)");
                     break;

@@ -7,7 +7,7 @@
 //! - Admin routes: the admin token only; a client key gets 403, anything else 401, and
 //!   with no `ADMIN_TOKEN` configured every caller gets 403.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
 use axum::http::header;
@@ -21,9 +21,6 @@ use crate::app::AppState;
 /// nothing.
 #[derive(Debug, Clone)]
 pub struct Client(pub Arc<str>);
-
-static ADMIN: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(crate::auth::ADMIN_CLIENT));
-static ANONYMOUS: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from(crate::auth::ANONYMOUS_CLIENT));
 
 /// A request that presented the admin token.
 #[derive(Debug)]
@@ -52,17 +49,17 @@ impl Client {
         // The admin token is the admin's wherever it is shown, open routes included:
         // it is exempt from limits a client is not.
         if bearer(parts).is_some_and(|token| is_admin(state, token)) {
-            return Ok(Self(Arc::clone(&ADMIN)));
+            return Ok(Self(Arc::clone(&crate::auth::ADMIN)));
         }
         if keys.is_empty() {
-            return Ok(Self(Arc::clone(&ANONYMOUS)));
+            return Ok(Self(Arc::clone(&crate::auth::ANONYMOUS)));
         }
         let token = bearer(parts).ok_or(ApiError::Unauthorized)?;
         if let Some(name) = keys.identify(token) {
             return Ok(Self(Arc::clone(name)));
         }
         if is_admin(state, token) {
-            return Ok(Self(Arc::clone(&ADMIN)));
+            return Ok(Self(Arc::clone(&crate::auth::ADMIN)));
         }
         Err(ApiError::Unauthorized)
     }

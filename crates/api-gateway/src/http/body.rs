@@ -26,10 +26,18 @@ pub const DRAIN_BYTES: usize = 1024 * 1024;
 /// argument that never rejects, so the handler decides what a bad body means (after
 /// checking the caller). It takes the headers by value: axum's `HeaderMap` extractor
 /// would copy them.
-#[derive(Debug)]
 pub struct RequestBody {
     pub headers: HeaderMap,
     pub body: Result<Bytes, ApiError>,
+}
+
+impl std::fmt::Debug for RequestBody {
+    /// Not the headers: `Authorization` is among them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestBody")
+            .field("body", &self.body.as_ref().map(Bytes::len))
+            .finish_non_exhaustive()
+    }
 }
 
 impl FromRequest<Arc<AppState>> for RequestBody {

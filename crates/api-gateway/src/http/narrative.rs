@@ -235,24 +235,32 @@ fn narrative_response_with(
     response
 }
 
-/// A fresh hit's `Cache-Status`. It only changes when its `ttl` does, once a second,
-/// so each thread keeps the last one it made and shares it instead of formatting and
-/// copying it for every hit.
+/// Fresh-hit `Cache-Status` values each thread keeps, by remaining ttl.
+const HIT_STATUSES_KEPT: usize = 64;
+
+/// A fresh hit's `Cache-Status`. It depends only on the entry's remaining ttl, which
+/// moves once a second, so each thread keeps the values it made in a small table by
+/// ttl and shares them instead of formatting and copying one for every hit. Entries
+/// with different ttls share it until two of them land on one slot.
 fn fresh_hit_status(answer: &Answer) -> Option<HeaderValue> {
+    type Slots = [Option<(i64, HeaderValue)>; HIT_STATUSES_KEPT];
     thread_local! {
-        static LAST: std::cell::RefCell<Option<(Option<i64>, HeaderValue)>> =
-            const { std::cell::RefCell::new(None) };
+        static MADE: std::cell::RefCell<Slots> = const {
+            std::cell::RefCell::new([const { None }; HIT_STATUSES_KEPT])
+        };
     }
-    LAST.with_borrow_mut(|last| {
-        let ttl = answer.ttl_remaining_secs;
-        if let Some((made_for, value)) = last {
+    let ttl = answer.ttl_remaining_secs.unwrap_or(0);
+    MADE.with_borrow_mut(|made| {
+        let slot =
+            &mut made[usize::try_from(ttl.rem_euclid(HIT_STATUSES_KEPT as i64)).unwrap_or(0)];
+        if let Some((made_for, value)) = slot {
             if *made_for == ttl {
                 return Some(value.clone());
             }
         }
         let (_, status) = cache_status(answer);
         let value = HeaderValue::from_maybe_shared(Bytes::from(status)).ok()?;
-        *last = Some((ttl, value.clone()));
+        *slot = Some((ttl, value.clone()));
         Some(value)
     })
 }
@@ -608,7 +616,7 @@ mod tests {
             stored: false,
             tier: None,
         };
-        for ttl in [600, 600, 599, 600, 0] {
+        for ttl in [600, 600, 599, 600, 0, 664, 600, -3] {
             let expected = cache_status(&hit(ttl)).1;
             assert_eq!(expected, format!("narrative-cache; hit; ttl={ttl}"));
             assert_eq!(fresh_hit_status(&hit(ttl)).unwrap(), expected.as_str());

@@ -155,7 +155,7 @@ impl Caller {
 impl Default for Caller {
     fn default() -> Self {
         Self {
-            client: crate::auth::ANONYMOUS_CLIENT.into(),
+            client: Arc::clone(&crate::auth::ANONYMOUS),
             user_hash: None,
         }
     }
