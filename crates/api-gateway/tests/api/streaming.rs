@@ -239,6 +239,11 @@ async fn streams_outlive_a_generating_gateway_killed_mid_stream() {
         ("REDIS_URL", redis.as_str()),
         ("ENGINE_VERSION", version.as_str()),
         ("LOCK_TTL", "1s"),
+        // The takeover streams a whole narrative (about 4.5 s from this simulator)
+        // after the dead holder's lock expires: on a loaded machine that outlasts the
+        // default wait, and the followers would get the template. This test is about
+        // the takeover, not the wait.
+        ("GENERATION_WAIT_MS", "30000"),
     ];
     let other = spawn_app_with(sim.clone(), &vars).await;
     let body = profile(8);
