@@ -314,7 +314,7 @@ mod json {
 ///
 /// An event repeats the few strings of its batch (one engine version, one prompt,
 /// a few clients, systems and keys, the outcome's name), so each is written once per
-/// batch and an event is about 50 bytes instead of JSON's 450: less to encode on the
+/// batch and an event is about 50 bytes instead of JSON's 330: less to encode on the
 /// gateway, less for RabbitMQ to store. Enums travel by name in the table, so adding
 /// or reordering variants never changes what an index means. Every index is checked
 /// when read: a batch that names a string it does not carry is malformed.
