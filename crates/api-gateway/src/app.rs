@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use analytics::{EventMetrics, EventPublisher, EventSink, InMemoryAnalytics, PgStore};
 use axum::Router;
-use cache_core::{CacheKeySecret, CacheStore, KeyDeriver, MemoryStore, TieredStore};
+use cache_core::{
+    CacheKeySecret, CacheStore, CoalescedReads, KeyDeriver, MemoryStore, TieredStore,
+};
 use cache_core::{MemoryUserIndex, UserIndex};
 use cache_redis::backend::RedisBackend;
 use cache_redis::codec::ValueCodec;
@@ -293,10 +295,13 @@ fn distributed(
         ValueCodec::new(redis.shared.encryption.clone()),
     ));
     let l1 = MemoryStore::new(settings.memory_cache_max_bytes);
+    // Requests' reads of a key share round trips; the fill protocol's own reads (under
+    // the lock) go to Redis directly.
+    let shared_reads = Arc::new(CoalescedReads::new(Arc::clone(&l2) as Arc<dyn CacheStore>));
     let tiers = Arc::new(TieredStore::new(
         l1,
         redis.l1_ttl,
-        Arc::clone(&l2) as Arc<dyn CacheStore>,
+        Arc::clone(&shared_reads) as Arc<dyn CacheStore>,
         settings.cache_ttl,
     ));
     let forget = Arc::clone(&tiers);
@@ -312,6 +317,7 @@ fn distributed(
             metrics.unreadable_entries.clone(),
         ),
         tiers,
+        shared_reads,
     }
 }
 

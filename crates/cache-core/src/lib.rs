@@ -42,5 +42,8 @@ pub use profile::{
 };
 pub use quantize::{QuantizationStep, Thousandths};
 pub use single_flight::{Flight, Follower, Leader, SingleFlight};
-pub use store::{CacheStore, MemoryStore, StoreError, StoreStats, Tier, TierHits, TieredStore};
+pub use store::{
+    CacheStore, CoalescedReads, MemoryStore, ReadCounts, StoreError, StoreStats, Tier, TierHits,
+    TieredStore,
+};
 pub use user_index::{MemoryUserIndex, UserIndex};

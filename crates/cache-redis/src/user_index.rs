@@ -100,10 +100,8 @@ impl RedisUserIndex {
                 .into_iter()
                 .map(|(u, k)| {
                     let outcome = match &error {
-                        StoreError::Refused(message) => {
-                            Written::Refused(StoreError::Refused(message.clone()))
-                        }
-                        other => Written::Retry(clone_error(other)),
+                        StoreError::Refused(_) => Written::Refused(error.clone()),
+                        _ => Written::Retry(error.clone()),
                     };
                     (u, k, outcome)
                 })
@@ -136,15 +134,6 @@ impl RedisUserIndex {
         if pending.len() < PENDING_USERS || pending.contains_key(&user) {
             pending.entry(user).or_default().extend(keys);
         }
-    }
-}
-
-fn clone_error(error: &StoreError) -> StoreError {
-    match error {
-        StoreError::Timeout => StoreError::Timeout,
-        StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
-        StoreError::Corrupt(m) => StoreError::Corrupt(m.clone()),
-        StoreError::Refused(m) => StoreError::Refused(m.clone()),
     }
 }
 

@@ -485,9 +485,14 @@ struct RecentBody {
 }
 
 #[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
 struct TierHitsBody {
     l1: u64,
     l2: u64,
+    /// Requests' reads of Redis: sent, and answered by another's read of the same key
+    /// (concurrent reads of a key share one round trip).
+    l2_reads_sent: u64,
+    l2_reads_shared: u64,
 }
 
 async fn stats(_client: Client, State(state): State<Arc<AppState>>) -> Json<StatsBody> {
@@ -531,10 +536,12 @@ async fn stats(_client: Client, State(state): State<Arc<AppState>>) -> Json<Stat
             })
             .collect(),
         tier_hits: service.distributed().map(|shared| {
-            let hits = shared.tiers.tier_hits();
+            let (hits, reads) = (shared.tiers.tier_hits(), shared.shared_reads.counts());
             TierHitsBody {
                 l1: hits.l1,
                 l2: hits.l2,
+                l2_reads_sent: reads.sent,
+                l2_reads_shared: reads.shared,
             }
         }),
     })

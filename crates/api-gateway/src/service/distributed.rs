@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cache_core::{
-    now_ms, Both, CacheKey, CacheStore, Envelope, KeyedProfile, LiveSink, LiveText, StoreError,
-    TieredStore,
+    now_ms, Both, CacheKey, CacheStore, CoalescedReads, Envelope, KeyedProfile, LiveSink, LiveText,
+    StoreError, TieredStore,
 };
 use cache_redis::lock::{Acquired, FillLock, LockToken};
 use cache_redis::signals::{Signal, SignalBus, Waiter};
@@ -42,6 +42,8 @@ pub struct Distributed {
     /// The fill protocol's Redis side: the store, the fill lock, the signal bus.
     pub holder: Holder,
     pub tiers: Arc<TieredStore>,
+    /// L2 reads as requests make them: concurrent reads of a key share one.
+    pub shared_reads: Arc<CoalescedReads>,
 }
 
 impl Distributed {

@@ -534,3 +534,44 @@ async fn get_by_key_is_pending_on_every_instance_while_one_generates() {
     assert_eq!(b.get(&path).await.status, 200);
     assert_eq!(a.get(&path).await.status, 200);
 }
+
+/// `GET`s Redis has answered since it started.
+fn redis_gets(port: u16) -> u64 {
+    let info = test_kit::redis_inline(port, "INFO commandstats");
+    info.lines()
+        .find_map(|line| line.strip_prefix("cmdstat_get:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .unwrap_or(0)
+}
+
+/// With L1 off, thirty concurrent hits of one key while Redis holds its replies back
+/// (`CLIENT PAUSE`, as a loaded Redis does): the first read waits, the other requests
+/// gather behind it and share the next read, so Redis answers a few `GET`s, not
+/// thirty, and every request is a hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_hits_of_one_key_share_their_redis_reads() {
+    let redis = RedisServer::start();
+    let (sim, version) = (sim(10).await, unique_version("shared-reads"));
+    let app = instance(
+        &sim,
+        &redis.url,
+        &version,
+        &[("L1_TTL", "0s"), ("REDIS_TIMEOUT_MS", "5000")],
+    )
+    .await;
+    let body = profile(7);
+    assert_eq!(app.post_narrative(&body).await.source(), "generated");
+    assert_eq!(app.post_narrative(&body).await.source(), "cache");
+    let before = redis_gets(redis.port());
+    let paused = test_kit::redis_inline(redis.port(), "CLIENT PAUSE 1000 ALL");
+    assert!(paused.starts_with("+OK"), "{paused}");
+    let replies = join_all((0..30).map(|_| app.post_narrative(&body))).await;
+    assert!(replies.iter().all(|r| r.source() == "cache"));
+    let gets = redis_gets(redis.port()) - before;
+    assert!(gets <= 3, "30 concurrent hits made {gets} GETs");
+    let shared = app.stats().await["tierHits"]["l2ReadsShared"]
+        .as_u64()
+        .expect("l2ReadsShared");
+    assert!(shared >= 27, "{shared} reads shared");
+}

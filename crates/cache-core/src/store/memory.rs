@@ -146,29 +146,7 @@ impl CacheStore for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::now_ms;
-
-    fn key(n: u8) -> CacheKey {
-        CacheKey::parse(&format!(
-            "narr:v1:0123456789ab:{{{}}}",
-            format!("{n:02x}").repeat(32)
-        ))
-        .expect("valid key")
-    }
-
-    fn envelope(body: &str) -> Arc<Envelope> {
-        Arc::new(Envelope {
-            body: body.into(),
-            created_at_ms: now_ms(),
-            engine_version: "v1".into(),
-            prompt_hash: "0123456789ab".into(),
-            model: "m".into(),
-            tokens_in: 1,
-            tokens_out: 1,
-            cost_usd: 0.0,
-            generation_ms: 1,
-        })
-    }
+    use crate::store::test_support::{envelope, key};
 
     #[tokio::test]
     async fn stores_reads_and_deletes() {

@@ -2,19 +2,21 @@
 //! [`MemoryStore`] in embedded mode, and [`TieredStore`] (a `MemoryStore` in front of
 //! `cache-redis`'s `RedisStore`) when Redis is configured.
 
+mod coalesced;
 mod memory;
 mod tiered;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use coalesced::{CoalescedReads, ReadCounts};
 pub use memory::MemoryStore;
 pub use tiered::{TierHits, TieredStore};
 
 use crate::envelope::Envelope;
 use crate::key::CacheKey;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The backend did not answer in time; treat as a miss and carry on.
     #[error("cache backend timed out")]
@@ -77,4 +79,34 @@ pub trait CacheStore: Send + Sync + std::fmt::Debug + 'static {
     async fn stats(&self) -> Result<StoreStats, StoreError>;
     /// A short name for logs, metrics and `/readyz`.
     fn name(&self) -> &'static str;
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::sync::Arc;
+
+    use crate::envelope::{now_ms, Envelope};
+    use crate::key::CacheKey;
+
+    pub fn key(n: u8) -> CacheKey {
+        CacheKey::parse(&format!(
+            "narr:v1:0123456789ab:{{{}}}",
+            format!("{n:02x}").repeat(32)
+        ))
+        .expect("valid key")
+    }
+
+    pub fn envelope(body: &str) -> Arc<Envelope> {
+        Arc::new(Envelope {
+            body: body.into(),
+            created_at_ms: now_ms(),
+            engine_version: "v1".into(),
+            prompt_hash: "0123456789ab".into(),
+            model: "m".into(),
+            tokens_in: 1,
+            tokens_out: 1,
+            cost_usd: 0.0,
+            generation_ms: 1,
+        })
+    }
 }
