@@ -17,6 +17,6 @@ pub mod service;
 pub mod settings;
 
 pub use app::{run, App, AppState};
-pub use http::{security_headers, ApiError, MAX_BODY_BYTES};
+pub use http::{header_names, security_headers, ApiError, MAX_BODY_BYTES};
 pub use metrics::Metrics;
 pub use settings::Settings;

@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use api_gateway::header_names;
 use axum::body::Bytes;
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
@@ -70,9 +71,9 @@ fn hit(body: Bytes) -> Response {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    headers.insert("x-cache", HeaderValue::from_static("HIT"));
+    headers.insert(header_names::X_CACHE, HeaderValue::from_static("HIT"));
     headers.insert(
-        "cache-status",
+        header_names::CACHE_STATUS,
         HeaderValue::from_static("narrative-cache; hit; ttl=604799"),
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));

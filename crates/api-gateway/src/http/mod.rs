@@ -13,7 +13,7 @@ mod stream;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::HeaderValue;
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 
@@ -21,6 +21,22 @@ pub use error::ApiError;
 pub use narrative::HitBodies;
 
 use crate::app::AppState;
+
+/// The names of the headers we set or read beyond `http`'s own constants. A name given
+/// as a string is parsed and validated on every use; these are made once, at compile
+/// time.
+pub mod header_names {
+    use axum::http::HeaderName;
+
+    pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+    /// RFC 9211.
+    pub const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+    /// RFC 7240.
+    pub const PREFER: HeaderName = HeaderName::from_static("prefer");
+    pub const X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
+    pub const CROSS_ORIGIN_RESOURCE_POLICY: HeaderName =
+        HeaderName::from_static("cross-origin-resource-policy");
+}
 
 /// Every request body is limited to this many bytes (read by `body::RequestBody`).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -72,24 +88,20 @@ pub(crate) fn accepted(location: &str, body: serde_json::Value) -> Response {
 pub fn security_headers(response: &mut Response) {
     let is_console = response.extensions().get::<console::Page>().is_some();
     let headers = response.headers_mut();
+    let policy = if is_console {
+        // The console is the one page: it may run its own scripts and styles, and
+        // call this gateway, nothing more.
+        console::CONSOLE_POLICY
+    } else {
+        "default-src 'none'; frame-ancestors 'none'"
+    };
     for (name, value) in [
-        ("x-content-type-options", "nosniff"),
-        ("x-frame-options", "DENY"),
-        (
-            "content-security-policy",
-            "default-src 'none'; frame-ancestors 'none'",
-        ),
-        ("referrer-policy", "no-referrer"),
-        ("cross-origin-resource-policy", "same-origin"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::CONTENT_SECURITY_POLICY, policy),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header_names::CROSS_ORIGIN_RESOURCE_POLICY, "same-origin"),
     ] {
         headers.insert(name, HeaderValue::from_static(value));
-    }
-    // The console is the one page: it may run its own scripts and styles, and call
-    // this gateway, nothing more.
-    if is_console {
-        headers.insert(
-            "content-security-policy",
-            HeaderValue::from_static(console::CONSOLE_POLICY),
-        );
     }
 }

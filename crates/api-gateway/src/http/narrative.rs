@@ -18,6 +18,7 @@ use serde_json::value::RawValue;
 
 use super::access::Client;
 use super::body::RequestBody;
+use super::header_names;
 use super::ApiError;
 use crate::app::AppState;
 use crate::service::{
@@ -134,7 +135,7 @@ fn request_directives(headers: &HeaderMap) -> Directives {
 /// `Prefer: respond-async` (RFC 7240), among other preferences or alone.
 fn prefers_async(headers: &HeaderMap) -> bool {
     headers
-        .get_all("prefer")
+        .get_all(header_names::PREFER)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| {
@@ -226,9 +227,9 @@ fn narrative_response_with(
         _ => Json(narrative_body(key, answer)).into_response(),
     };
     let headers = response.headers_mut();
-    headers.insert("x-cache", HeaderValue::from_static(x_cache));
+    headers.insert(header_names::X_CACHE, HeaderValue::from_static(x_cache));
     if let Some(value) = status {
-        headers.insert("cache-status", value);
+        headers.insert(header_names::CACHE_STATUS, value);
     }
     // Narratives are personal: shared caches between us and the user must not keep them.
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private"));
@@ -270,7 +271,7 @@ fn fresh_hit_status(answer: &Answer) -> Option<HeaderValue> {
 /// escaping) the narrative again. Bounded by bytes; an entry replaced by a new
 /// generation, or answered with another source, is rendered anew.
 pub struct HitBodies {
-    bodies: moka::sync::Cache<CacheKey, Arc<HitBody>>,
+    bodies: moka::sync::Cache<CacheKey, Arc<HitBody>, foldhash::fast::RandomState>,
 }
 
 struct HitBody {
@@ -296,7 +297,7 @@ impl Default for HitBodies {
                         .unwrap_or(u32::MAX)
                 })
                 .time_to_live(HIT_BODIES_TTL)
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
         }
     }
 }

@@ -17,6 +17,7 @@ use cache_core::CacheKey;
 use futures::StreamExt as _;
 use serde_json::json;
 
+use super::header_names;
 use super::narrative::{cache_status, narrative_body, CACHE_NAME};
 use super::ApiError;
 use crate::app::AppState;
@@ -112,10 +113,13 @@ pub(super) fn event_stream(state: &AppState, key: CacheKey, stream: NarrativeStr
         header::CACHE_CONTROL,
         HeaderValue::from_static("private, no-transform"),
     );
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    headers.insert("x-cache", HeaderValue::from_static(x_cache));
+    headers.insert(
+        header_names::X_ACCEL_BUFFERING,
+        HeaderValue::from_static("no"),
+    );
+    headers.insert(header_names::X_CACHE, HeaderValue::from_static(x_cache));
     if let Ok(value) = HeaderValue::from_str(&cache_status) {
-        headers.insert("cache-status", value);
+        headers.insert(header_names::CACHE_STATUS, value);
     }
     response
 }

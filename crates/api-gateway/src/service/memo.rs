@@ -36,7 +36,7 @@ pub struct Derived {
 type Digest = [u8; 32];
 
 pub struct BodyMemo {
-    entries: moka::sync::Cache<Digest, Arc<Derived>>,
+    entries: moka::sync::Cache<Digest, Arc<Derived>, foldhash::fast::RandomState>,
     /// HMAC state with this process's random key absorbed.
     mac: Hmac<Sha256>,
 }
@@ -66,7 +66,8 @@ impl BodyMemo {
                     let weight = keyed.canonical_json.len() + keyed.key.as_str().len() + 512;
                     u32::try_from(weight).unwrap_or(u32::MAX)
                 })
-                .build(),
+                // The digests are uniform already: a seeded fast hash spreads them.
+                .build_with_hasher(foldhash::fast::RandomState::default()),
             // HMAC takes keys of any length: this cannot fail.
             mac: Hmac::<Sha256>::new_from_slice(&key).unwrap_or_else(|_| unreachable!()),
         }

@@ -15,7 +15,7 @@ use crate::key::CacheKey;
 /// every `/metrics` scrape) cost the same with a million entries as with ten.
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
-    entries: Cache<CacheKey, Entry>,
+    entries: Cache<CacheKey, Entry, foldhash::fast::RandomState>,
     by_version: Arc<Mutex<BTreeMap<String, u64>>>,
 }
 
@@ -84,7 +84,8 @@ impl MemoryStore {
                     }
                 }
             })
-            .build();
+            // Keys are HMAC outputs; a seeded fast hash is all a lookup needs.
+            .build_with_hasher(foldhash::fast::RandomState::default());
         Self {
             entries,
             by_version,
