@@ -9,7 +9,9 @@
 #    spent a request; then both at a fixed 5,000 requests/s.
 # 1. Cached-hit paths at concurrency 32, with `loadgen` (closed loop, keep-alive):
 #    the bare HTTP floor (GET /healthz), an embedded gateway's hit, a distributed
-#    gateway's hit served from L1, and one with L1 off (every hit read from Redis).
+#    gateway's hit served from L1, and one with L1 off (every hit read from Redis:
+#    one key, whose concurrent reads share round trips, and 32 keys, one a
+#    connection, which share none).
 #    Each round measures all four back to back, so ratios between them hold on a
 #    shared, noisy machine even when absolute figures move.
 #    Then the embedded hit with 500 slowloris connections held against the same
@@ -80,6 +82,17 @@ for port in "${ports[@]}"; do
   curl -fs -H 'content-type: application/json' --data-binary @"$work/profile.json" "http://127.0.0.1:$port/narrative" >/dev/null
 done
 
+# 32 distinct profiles, one per connection: hits of distinct keys, which share no reads.
+distinct=()
+for i in $(seq 1 32); do
+  printf '{"classification":"primary","primary":"Pleiades","percentages":{"Pleiades":%d,"Sirius":%d}}' \
+    $((50 + i)) $((50 - i)) >"$work/distinct-$i.json"
+  distinct+=(--body-file "$work/distinct-$i.json")
+  for _ in 1 2; do
+    curl -fs -H 'content-type: application/json' --data-binary @"$work/distinct-$i.json" "http://127.0.0.1:$l2_only/narrative" >/dev/null
+  done
+done
+
 # The ceiling: the gateway's HTTP stack answering a hit's very body from memory.
 curl -fs -H 'content-type: application/json' --data-binary @"$work/profile.json" "http://127.0.0.1:$embedded/narrative" >"$work/hit.json"
 ceiling_port=$(free_port)
@@ -116,6 +129,7 @@ for round in $(seq "$rounds"); do
   load "round$round embedded hit" "$embedded" "${hit[@]}"
   load "round$round distributed hit (L1)" "$with_l1" "${hit[@]}"
   load "round$round distributed hit (L2 only)" "$l2_only" "${hit[@]}"
+  load "round$round distributed hit (L2 only, 32 keys)" "$l2_only" --path /narrative "${distinct[@]}" --expect-header "x-cache: hit"
   if [ -n "$baseline" ]; then
     # shellcheck disable=SC2154 # set by gateway()
     load "round$round baseline build: embedded hit" "$base_embedded" "${hit[@]}"

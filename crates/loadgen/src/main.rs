@@ -10,6 +10,9 @@
 //! Prints one line of figures: requests/s, latency percentiles in microseconds, and
 //! how many responses were not 200 or lacked `--expect-header`.
 //!
+//! `--body-file` may be given more than once: connection i then sends body i modulo
+//! their number (distinct profiles, so distinct keys, side by side).
+//!
 //! `--rate R` paces the connections to R requests a second in all (each every
 //! concurrency/R seconds, latency counted from the send); without it, each connection
 //! sends its next request as soon as the last is answered.
@@ -34,7 +37,8 @@ struct Args {
     addr: SocketAddr,
     method: String,
     path: String,
-    body: Option<Vec<u8>>,
+    /// Request bodies; connection i sends body i modulo their number.
+    bodies: Vec<Vec<u8>>,
     concurrency: usize,
     seconds: f64,
     warmup: f64,
@@ -52,7 +56,7 @@ fn parse_args() -> anyhow::Result<Args> {
         addr: "127.0.0.1:8080".parse()?,
         method: "GET".into(),
         path: "/healthz".into(),
-        body: None,
+        bodies: Vec::new(),
         concurrency: 32,
         seconds: 10.0,
         warmup: 2.0,
@@ -69,7 +73,8 @@ fn parse_args() -> anyhow::Result<Args> {
             "--addr" => args.addr = value()?.parse().context("--addr")?,
             "--path" => args.path = value()?,
             "--body-file" => {
-                args.body = Some(std::fs::read(value()?).context("--body-file")?);
+                args.bodies
+                    .push(std::fs::read(value()?).context("--body-file")?);
                 args.method = "POST".into();
             }
             "--concurrency" => args.concurrency = value()?.parse().context("--concurrency")?,
@@ -86,12 +91,12 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(args)
 }
 
-fn request_bytes(args: &Args) -> Vec<u8> {
+fn request_bytes(args: &Args, body: Option<&[u8]>) -> Vec<u8> {
     let mut request = format!(
         "{} {} HTTP/1.1\r\nHost: {}\r\n",
         args.method, args.path, args.addr
     );
-    if let Some(body) = &args.body {
+    if let Some(body) = body {
         request.push_str(&format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",
             body.len()
@@ -103,7 +108,7 @@ fn request_bytes(args: &Args) -> Vec<u8> {
     }
     request.push_str("\r\n");
     let mut bytes = request.into_bytes();
-    if let Some(body) = &args.body {
+    if let Some(body) = body {
         bytes.extend_from_slice(body);
     }
     bytes
@@ -251,7 +256,14 @@ async fn slow_client(addr: SocketAddr, until: Instant) -> (u64, Duration) {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
-    let request = request_bytes(&args);
+    let requests: Vec<Vec<u8>> = if args.bodies.is_empty() {
+        vec![request_bytes(&args, None)]
+    } else {
+        args.bodies
+            .iter()
+            .map(|body| request_bytes(&args, Some(body)))
+            .collect()
+    };
     let start = Instant::now();
     let warm_until = start + Duration::from_secs_f64(args.warmup);
     let until = warm_until + Duration::from_secs_f64(args.seconds);
@@ -273,7 +285,7 @@ async fn main() -> anyhow::Result<()> {
             });
             tokio::spawn(connection(
                 args.addr,
-                request.clone(),
+                requests[i % requests.len()].clone(),
                 args.expect_header.clone(),
                 (warm_until, until),
                 pace,

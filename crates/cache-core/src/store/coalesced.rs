@@ -9,49 +9,58 @@
 //! written or deleted before a request arrived is seen by its answer, as it would be
 //! without coalescing. The price is latency under contention only: a read that arrives
 //! while one is in flight waits for it to return before its own is sent (at most one
-//! round trip more); an uncontended read is sent at once.
+//! round trip more); an uncontended read is sent at once, and costs no more than
+//! listing its key while it is on its way (only reads that wait share a future).
 //!
 //! Writes and deletes go straight through.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures::future::{BoxFuture, FutureExt, Shared};
+use tokio::sync::oneshot;
 
 use super::{CacheStore, StoreError, StoreStats, Tier};
 use crate::envelope::Envelope;
 use crate::key::CacheKey;
 
 type ReadResult = Result<Option<Arc<Envelope>>, StoreError>;
+/// A read that several requests wait on.
 type Read = Shared<BoxFuture<'static, ReadResult>>;
+type Reads = Mutex<HashMap<CacheKey, InFlight, foldhash::fast::RandomState>>;
 
 /// A [`CacheStore`] whose concurrent reads of a key share one read of `inner`.
 #[derive(Debug)]
 pub struct CoalescedReads {
     inner: Arc<dyn CacheStore>,
-    reads: Arc<Mutex<HashMap<CacheKey, NextRead>>>,
-    /// Reads that were sent to `inner`, and reads answered by another's.
+    /// Keys with a read on its way.
+    reads: Arc<Reads>,
+    requests: AtomicU64,
     sent: Arc<AtomicU64>,
-    shared: AtomicU64,
 }
 
-/// The latest read of a key: sent, or waiting for the one before it to return.
-struct NextRead {
-    sent: Arc<AtomicBool>,
-    read: Read,
+/// A key's read on its way, and the read gathering behind it.
+#[derive(Default)]
+struct InFlight {
+    /// The read on its way when requests share it; `None` when it is one request's
+    /// own (that request drives it).
+    current: Option<Read>,
+    /// The read that goes once the current one returns, with what starts it.
+    next: Option<(Read, oneshot::Sender<()>)>,
 }
 
-impl std::fmt::Debug for NextRead {
+impl std::fmt::Debug for InFlight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NextRead")
-            .field("sent", &self.sent.load(Ordering::Relaxed))
-            .finish_non_exhaustive()
+        f.debug_struct("InFlight")
+            .field("shared", &self.current.is_some())
+            .field("next", &self.next.is_some())
+            .finish()
     }
 }
 
-/// How many reads went to the store behind, and how many shared one.
+/// How many reads went to the store behind, and how many requests shared one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReadCounts {
     pub sent: u64,
@@ -63,89 +72,104 @@ impl CoalescedReads {
         Self {
             inner,
             reads: Arc::default(),
+            requests: AtomicU64::new(0),
             sent: Arc::default(),
-            shared: AtomicU64::new(0),
         }
     }
 
     pub fn counts(&self) -> ReadCounts {
+        let sent = self.sent.load(Ordering::Relaxed);
         ReadCounts {
-            sent: self.sent.load(Ordering::Relaxed),
-            shared: self.shared.load(Ordering::Relaxed),
+            sent,
+            shared: self.requests.load(Ordering::Relaxed).saturating_sub(sent),
         }
     }
 
-    /// The read `key`'s request shares: the next one not yet sent, or a new one, sent
-    /// once the read before it (if any) has returned.
-    fn next_read(&self, key: &CacheKey) -> Read {
+    /// The read `key`'s request waits on, when one is on its way: the next one, not
+    /// yet sent (made here if it is the first to wait). `None` when the key has no
+    /// read on its way: the request reads itself, listed as the key's read.
+    fn wait_or_list(&self, key: &CacheKey) -> Option<Read> {
         let mut reads = lock(&self.reads);
-        let previous = match reads.get(key) {
-            // Not sent yet, so it will be sent after this request arrived.
-            Some(next) if !next.sent.load(Ordering::Acquire) => {
-                self.shared.fetch_add(1, Ordering::Relaxed);
-                return next.read.clone();
-            }
-            Some(in_flight) => Some(in_flight.read.clone()),
-            None => None,
+        let Some(in_flight) = reads.get_mut(key) else {
+            reads.insert(key.clone(), InFlight::default());
+            return None;
         };
-        let sent = Arc::new(AtomicBool::new(false));
-        let read = read_after(
-            previous,
-            Arc::clone(&sent),
-            ReadTarget {
+        if let Some((next, _)) = &in_flight.next {
+            return Some(next.clone());
+        }
+        let (start, started) = oneshot::channel();
+        let next = read_when_started(
+            in_flight.current.clone(),
+            started,
+            Target {
                 inner: Arc::clone(&self.inner),
                 key: key.clone(),
-                reads: Arc::downgrade(&self.reads),
-                sent_count: Arc::clone(&self.sent),
+                reads: Arc::clone(&self.reads),
+                sent: Arc::clone(&self.sent),
             },
         )
         .boxed()
         .shared();
-        reads.insert(
-            key.clone(),
-            NextRead {
-                sent,
-                read: read.clone(),
-            },
-        );
-        read
+        in_flight.next = Some((next.clone(), start));
+        Some(next)
     }
 }
 
-/// What a read reads, and where it is listed until it returns.
-struct ReadTarget {
+/// What a shared read reads, and where it is listed.
+struct Target {
     inner: Arc<dyn CacheStore>,
     key: CacheKey,
-    reads: Weak<Mutex<HashMap<CacheKey, NextRead>>>,
-    sent_count: Arc<AtomicU64>,
+    reads: Arc<Reads>,
+    sent: Arc<AtomicU64>,
 }
 
-/// Waits for the key's previous read to return, then reads. The shared future runs
-/// as long as any request waits on it, or the next read does: a request that gives
-/// up does not cancel it for the others.
-async fn read_after(
-    previous: Option<Read>,
-    sent: Arc<AtomicBool>,
-    target: ReadTarget,
+/// The next read of a key: sent once the one before it returns. It drives the one
+/// before when that is shared (whose requests may all have given up), and it runs as
+/// long as any request waits on it, or the next read does: a request that gives up
+/// does not cancel it for the others.
+async fn read_when_started(
+    before: Option<Read>,
+    started: oneshot::Receiver<()>,
+    target: Target,
 ) -> ReadResult {
-    if let Some(previous) = previous {
-        let _ = previous.await;
+    if let Some(before) = before {
+        let _ = before.await;
     }
-    // Set before the read is sent: a request that still saw it unset arrived before.
-    sent.store(true, Ordering::Release);
-    target.sent_count.fetch_add(1, Ordering::Relaxed);
-    let result = target.inner.get(&target.key).await;
-    if let Some(reads) = target.reads.upgrade() {
-        let mut reads = lock(&reads);
-        // Unlisted unless a later read has taken its place (it holds this one's result).
-        if reads
-            .get(&target.key)
-            .is_some_and(|next| Arc::ptr_eq(&next.sent, &sent))
-        {
-            reads.remove(&target.key);
+    // Sent by the read before as it finishes, however it finishes.
+    let _ = started.await;
+    let _returned = Returned {
+        reads: &target.reads,
+        key: &target.key,
+    };
+    target.sent.fetch_add(1, Ordering::Relaxed);
+    target.inner.get(&target.key).await
+}
+
+/// Unlists a key's read when it returns or is given up, starting the read that
+/// gathered behind it, if any, which becomes the key's read on its way. Under the
+/// lock, so a request either joined the next read before it started or finds it
+/// started and waits for another.
+struct Returned<'a> {
+    reads: &'a Reads,
+    key: &'a CacheKey,
+}
+
+impl Drop for Returned<'_> {
+    fn drop(&mut self) {
+        let mut reads = lock(self.reads);
+        let Some(in_flight) = reads.get_mut(self.key) else {
+            return;
+        };
+        match in_flight.next.take() {
+            Some((next, start)) => {
+                in_flight.current = Some(next);
+                let _ = start.send(());
+            }
+            None => {
+                reads.remove(self.key);
+            }
         }
     }
-    result
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -156,7 +180,18 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[async_trait::async_trait]
 impl CacheStore for CoalescedReads {
     async fn get(&self, key: &CacheKey) -> ReadResult {
-        self.next_read(key).await
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(shared) = self.wait_or_list(key) {
+            return shared.await;
+        }
+        // No read of the key on its way: this request's own, at no more cost than
+        // listing it.
+        let _returned = Returned {
+            reads: &self.reads,
+            key,
+        };
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        self.inner.get(key).await
     }
 
     fn tier(&self) -> Tier {
@@ -260,13 +295,7 @@ mod tests {
         // Another key's read is not held up by this one.
         let mut other = store.get(&two);
         assert!(poll!(&mut other).is_pending());
-        assert_eq!(
-            store.counts(),
-            ReadCounts {
-                sent: 2,
-                shared: 19
-            }
-        );
+        assert_eq!(store.counts().sent, 2, "the next read waits for the first");
 
         inner.replies.add_permits(3);
         assert_eq!(body(first.await).as_deref(), Some("stored"));
@@ -284,23 +313,37 @@ mod tests {
         assert!(lock(&store.reads).is_empty(), "no read stays listed");
     }
 
-    /// A request never answers from a read sent before it arrived: what was written
-    /// while the key's read was on its way is what the next request gets.
+    /// A request never answers from a read sent before it arrived, whether that read
+    /// is one request's own or shared: what was written while the key's read was on
+    /// its way is what the next request gets.
     #[tokio::test]
     async fn a_read_sent_before_a_request_arrived_never_answers_it() {
         let (inner, store) = held_with("old").await;
         let one = key(1);
-        let mut before = store.get(&one);
-        assert!(poll!(&mut before).is_pending(), "the first read is sent");
-        inner
-            .put(&key(1), envelope("new"), Duration::from_secs(60))
-            .await
-            .expect("put");
+        let write = |body: &'static str| {
+            let inner = Arc::clone(&inner);
+            let key = one.clone();
+            async move {
+                inner
+                    .put(&key, envelope(body), Duration::from_secs(60))
+                    .await
+                    .expect("put");
+            }
+        };
+        let mut own = store.get(&one);
+        assert!(poll!(&mut own).is_pending(), "a request's own read is sent");
+        write("new").await;
+        let mut shared = store.get(&one);
+        assert!(poll!(&mut shared).is_pending());
+        inner.replies.add_permits(1);
+        assert_eq!(body(own.await).as_deref(), Some("old"));
+        assert!(poll!(&mut shared).is_pending(), "the shared read is sent");
+        write("newer").await;
         let mut after = store.get(&one);
         assert!(poll!(&mut after).is_pending());
         inner.replies.add_permits(2);
-        assert_eq!(body(before.await).as_deref(), Some("old"));
-        assert_eq!(body(after.await).as_deref(), Some("new"));
+        assert_eq!(body(shared.await).as_deref(), Some("new"));
+        assert_eq!(body(after.await).as_deref(), Some("newer"));
     }
 
     /// The request that sent a read giving up strands neither the read nor the
@@ -320,6 +363,27 @@ mod tests {
         assert_eq!(body(second.await).as_deref(), Some("stored"));
         assert_eq!(body(third.await).as_deref(), Some("stored"));
         assert_eq!(store.counts(), ReadCounts { sent: 2, shared: 1 });
+        assert!(lock(&store.reads).is_empty(), "no read stays listed");
+    }
+
+    /// Every request waiting for a key's next read gives up before it is sent: the
+    /// read is still sent when its turn comes (driven by the next request), so the key
+    /// is not left listed with a read nobody runs.
+    #[tokio::test]
+    async fn a_next_read_everyone_gave_up_on_does_not_block_the_key() {
+        let (inner, store) = held_with("stored").await;
+        let one = key(1);
+        let mut first = store.get(&one);
+        assert!(poll!(&mut first).is_pending(), "the first read is sent");
+        let mut abandoned = store.get(&one);
+        assert!(poll!(&mut abandoned).is_pending());
+        drop(abandoned);
+        inner.replies.add_permits(3);
+        assert_eq!(body(first.await).as_deref(), Some("stored"));
+        let later = tokio::time::timeout(Duration::from_secs(10), store.get(&one))
+            .await
+            .expect("the key's reads go on");
+        assert_eq!(body(later).as_deref(), Some("stored"));
         assert!(lock(&store.reads).is_empty(), "no read stays listed");
     }
 }
