@@ -109,7 +109,14 @@ impl App {
         );
         let background = CancellationToken::new();
         let background_tasks = TaskTracker::new();
-        let metrics = Arc::new(Metrics::new());
+        let mut metrics = Metrics::new();
+        metrics.know_clients(
+            settings
+                .client_keys
+                .named()
+                .chain([&*crate::auth::ADMIN, &*crate::auth::ANONYMOUS]),
+        );
+        let metrics = Arc::new(metrics);
         // One confirmed publisher for the process: jobs, pre-warm jobs, event batches.
         let broker = settings
             .queue

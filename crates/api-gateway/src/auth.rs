@@ -113,6 +113,11 @@ impl ClientKeys {
         found
     }
 
+    /// The names, as every request of each client shares them.
+    pub fn named(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.keys.iter().map(|(name, _)| name)
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.keys.iter().map(|(name, _)| &**name)
     }
