@@ -490,8 +490,8 @@ struct RecentBody {
 struct TierHitsBody {
     l1: u64,
     l2: u64,
-    /// Requests' reads of Redis: sent, and answered by another's read of the same key
-    /// (concurrent reads of a key share one round trip).
+    /// Reads passed to Redis, and requests answered by a read of their key they
+    /// waited on rather than their own (concurrent reads of a key share a round trip).
     l2_reads_sent: u64,
     l2_reads_shared: u64,
 }

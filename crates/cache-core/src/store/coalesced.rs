@@ -10,7 +10,15 @@
 //! without coalescing. The price is latency under contention only: a read that arrives
 //! while one is in flight waits for it to return before its own is sent (at most one
 //! round trip more); an uncontended read is sent at once, and costs no more than
-//! listing its key while it is on its way (only reads that wait share a future).
+//! listing its key while it is on its way.
+//!
+//! A read that requests wait on runs as a task of its own, so it always finishes and
+//! unlists its key, whether its requests still wait or all gave up, and a panic in it
+//! is an error for its waiters, not for the key's later reads. When a read could not
+//! reach the store (it timed out, or the store is down), the requests gathered behind
+//! it are answered with that error at once rather than each waiting out a timeout of
+//! their own: a request waits at most one store timeout, as without sharing. Only a
+//! read that was sent passes its error on; the read after is sent again.
 //!
 //! Writes and deletes go straight through.
 
@@ -27,40 +35,41 @@ use crate::envelope::Envelope;
 use crate::key::CacheKey;
 
 type ReadResult = Result<Option<Arc<Envelope>>, StoreError>;
-/// A read that several requests wait on.
+/// A read that several requests wait on: a task of its own, so that it runs to its
+/// end (and unlists itself) whether or not anyone still waits.
 type Read = Shared<BoxFuture<'static, ReadResult>>;
 type Reads = Mutex<HashMap<CacheKey, InFlight, foldhash::fast::RandomState>>;
+/// What starts the next read: `Some` when the read before it failed to reach the
+/// store, which its waiters are then told at once instead of waiting a timeout again.
+type Start = oneshot::Sender<Option<StoreError>>;
 
 /// A [`CacheStore`] whose concurrent reads of a key share one read of `inner`.
 #[derive(Debug)]
 pub struct CoalescedReads {
     inner: Arc<dyn CacheStore>,
-    /// Keys with a read on its way.
+    /// Keys with a read on its way, each with the read gathering behind it.
     reads: Arc<Reads>,
-    requests: AtomicU64,
     sent: Arc<AtomicU64>,
+    shared: AtomicU64,
 }
 
-/// A key's read on its way, and the read gathering behind it.
+/// A key's read on its way, and the read that goes once it returns (with what
+/// starts it).
 #[derive(Default)]
 struct InFlight {
-    /// The read on its way when requests share it; `None` when it is one request's
-    /// own (that request drives it).
-    current: Option<Read>,
-    /// The read that goes once the current one returns, with what starts it.
-    next: Option<(Read, oneshot::Sender<()>)>,
+    next: Option<(Read, Start)>,
 }
 
 impl std::fmt::Debug for InFlight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("InFlight")
-            .field("shared", &self.current.is_some())
             .field("next", &self.next.is_some())
             .finish()
     }
 }
 
-/// How many reads went to the store behind, and how many requests shared one.
+/// Reads passed to the store behind, and requests answered by a read made for
+/// another request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReadCounts {
     pub sent: u64,
@@ -72,22 +81,22 @@ impl CoalescedReads {
         Self {
             inner,
             reads: Arc::default(),
-            requests: AtomicU64::new(0),
             sent: Arc::default(),
+            shared: AtomicU64::new(0),
         }
     }
 
     pub fn counts(&self) -> ReadCounts {
-        let sent = self.sent.load(Ordering::Relaxed);
         ReadCounts {
-            sent,
-            shared: self.requests.load(Ordering::Relaxed).saturating_sub(sent),
+            sent: self.sent.load(Ordering::Relaxed),
+            shared: self.shared.load(Ordering::Relaxed),
         }
     }
 
     /// The read `key`'s request waits on, when one is on its way: the next one, not
-    /// yet sent (made here if it is the first to wait). `None` when the key has no
-    /// read on its way: the request reads itself, listed as the key's read.
+    /// yet sent (started here if it is the first to wait). `None` when the key has
+    /// no read on its way: the request reads itself, listed as the key's read.
+    /// Must be called within a Tokio runtime.
     fn wait_or_list(&self, key: &CacheKey) -> Option<Read> {
         let mut reads = lock(&self.reads);
         let Some(in_flight) = reads.get_mut(key) else {
@@ -98,51 +107,50 @@ impl CoalescedReads {
             return Some(next.clone());
         }
         let (start, started) = oneshot::channel();
-        let next = read_when_started(
-            in_flight.current.clone(),
+        let task = tokio::spawn(read_when_started(
             started,
-            Target {
-                inner: Arc::clone(&self.inner),
-                key: key.clone(),
-                reads: Arc::clone(&self.reads),
-                sent: Arc::clone(&self.sent),
-            },
-        )
-        .boxed()
-        .shared();
+            Arc::clone(&self.inner),
+            key.clone(),
+            Arc::clone(&self.reads),
+            Arc::clone(&self.sent),
+        ));
+        let next = task
+            .map(|finished| {
+                finished.unwrap_or_else(|error| {
+                    Err(StoreError::Unavailable(format!(
+                        "shared read failed: {error}"
+                    )))
+                })
+            })
+            .boxed()
+            .shared();
         in_flight.next = Some((next.clone(), start));
         Some(next)
     }
 }
 
-/// What a shared read reads, and where it is listed.
-struct Target {
+/// The next read of a key, sent once the one before it returns.
+async fn read_when_started(
+    started: oneshot::Receiver<Option<StoreError>>,
     inner: Arc<dyn CacheStore>,
     key: CacheKey,
     reads: Arc<Reads>,
     sent: Arc<AtomicU64>,
-}
-
-/// The next read of a key: sent once the one before it returns. It drives the one
-/// before when that is shared (whose requests may all have given up), and it runs as
-/// long as any request waits on it, or the next read does: a request that gives up
-/// does not cancel it for the others.
-async fn read_when_started(
-    before: Option<Read>,
-    started: oneshot::Receiver<()>,
-    target: Target,
 ) -> ReadResult {
-    if let Some(before) = before {
-        let _ = before.await;
-    }
-    // Sent by the read before as it finishes, however it finishes.
-    let _ = started.await;
-    let _returned = Returned {
-        reads: &target.reads,
-        key: &target.key,
+    let mut returned = Returned {
+        reads: &reads,
+        key: &key,
+        unreachable: None,
     };
-    target.sent.fetch_add(1, Ordering::Relaxed);
-    target.inner.get(&target.key).await
+    // Sent by the read before as it finishes, however it finishes.
+    if let Ok(Some(unreachable)) = started.await {
+        // Said at once, not passed on: the read after this one is sent.
+        return Err(unreachable);
+    }
+    sent.fetch_add(1, Ordering::Relaxed);
+    let result = inner.get(&key).await;
+    returned.note(&result);
+    result
 }
 
 /// Unlists a key's read when it returns or is given up, starting the read that
@@ -152,6 +160,17 @@ async fn read_when_started(
 struct Returned<'a> {
     reads: &'a Reads,
     key: &'a CacheKey,
+    /// The store could not be reached (timed out, or down): the next read's
+    /// requests get this error rather than wait a timeout of their own.
+    unreachable: Option<StoreError>,
+}
+
+impl Returned<'_> {
+    fn note(&mut self, result: &ReadResult) {
+        if let Err(error @ (StoreError::Timeout | StoreError::Unavailable(_))) = result {
+            self.unreachable = Some(error.clone());
+        }
+    }
 }
 
 impl Drop for Returned<'_> {
@@ -161,9 +180,9 @@ impl Drop for Returned<'_> {
             return;
         };
         match in_flight.next.take() {
-            Some((next, start)) => {
-                in_flight.current = Some(next);
-                let _ = start.send(());
+            // The entry stays: it now lists the next read, on its way.
+            Some((_, start)) => {
+                let _ = start.send(self.unreachable.take());
             }
             None => {
                 reads.remove(self.key);
@@ -180,18 +199,22 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[async_trait::async_trait]
 impl CacheStore for CoalescedReads {
     async fn get(&self, key: &CacheKey) -> ReadResult {
-        self.requests.fetch_add(1, Ordering::Relaxed);
         if let Some(shared) = self.wait_or_list(key) {
-            return shared.await;
+            let result = shared.await;
+            self.shared.fetch_add(1, Ordering::Relaxed);
+            return result;
         }
         // No read of the key on its way: this request's own, at no more cost than
         // listing it.
-        let _returned = Returned {
+        let mut returned = Returned {
             reads: &self.reads,
             key,
+            unreachable: None,
         };
         self.sent.fetch_add(1, Ordering::Relaxed);
-        self.inner.get(key).await
+        let result = self.inner.get(key).await;
+        returned.note(&result);
+        result
     }
 
     fn tier(&self) -> Tier {
@@ -222,6 +245,8 @@ impl CacheStore for CoalescedReads {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicBool;
+
     use futures::future::join_all;
     use futures::poll;
     use tokio::sync::Semaphore;
@@ -236,13 +261,23 @@ mod tests {
     struct HeldReplies {
         store: MemoryStore,
         replies: Semaphore,
+        /// The next read, once its reply may arrive, times out.
+        time_out: AtomicBool,
+        /// The next read panics as it is sent.
+        panic: AtomicBool,
+        reads: AtomicU64,
     }
 
     #[async_trait::async_trait]
     impl CacheStore for HeldReplies {
         async fn get(&self, key: &CacheKey) -> ReadResult {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            assert!(!self.panic.swap(false, Ordering::Relaxed), "a read panics");
             let read = self.store.get(key).await;
             self.replies.acquire().await.expect("open").forget();
+            if self.time_out.swap(false, Ordering::Relaxed) {
+                return Err(StoreError::Timeout);
+            }
             read
         }
         async fn put(
@@ -268,6 +303,9 @@ mod tests {
         let inner = Arc::new(HeldReplies {
             store: MemoryStore::new(1 << 20),
             replies: Semaphore::new(0),
+            time_out: AtomicBool::new(false),
+            panic: AtomicBool::new(false),
+            reads: AtomicU64::new(0),
         });
         inner
             .put(&key(1), envelope(body), Duration::from_secs(60))
@@ -275,6 +313,18 @@ mod tests {
             .expect("put");
         let store = CoalescedReads::new(Arc::clone(&inner) as Arc<dyn CacheStore>);
         (inner, store)
+    }
+
+    /// Lets the runtime run until the store behind has been sent `n` reads (a shared
+    /// read runs as a task of its own).
+    async fn sent_reads(inner: &HeldReplies, n: u64) {
+        for _ in 0..1000 {
+            if inner.reads.load(Ordering::Relaxed) >= n {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the store was sent fewer than {n} reads");
     }
 
     fn body(read: ReadResult) -> Option<String> {
@@ -307,7 +357,7 @@ mod tests {
             store.counts(),
             ReadCounts {
                 sent: 3,
-                shared: 19
+                shared: 20
             }
         );
         assert!(lock(&store.reads).is_empty(), "no read stays listed");
@@ -337,7 +387,8 @@ mod tests {
         assert!(poll!(&mut shared).is_pending());
         inner.replies.add_permits(1);
         assert_eq!(body(own.await).as_deref(), Some("old"));
-        assert!(poll!(&mut shared).is_pending(), "the shared read is sent");
+        assert!(poll!(&mut shared).is_pending());
+        sent_reads(&inner, 2).await;
         write("newer").await;
         let mut after = store.get(&one);
         assert!(poll!(&mut after).is_pending());
@@ -362,15 +413,15 @@ mod tests {
         inner.replies.add_permits(2);
         assert_eq!(body(second.await).as_deref(), Some("stored"));
         assert_eq!(body(third.await).as_deref(), Some("stored"));
-        assert_eq!(store.counts(), ReadCounts { sent: 2, shared: 1 });
+        assert_eq!(store.counts(), ReadCounts { sent: 2, shared: 2 });
         assert!(lock(&store.reads).is_empty(), "no read stays listed");
     }
 
     /// Every request waiting for a key's next read gives up before it is sent: the
-    /// read is still sent when its turn comes (driven by the next request), so the key
-    /// is not left listed with a read nobody runs.
+    /// read still runs when its turn comes and unlists the key, with no later request
+    /// to drive it.
     #[tokio::test]
-    async fn a_next_read_everyone_gave_up_on_does_not_block_the_key() {
+    async fn a_next_read_everyone_gave_up_on_still_unlists_its_key() {
         let (inner, store) = held_with("stored").await;
         let one = key(1);
         let mut first = store.get(&one);
@@ -378,12 +429,65 @@ mod tests {
         let mut abandoned = store.get(&one);
         assert!(poll!(&mut abandoned).is_pending());
         drop(abandoned);
-        inner.replies.add_permits(3);
+        inner.replies.add_permits(2);
         assert_eq!(body(first.await).as_deref(), Some("stored"));
-        let later = tokio::time::timeout(Duration::from_secs(10), store.get(&one))
+        for _ in 0..1000 {
+            if lock(&store.reads).is_empty() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(lock(&store.reads).is_empty(), "no read stays listed");
+        assert_eq!(inner.reads.load(Ordering::Relaxed), 2);
+    }
+
+    /// A read that timed out answers the requests gathered behind it with its error
+    /// at once: they do not wait out a timeout of their own. The next request's read
+    /// is sent again.
+    #[tokio::test]
+    async fn requests_behind_a_read_that_timed_out_get_its_error_at_once() {
+        let (inner, store) = held_with("stored").await;
+        let one = key(1);
+        let mut first = store.get(&one);
+        assert!(poll!(&mut first).is_pending(), "the first read is sent");
+        let mut behind: Vec<_> = (0..5).map(|_| store.get(&one)).collect();
+        for read in &mut behind {
+            assert!(poll!(read).is_pending());
+        }
+        inner.time_out.store(true, Ordering::Relaxed);
+        inner.replies.add_permits(1);
+        assert!(matches!(first.await, Err(StoreError::Timeout)));
+        let behind = tokio::time::timeout(Duration::from_secs(10), join_all(behind))
             .await
-            .expect("the key's reads go on");
-        assert_eq!(body(later).as_deref(), Some("stored"));
+            .expect("answered without a read of their own");
+        for read in behind {
+            assert!(matches!(read, Err(StoreError::Timeout)));
+        }
+        assert_eq!(
+            inner.reads.load(Ordering::Relaxed),
+            1,
+            "no read sent for them"
+        );
+        inner.replies.add_permits(1);
+        assert_eq!(body(store.get(&one).await).as_deref(), Some("stored"));
+        assert_eq!(inner.reads.load(Ordering::Relaxed), 2);
+    }
+
+    /// A shared read that panics is an error for the requests that waited on it; the
+    /// key's later reads are not poisoned by it.
+    #[tokio::test]
+    async fn a_shared_read_that_panics_fails_its_requests_not_the_key() {
+        let (inner, store) = held_with("stored").await;
+        let one = key(1);
+        let mut first = store.get(&one);
+        assert!(poll!(&mut first).is_pending(), "the first read is sent");
+        inner.panic.store(true, Ordering::Relaxed);
+        let mut shared = store.get(&one);
+        assert!(poll!(&mut shared).is_pending());
+        inner.replies.add_permits(2);
+        assert_eq!(body(first.await).as_deref(), Some("stored"));
+        assert!(matches!(shared.await, Err(StoreError::Unavailable(_))));
+        assert_eq!(body(store.get(&one).await).as_deref(), Some("stored"));
         assert!(lock(&store.reads).is_empty(), "no read stays listed");
     }
 }
