@@ -10,7 +10,8 @@
 //! [`LiveText`] per key that every streaming request reads (`live`).
 //!
 //! **The stores.** `store` is the [`CacheStore`] trait with its in-memory and tiered
-//! (L1 in front of a shared store) implementations; `user_index` is the [`UserIndex`]
+//! (L1 in front of a shared store) implementations, and [`CoalescedReads`] (concurrent
+//! reads of one key share one read of the store behind); `user_index` is the [`UserIndex`]
 //! trait (which keys each hashed user asked for) with its in-memory one. Their Redis
 //! implementations, and the rest of the Redis side (connection and breaker, codec,
 //! fill lock, signals), are the `cache-redis` crate: services that never talk to
