@@ -85,8 +85,10 @@ done
 # 32 distinct profiles, one per connection: hits of distinct keys, which share no reads.
 distinct=()
 for i in $(seq 1 32); do
-  printf '{"classification":"primary","primary":"Pleiades","percentages":{"Pleiades":%d,"Sirius":%d}}' \
-    $((50 + i)) $((50 - i)) >"$work/distinct-$i.json"
+  printf '{"classification":"primary","primary":"Pleiades","percentages":{"Pleiades":%d,"Sirius":%d},%s}' \
+    $((50 + i)) $((50 - i)) \
+    '"hdData":{"type":"Generator","authority":"Sacral","profile":"1/3","definition":"Single","centers":["Sacral"],"channels":[],"gates":[5]}' \
+    >"$work/distinct-$i.json"
   distinct+=(--body-file "$work/distinct-$i.json")
   for _ in 1 2; do
     curl -fs -H 'content-type: application/json' --data-binary @"$work/distinct-$i.json" "http://127.0.0.1:$l2_only/narrative" >/dev/null
