@@ -137,20 +137,13 @@ async fn read_when_started(
     reads: Arc<Reads>,
     sent: Arc<AtomicU64>,
 ) -> ReadResult {
-    let mut returned = Returned {
-        reads: &reads,
-        key: &key,
-        unreachable: None,
-    };
+    let mut returned = Returned::listed(&reads, &key);
     // Sent by the read before as it finishes, however it finishes.
     if let Ok(Some(unreachable)) = started.await {
         // Said at once, not passed on: the read after this one is sent.
         return Err(unreachable);
     }
-    sent.fetch_add(1, Ordering::Relaxed);
-    let result = inner.get(&key).await;
-    returned.note(&result);
-    result
+    returned.read(&*inner, &sent).await
 }
 
 /// Unlists a key's read when it returns or is given up, starting the read that
@@ -165,11 +158,24 @@ struct Returned<'a> {
     unreachable: Option<StoreError>,
 }
 
-impl Returned<'_> {
-    fn note(&mut self, result: &ReadResult) {
-        if let Err(error @ (StoreError::Timeout | StoreError::Unavailable(_))) = result {
+impl<'a> Returned<'a> {
+    fn listed(reads: &'a Reads, key: &'a CacheKey) -> Self {
+        Self {
+            reads,
+            key,
+            unreachable: None,
+        }
+    }
+
+    /// Reads the listed key from `inner`, counted in `sent`, noting whether the store
+    /// could be reached.
+    async fn read(&mut self, inner: &dyn CacheStore, sent: &AtomicU64) -> ReadResult {
+        sent.fetch_add(1, Ordering::Relaxed);
+        let result = inner.get(self.key).await;
+        if let Err(error @ (StoreError::Timeout | StoreError::Unavailable(_))) = &result {
             self.unreachable = Some(error.clone());
         }
+        result
     }
 }
 
@@ -206,15 +212,9 @@ impl CacheStore for CoalescedReads {
         }
         // No read of the key on its way: this request's own, at no more cost than
         // listing it.
-        let mut returned = Returned {
-            reads: &self.reads,
-            key,
-            unreachable: None,
-        };
-        self.sent.fetch_add(1, Ordering::Relaxed);
-        let result = self.inner.get(key).await;
-        returned.note(&result);
-        result
+        Returned::listed(&self.reads, key)
+            .read(&*self.inner, &self.sent)
+            .await
     }
 
     fn tier(&self) -> Tier {
