@@ -6,14 +6,16 @@
 #
 # 0. The embedded hit against the ceiling (`ceiling`: the same HTTP stack answering a
 #    hit's body from memory), five alternating rounds, with the CPU microseconds each
-#    spent a request; then both at a fixed 5,000 requests/s.
+#    spent a request; then both at a fixed 5,000 requests/s, five alternating rounds.
+#    Each prints its medians (ratio of requests/s; p50 and p99 and their differences).
 # 1. Cached-hit paths at concurrency 32, with `loadgen` (closed loop, keep-alive):
-#    the bare HTTP floor (GET /healthz), an embedded gateway's hit, a distributed
+#    the ceiling, the bare HTTP floor (GET /healthz), an embedded gateway's hit, a distributed
 #    gateway's hit served from L1, and one with L1 off (every hit read from Redis:
 #    one key, whose concurrent reads share round trips, and 32 keys, one a
 #    connection, which share none).
-#    Each round measures all four back to back, so ratios between them hold on a
-#    shared, noisy machine even when absolute figures move.
+#    Each round measures them all back to back, so ratios between them hold on a
+#    shared, noisy machine even when absolute figures move; each path's median ratio
+#    to the ceiling in the same rounds is printed after them.
 #    Then the embedded hit with 500 slowloris connections held against the same
 #    gateway (each trickling a header a byte a second), beside one without them.
 #    Then the embedded hit answered whole and streamed (Server-Sent Events), side by
@@ -107,6 +109,44 @@ load() { # label, port, loadgen args...
   target/release/loadgen --addr "127.0.0.1:$2" --concurrency 32 --seconds "$seconds" --warmup 1 --label "$1" "${@:3}"
 }
 hit=(--path /narrative --body-file "$work/profile.json" --expect-header "x-cache: hit")
+# Each path's requests/s over the ceiling's in the same round, median over rounds,
+# from lines "round<i> <path>: requests=<n> rps=<n> ...".
+summarize() {
+  python3 - "$1" <<'PY'
+import re, statistics, sys
+rps = {}
+for line in open(sys.argv[1]):
+    m = re.match(r"round(\d+) (.+?): requests=\d+ rps=(\d+)", line)
+    if m:
+        rps.setdefault(m[2], {})[m[1]] = int(m[3])
+ceiling = rps.pop("ceiling", {})
+for path, by_round in rps.items():
+    ratios = [n / ceiling[r] for r, n in by_round.items() if r in ceiling]
+    if ratios:
+        print(f"median {path} / ceiling: {statistics.median(ratios):.2f}"
+              f" ({min(ratios):.2f}-{max(ratios):.2f}, {len(ratios)} rounds)")
+PY
+}
+# The embedded hit's p50 and p99 against the ceiling's, from lines "fixed<i> <who>: ...".
+summarize_latency() {
+  python3 - "$1" <<'PY'
+import re, statistics, sys
+seen = {}
+for line in open(sys.argv[1]):
+    m = re.match(r"fixed(\d+) (\w+): .*p50_us=(\d+) p99_us=(\d+)", line)
+    if m:
+        seen.setdefault(m[2], {})[m[1]] = (int(m[3]), int(m[4]))
+ceiling, embedded = seen.get("ceiling", {}), seen.get("embedded", {})
+rounds = sorted(set(ceiling) & set(embedded))
+if rounds:
+    for i, name in enumerate(("p50", "p99")):
+        c = statistics.median(ceiling[r][i] for r in rounds)
+        e = statistics.median(embedded[r][i] for r in rounds)
+        d = statistics.median(embedded[r][i] - ceiling[r][i] for r in rounds)
+        print(f"median {name}: ceiling {c:.0f} us, embedded {e:.0f} us;"
+              f" embedded minus ceiling, median of rounds: {d:+.0f} us")
+PY
+}
 
 echo "== machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -m), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
@@ -121,12 +161,17 @@ for round in 1 2 3 4 5; do
     n=$(echo "$out" | sed -E 's/.*requests=([0-9]+).*/\1/')
     echo "$out cpu_us_per_request=$(awk -v a="$after" -v b="$before" -v n="$n" -v hz="$(getconf CLK_TCK)" 'BEGIN{printf "%.1f", (a-b)*1000000/hz/n}')"
   done
-done
-echo "== embedded hit against the ceiling at a fixed 5,000 requests/s"
-load "fixed rate ceiling" "$ceiling_port" "${hit[@]}" --rate 5000
-load "fixed rate embedded" "$embedded" "${hit[@]}" --rate 5000
-echo "== cached-hit paths vs bare HTTP, concurrency 32, ${seconds}s x ${rounds} rounds"
+done | tee "$work/ceiling-rounds.txt"
+summarize "$work/ceiling-rounds.txt"
+echo "== embedded hit against the ceiling at a fixed 5,000 requests/s, ${seconds}s x 5 alternating rounds"
+for round in 1 2 3 4 5; do
+  load "fixed$round ceiling" "$ceiling_port" "${hit[@]}" --rate 5000
+  load "fixed$round embedded" "$embedded" "${hit[@]}" --rate 5000
+done | tee "$work/fixed-rounds.txt"
+summarize_latency "$work/fixed-rounds.txt"
+echo "== cached-hit paths vs the ceiling and bare HTTP, concurrency 32, ${seconds}s x ${rounds} rounds"
 for round in $(seq "$rounds"); do
+  load "round$round ceiling" "$ceiling_port" "${hit[@]}"
   load "round$round baseline /healthz" "$embedded" --path /healthz
   load "round$round embedded hit" "$embedded" "${hit[@]}"
   load "round$round distributed hit (L1)" "$with_l1" "${hit[@]}"
@@ -137,7 +182,8 @@ for round in $(seq "$rounds"); do
     load "round$round baseline build: embedded hit" "$base_embedded" "${hit[@]}"
     load "round$round baseline build: distributed hit (L1)" "$base_with_l1" "${hit[@]}"
   fi
-done
+done | tee "$work/path-rounds.txt"
+summarize "$work/path-rounds.txt"
 # Longer than HTTP_HEADER_TIMEOUT, so the server is seen closing the slow ones.
 slow_seconds=$((seconds > 15 ? seconds : 15))
 echo "== embedded hit with and without 500 slow connections (HTTP_HEADER_TIMEOUT 10s), ${slow_seconds}s x ${rounds} rounds"
