@@ -49,8 +49,6 @@ pub struct AppState {
     pub prewarm_runs: PrewarmRuns,
     /// Per-client rate limits, when configured.
     pub rate_limiter: Option<RateLimiter>,
-    /// Hits' JSON bodies, rendered once per entry.
-    pub hit_bodies: crate::http::HitBodies,
 }
 
 impl AppState {
@@ -251,7 +249,6 @@ impl App {
         let app = Self {
             state: Arc::new(AppState {
                 rate_limiter: settings.rate_limit.map(RateLimiter::new),
-                hit_bodies: crate::http::HitBodies::default(),
                 prewarm_runs: PrewarmRuns::new(settings.prewarm_interval),
                 settings,
                 service,

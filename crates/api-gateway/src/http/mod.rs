@@ -18,7 +18,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 
 pub use error::ApiError;
-pub use narrative::HitBodies;
 
 use crate::app::AppState;
 
@@ -82,6 +81,11 @@ pub(crate) fn accepted(location: &str, body: serde_json::Value) -> Response {
     }
     response
 }
+
+/// Headers a narrative answer carries before hyper adds `content-length` and `date`:
+/// its own four (`content-type`, `x-cache`, `cache-status`, `cache-control`) and the
+/// five of [`security_headers`].
+pub(crate) const ANSWER_HEADERS: usize = 9;
 
 /// Every answer but the console's is JSON or plain text for programs, never a page:
 /// browsers are told not to sniff it into one, frame it, or send referrers from it.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use analytics::Range;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue};
@@ -94,7 +94,7 @@ async fn post_narrative(
     Ok(narrative_response_with(
         &keyed.key,
         &answer,
-        Some(&state.hit_bodies),
+        Some((&state, &derived)),
     ))
 }
 
@@ -201,11 +201,12 @@ fn narrative_response(key: &CacheKey, answer: &Answer) -> Response {
     narrative_response_with(key, answer, None)
 }
 
-/// A narrative answer; a hit's body from `bodies`, rendered once per entry.
+/// A narrative answer; a hit's body, given the body it answers, rendered once per
+/// entry and kept with it in the memo ([`Derived::rendered`]).
 fn narrative_response_with(
     key: &CacheKey,
     answer: &Answer,
-    bodies: Option<&HitBodies>,
+    request: Option<(&AppState, &Arc<Derived>)>,
 ) -> Response {
     let (x_cache, status) = match answer.source {
         Source::Cache => ("HIT", fresh_hit_status(answer)),
@@ -214,11 +215,21 @@ fn narrative_response_with(
             (x_cache, HeaderValue::from_str(&status).ok())
         }
     };
-    let mut response = match (answer.source, bodies) {
-        (Source::Cache | Source::Stale, Some(bodies)) => {
-            let body = bodies.body(key, answer);
-            let mut response = body.into_response();
-            response.headers_mut().insert(
+    let mut response = match (answer.source, request) {
+        (Source::Cache | Source::Stale, Some((state, derived))) => {
+            let body = derived.rendered(answer).unwrap_or_else(|| {
+                let json = serde_json::to_vec(&narrative_body(key, answer)).unwrap_or_default();
+                let json = Bytes::from(json);
+                state.service.keep_rendered(derived, answer, json.clone());
+                json
+            });
+            let mut response = Response::new(Body::from(body));
+            // Room for every header the answer gets, here and in `finish`, at once:
+            // growing the map on the way (rehashing what it holds) cost a hit more
+            // than its lookup did.
+            let headers = response.headers_mut();
+            headers.reserve(super::ANSWER_HEADERS);
+            headers.insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             );
@@ -264,76 +275,6 @@ fn fresh_hit_status(answer: &Answer) -> Option<HeaderValue> {
         *slot = Some((ttl, value.clone()));
         Some(value)
     })
-}
-
-/// The JSON bodies of hits, rendered once per stored entry and shared: a hit of an
-/// entry sends the bytes the last hit of it sent, instead of serializing (and
-/// escaping) the narrative again. Bounded by bytes; an entry replaced by a new
-/// generation, or answered with another source, is rendered anew.
-pub struct HitBodies {
-    bodies: moka::sync::Cache<CacheKey, Arc<HitBody>, foldhash::fast::RandomState>,
-}
-
-struct HitBody {
-    envelope: Arc<Envelope>,
-    source: Source,
-    json: Bytes,
-}
-
-/// Bytes of rendered hit bodies kept at most.
-const HIT_BODIES_BYTES: u64 = 64 * 1024 * 1024;
-/// The longest a rendered body is kept: an erased entry's is gone within this, as an
-/// L1 copy on another gateway is within `L1_TTL` (a body is only ever sent for the
-/// entry the store answered, so this bounds what memory holds, not what is served).
-const HIT_BODIES_TTL: std::time::Duration = std::time::Duration::from_secs(60);
-
-impl Default for HitBodies {
-    fn default() -> Self {
-        Self {
-            bodies: moka::sync::Cache::builder()
-                .max_capacity(HIT_BODIES_BYTES)
-                .weigher(|_, body: &Arc<HitBody>| {
-                    u32::try_from(body.json.len() + body.envelope.body.len() + 256)
-                        .unwrap_or(u32::MAX)
-                })
-                .time_to_live(HIT_BODIES_TTL)
-                .build_with_hasher(foldhash::fast::RandomState::default()),
-        }
-    }
-}
-
-impl std::fmt::Debug for HitBodies {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HitBodies")
-            .field("entries", &self.bodies.entry_count())
-            .finish()
-    }
-}
-
-impl HitBodies {
-    /// The JSON body of `answer` (a hit of `key`).
-    fn body(&self, key: &CacheKey, answer: &Answer) -> Bytes {
-        if let Some(hit) = self.bodies.get(key) {
-            // The same entry: the same allocation (L1), or equal field by field (an
-            // entry read from Redis again).
-            let same =
-                Arc::ptr_eq(&hit.envelope, &answer.envelope) || hit.envelope == answer.envelope;
-            if same && hit.source == answer.source {
-                return hit.json.clone();
-            }
-        }
-        let json =
-            Bytes::from(serde_json::to_vec(&narrative_body(key, answer)).unwrap_or_default());
-        self.bodies.insert(
-            key.clone(),
-            Arc::new(HitBody {
-                envelope: Arc::clone(&answer.envelope),
-                source: answer.source,
-                json: json.clone(),
-            }),
-        );
-        json
-    }
 }
 
 /// The body of a narrative answer, streamed or not.
@@ -594,6 +535,7 @@ fn human_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::service::test_support;
 
     #[test]
     fn human_bytes_like_redis() {
@@ -604,26 +546,8 @@ mod tests {
 
     #[test]
     fn a_fresh_hit_status_is_made_again_when_its_ttl_changes() {
-        let envelope = Arc::new(Envelope {
-            body: "narrative".to_owned(),
-            created_at_ms: 1,
-            engine_version: "narrative@1.0.0".to_owned(),
-            prompt_hash: "abcd".to_owned(),
-            model: "m".to_owned(),
-            tokens_in: 1,
-            tokens_out: 1,
-            cost_usd: 0.0,
-            generation_ms: 1,
-        });
-        let hit = |ttl| Answer {
-            envelope: Arc::clone(&envelope),
-            source: Source::Cache,
-            collapsed: false,
-            ttl_remaining_secs: Some(ttl),
-            forwarded: None,
-            stored: false,
-            tier: None,
-        };
+        let envelope = test_support::envelope("narrative");
+        let hit = |ttl| test_support::answer(&envelope, Source::Cache, ttl);
         for ttl in [600, 600, 599, 600, 0, 664, 600, -3] {
             let expected = cache_status(&hit(ttl)).1;
             assert_eq!(expected, format!("narrative-cache; hit; ttl={ttl}"));

@@ -581,3 +581,41 @@ fn freshness_secs(age: Duration, limit: Duration) -> i64 {
         -i64::try_from((age - limit).as_millis().div_ceil(1000)).unwrap_or(i64::MAX)
     }
 }
+
+/// Entries and answers for unit tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::sync::Arc;
+
+    use cache_core::Envelope;
+
+    use super::{Answer, Source};
+
+    /// A stored entry whose narrative is `body`.
+    pub(crate) fn envelope(body: &str) -> Arc<Envelope> {
+        Arc::new(Envelope {
+            body: body.to_owned(),
+            created_at_ms: 1,
+            engine_version: "narrative@1.0.0".to_owned(),
+            prompt_hash: "abcd".to_owned(),
+            model: "m".to_owned(),
+            tokens_in: 1,
+            tokens_out: 1,
+            cost_usd: 0.0,
+            generation_ms: 1,
+        })
+    }
+
+    /// `envelope` answered from `source`, with `ttl` seconds of freshness left.
+    pub(crate) fn answer(envelope: &Arc<Envelope>, source: Source, ttl: i64) -> Answer {
+        Answer {
+            envelope: Arc::clone(envelope),
+            source,
+            collapsed: false,
+            ttl_remaining_secs: Some(ttl),
+            forwarded: None,
+            stored: false,
+            tier: None,
+        }
+    }
+}

@@ -9,28 +9,89 @@
 //! the memo keeps no body, so no raw `userId` outlives its request here. Only bodies
 //! that derived without error are kept, up to [`MEMO_BYTES`] in all (TinyLFU eviction).
 //!
+//! An entry also keeps the last answer sent for its body, rendered ([`Rendered`]): a
+//! repeated hit of the same stored entry sends those bytes again instead of
+//! serializing (and escaping) the narrative, with no lookup of its own. Kept
+//! answers count in the memo's bytes, and no entry outlives [`MEMO_TTL`]: an erased
+//! narrative is gone from memory within it.
+//!
 //! A memo belongs to one service, built from one set of settings (secret, version,
 //! prompt hash, quantization step, known systems): settings that change the
 //! canonical form build a new service, and so a new, empty memo.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use cache_core::KeyedProfile;
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use cache_core::{Envelope, KeyedProfile};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-/// Bytes of derived keys kept at most (weighed roughly: canonical JSON, key, and a
-/// fixed overhead).
-pub const MEMO_BYTES: u64 = 32 * 1024 * 1024;
+use super::{Answer, Source};
+
+/// Bytes of derived keys and rendered answers kept at most (weighed roughly:
+/// canonical JSON, key, a rendered answer and the entry it renders, and a fixed
+/// overhead): what the key memo and the store of rendered hits it replaced held.
+pub const MEMO_BYTES: u64 = 96 * 1024 * 1024;
+/// The longest an entry is kept, so the longest a rendered answer is: an erased
+/// entry's narrative is gone within this, as an L1 copy on another gateway is within
+/// `L1_TTL`. (A kept answer is only sent for the very entry the store answered, so
+/// this bounds what memory holds, not what is served.) Deriving a busy body once a
+/// minute again costs nothing worth counting.
+pub const MEMO_TTL: Duration = Duration::from_secs(60);
 /// Bodies larger than this are derived each time: profiles are a few hundred bytes.
 const LARGEST_BODY: usize = 4096;
 
-/// What deriving a body gave.
+/// What deriving a body gave, and the last answer rendered for it.
 #[derive(Debug)]
 pub struct Derived {
     pub keyed: KeyedProfile,
     /// The keyed hash of the body's `userId`, if it has one.
     pub user_hash: Option<Arc<str>>,
+    rendered: ArcSwapOption<Rendered>,
+    /// The entry's digest in the memo; `None` for a body the memo does not keep.
+    digest: Option<Digest>,
+}
+
+/// An answer as it was sent: the bytes, and the entry and source they render.
+#[derive(Debug)]
+pub struct Rendered {
+    envelope: Arc<Envelope>,
+    source: Source,
+    bytes: Bytes,
+}
+
+impl Derived {
+    pub fn new(keyed: KeyedProfile, user_hash: Option<Arc<str>>) -> Self {
+        Self {
+            keyed,
+            user_hash,
+            rendered: ArcSwapOption::empty(),
+            digest: None,
+        }
+    }
+
+    /// The bytes last sent for this body, if they render `answer`: the same stored
+    /// entry (the same allocation from L1, or equal field by field when read from
+    /// Redis again) with the same source.
+    pub fn rendered(&self, answer: &Answer) -> Option<Bytes> {
+        let guard = self.rendered.load();
+        let kept = guard.as_deref()?;
+        let same =
+            Arc::ptr_eq(&kept.envelope, &answer.envelope) || kept.envelope == answer.envelope;
+        (same && kept.source == answer.source).then(|| kept.bytes.clone())
+    }
+
+    /// Bytes this entry holds beyond its fixed overhead.
+    fn weight(&self) -> usize {
+        let rendered = self
+            .rendered
+            .load()
+            .as_deref()
+            .map_or(0, |kept| kept.bytes.len() + kept.envelope.body.len());
+        self.keyed.canonical_json.len() + self.keyed.key.as_str().len() + rendered
+    }
 }
 
 type Digest = [u8; 32];
@@ -62,10 +123,9 @@ impl BodyMemo {
             entries: moka::sync::Cache::builder()
                 .max_capacity(bytes)
                 .weigher(|_, derived: &Arc<Derived>| {
-                    let keyed = &derived.keyed;
-                    let weight = keyed.canonical_json.len() + keyed.key.as_str().len() + 512;
-                    u32::try_from(weight).unwrap_or(u32::MAX)
+                    u32::try_from(derived.weight() + 512).unwrap_or(u32::MAX)
                 })
+                .time_to_live(MEMO_TTL)
                 // The digests are uniform already: a seeded fast hash spreads them.
                 .build_with_hasher(foldhash::fast::RandomState::default()),
             // HMAC takes keys of any length: this cannot fail.
@@ -84,18 +144,35 @@ impl BodyMemo {
     pub fn get_or_derive<E>(
         &self,
         body: &[u8],
-        derive: impl FnOnce() -> Result<Arc<Derived>, E>,
+        derive: impl FnOnce() -> Result<Derived, E>,
     ) -> Result<Arc<Derived>, E> {
         if body.len() > LARGEST_BODY {
-            return derive();
+            return derive().map(Arc::new);
         }
         let digest = self.digest(body);
         if let Some(derived) = self.entries.get(&digest) {
             return Ok(derived);
         }
-        let derived = derive()?;
+        let derived = Arc::new(Derived {
+            digest: Some(digest),
+            ..derive()?
+        });
         self.entries.insert(digest, Arc::clone(&derived));
         Ok(derived)
+    }
+
+    /// Keeps `bytes`, rendered for `answer`, as the answer last sent for `derived`'s
+    /// body, weighed anew (what replaces a kept answer is counted, not a guess).
+    pub fn keep_rendered(&self, derived: &Arc<Derived>, answer: &Answer, bytes: Bytes) {
+        let Some(digest) = derived.digest else {
+            return;
+        };
+        derived.rendered.store(Some(Arc::new(Rendered {
+            envelope: Arc::clone(&answer.envelope),
+            source: answer.source,
+            bytes,
+        })));
+        self.entries.insert(digest, Arc::clone(derived));
     }
 
     /// What `body` derived to before, if these exact bytes did.
@@ -109,21 +186,19 @@ impl BodyMemo {
 
     /// Remembers what `body` derived to.
     #[cfg(test)]
-    fn insert(&self, body: &[u8], derived: Arc<Derived>) {
-        if body.len() > LARGEST_BODY {
-            return;
-        }
-        self.entries.insert(self.digest(body), derived);
+    fn insert(&self, body: &[u8], derived: Derived) {
+        let _ = self.get_or_derive(body, || Ok::<_, ()>(derived));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::service::test_support::{self, envelope};
     use cache_core::QuantizationStep;
     use cache_core::{CacheKeySecret, EngineVersion, KeyDeriver, ProfileInput, PromptHash};
 
-    fn derived(body: &[u8]) -> Arc<Derived> {
+    fn derived(body: &[u8]) -> Derived {
         let deriver = KeyDeriver::new(
             &CacheKeySecret::new(b"memo-test-secret-0123".to_vec()),
             EngineVersion::parse("narrative@1.0.0").expect("version"),
@@ -131,10 +206,7 @@ mod tests {
             QuantizationStep::DEFAULT,
         );
         let input = ProfileInput::from_json(body).expect("profile");
-        Arc::new(Derived {
-            keyed: deriver.derive(&input).expect("derives"),
-            user_hash: None,
-        })
+        Derived::new(deriver.derive(&input).expect("derives"), None)
     }
 
     const LYRA: &[u8] = br#"{"classification":"primary","primary":"Lyra","percentages":{"Lyra":100},"hdData":{"type":"Generator","authority":"Sacral","profile":"1/3"}}"#;
@@ -162,6 +234,65 @@ mod tests {
             BodyMemo::default().digest(LYRA),
             BodyMemo::default().digest(LYRA)
         );
+    }
+
+    fn answer(envelope: &Arc<Envelope>, source: Source) -> Answer {
+        test_support::answer(envelope, source, 60)
+    }
+
+    fn kept(memo: &BodyMemo, body: &[u8]) -> Arc<Derived> {
+        memo.get_or_derive(body, || Ok::<_, ()>(derived(body)))
+            .expect("derives")
+    }
+
+    #[test]
+    fn a_kept_answer_is_sent_only_for_its_entry_and_source() {
+        let memo = BodyMemo::default();
+        let entry = envelope("first");
+        memo.keep_rendered(
+            &kept(&memo, LYRA),
+            &answer(&entry, Source::Cache),
+            Bytes::from_static(b"rendered"),
+        );
+        // Found again through the memo, as the next request finds it.
+        let derived = kept(&memo, LYRA);
+        let sent = |envelope: &Arc<Envelope>, source| derived.rendered(&answer(envelope, source));
+        assert_eq!(
+            sent(&entry, Source::Cache).as_deref(),
+            Some(&b"rendered"[..])
+        );
+        let read_again = Arc::new(Envelope::clone(&entry));
+        assert!(
+            sent(&read_again, Source::Cache).is_some(),
+            "equal field by field: the same entry read from Redis again"
+        );
+        assert!(sent(&entry, Source::Stale).is_none(), "another source");
+        assert!(
+            sent(&envelope("second"), Source::Cache).is_none(),
+            "another entry"
+        );
+        assert!(
+            kept(&memo, SIRIUS)
+                .rendered(&answer(&entry, Source::Cache))
+                .is_none(),
+            "another body"
+        );
+    }
+
+    #[test]
+    fn a_kept_answer_counts_in_the_memo_bytes() {
+        let memo = BodyMemo::default();
+        let derived = kept(&memo, LYRA);
+        memo.entries.run_pending_tasks();
+        let before = memo.entries.weighted_size();
+        let entry = envelope(&"n".repeat(3_000));
+        memo.keep_rendered(
+            &derived,
+            &answer(&entry, Source::Cache),
+            Bytes::from(vec![b'x'; 10_000]),
+        );
+        memo.entries.run_pending_tasks();
+        assert_eq!(memo.entries.weighted_size() - before, 13_000);
     }
 
     #[test]

@@ -29,6 +29,8 @@
 
 mod accounting;
 mod answer;
+#[cfg(test)]
+pub(crate) use answer::test_support;
 mod counters;
 mod distributed;
 mod erasure;
@@ -235,14 +237,18 @@ impl NarrativeService {
     pub fn derive_body(&self, body: &Bytes) -> Result<Arc<Derived>, ProfileError> {
         self.memo.get_or_derive(body, || {
             let input = ProfileInput::from_json(body)?;
-            Ok(Arc::new(Derived {
-                keyed: self.derive(&input)?,
-                user_hash: input
-                    .user_id
-                    .as_deref()
-                    .map(|id| self.deriver.user_hash(id).into()),
-            }))
+            let user_hash = input
+                .user_id
+                .as_deref()
+                .map(|id| self.deriver.user_hash(id).into());
+            Ok(Derived::new(self.derive(&input)?, user_hash))
         })
+    }
+
+    /// Keeps `bytes`, `answer` rendered, to send again for hits of the same entry
+    /// from `derived`'s body ([`Derived::rendered`]).
+    pub fn keep_rendered(&self, derived: &Arc<Derived>, answer: &Answer, bytes: Bytes) {
+        self.memo.keep_rendered(derived, answer, bytes);
     }
 
     /// Stops accepting generations and waits up to `grace` for those running to be

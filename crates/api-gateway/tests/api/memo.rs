@@ -102,3 +102,47 @@ proptest! {
         }
     }
 }
+
+/// A memo entry keeps the answer it last sent, rendered: once the stored entry is
+/// replaced, a hit from the same body sends the new entry, never the bytes kept for
+/// the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hit_after_its_entry_is_replaced_sends_the_new_entry() {
+    let app = crate::helpers::spawn_app(
+        llm_sim::SimConfig {
+            latency_ms: 20,
+            ..llm_sim::SimConfig::default()
+        },
+        &[("REVALIDATE_MIN_INTERVAL", "0s")],
+    )
+    .await;
+    let body = crate::helpers::profile(1);
+    let generated = app.post_narrative(&body).await;
+    assert_eq!(generated.source(), "generated");
+    // Twice: the first hit renders and keeps its body, the second sends it.
+    for _ in 0..2 {
+        let hit = app.post_narrative(&body).await;
+        assert_eq!(hit.source(), "cache");
+        assert_eq!(hit.body["generatedAt"], generated.body["generatedAt"]);
+    }
+
+    let request = app
+        .client
+        .post(app.url("/narrative"))
+        .header("cache-control", "no-cache")
+        .json(&body);
+    let replaced = crate::helpers::reply(request.send().await.expect("send")).await;
+    assert_eq!(replaced.source(), "generated");
+    assert_ne!(
+        replaced.body["generatedAt"], generated.body["generatedAt"],
+        "a new entry"
+    );
+
+    let hit = app.post_narrative(&body).await;
+    assert_eq!(hit.source(), "cache");
+    assert_eq!(
+        hit.body["generatedAt"], replaced.body["generatedAt"],
+        "the new entry's body, not the one kept for the old entry"
+    );
+    assert_eq!(app.llm_calls(), 2);
+}
