@@ -153,8 +153,13 @@ pub struct GenerationEvent {
 /// table's index grows at its end. The random bits come from the thread's generator:
 /// `Uuid::now_v7` asks the OS for them on every call, a cost on the request path.
 pub fn new_event_id() -> Uuid {
-    let millis =
-        u64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+    event_id_at(OffsetDateTime::now_utc())
+}
+
+/// [`new_event_id`] for an event that happened at `at`, read already: the id costs
+/// no second reading of the clock.
+pub fn event_id_at(at: OffsetDateTime) -> Uuid {
+    let millis = u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
     let random: [u8; 10] = rand::random();
     uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
 }

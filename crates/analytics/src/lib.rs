@@ -29,8 +29,8 @@ pub mod store;
 pub mod summary;
 
 pub use event::{
-    new_event_id, Batch, BatchFormat, GenerationEvent, GenerationOutcome, RequestEvent,
-    RequestOutcome, Trigger,
+    event_id_at, new_event_id, Batch, BatchFormat, GenerationEvent, GenerationOutcome,
+    RequestEvent, RequestOutcome, Trigger,
 };
 pub use memory::{AuditRecord, InMemoryAnalytics};
 pub use popularity::PopularProfile;

@@ -44,9 +44,14 @@ pub struct MemoryUserIndex {
     state: Mutex<MemoryState>,
 }
 
+/// Maps keyed by keyed hashes (a user's, or a key's digest): a client cannot choose
+/// where its entries land without the secret, so a fast seeded hash is safe here.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type FastSet<T> = HashSet<T, foldhash::fast::RandomState>;
+
 #[derive(Debug, Default)]
 struct MemoryState {
-    users: HashMap<String, HashSet<CacheKey>>,
+    users: FastMap<String, FastSet<CacheKey>>,
     order: std::collections::VecDeque<String>,
 }
 
@@ -72,7 +77,7 @@ impl UserIndex for MemoryUserIndex {
         }
         state
             .users
-            .insert(user.to_owned(), HashSet::from([key.clone()]));
+            .insert(user.to_owned(), FastSet::from_iter([key.clone()]));
         state.order.push_back(user.to_owned());
         drop(state);
         if forgotten > 0 {

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use analytics::{new_event_id, RequestEvent, RequestOutcome};
+use analytics::{event_id_at, RequestEvent, RequestOutcome};
 use cache_core::profile::Classification;
 use cache_core::{Envelope, KeyDeriver, KeyedProfile, Tier};
 
@@ -161,7 +161,7 @@ impl NarrativeService {
         // Every text is shared: the event allocates nothing of its own.
         let texts = &self.event_texts;
         self.events.record_request(RequestEvent {
-            id: new_event_id(),
+            id: event_id_at(at),
             at,
             outcome,
             latency_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
