@@ -127,6 +127,73 @@ pub struct RequestEvent {
     pub first_delta_us: Option<u64>,
 }
 
+/// A [`RequestEvent`] as the request path hands it to a sink: borrowed, so a sink that
+/// only counts it (the in-process aggregate) touches no reference count and draws no
+/// id; a sink that keeps it makes the owned event ([`RequestEventRef::to_event`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestEventRef<'a> {
+    pub at: OffsetDateTime,
+    pub outcome: RequestOutcome,
+    pub latency_us: u64,
+    pub engine_version: &'a Arc<str>,
+    pub prompt_hash: &'a Arc<str>,
+    pub classification: &'a Arc<str>,
+    pub primary_system: &'a Arc<str>,
+    pub client: &'a Arc<str>,
+    pub user_hash: Option<&'a Arc<str>>,
+    pub key_digest: &'a Arc<str>,
+    pub profile: &'a Arc<str>,
+    pub entry_tokens: u64,
+    pub entry_cost_usd: f64,
+    pub first_delta_us: Option<u64>,
+}
+
+impl RequestEventRef<'_> {
+    /// The owned event, with a new id.
+    pub fn to_event(&self) -> RequestEvent {
+        RequestEvent {
+            id: event_id_at(self.at),
+            at: self.at,
+            outcome: self.outcome,
+            latency_us: self.latency_us,
+            engine_version: Arc::clone(self.engine_version),
+            prompt_hash: Arc::clone(self.prompt_hash),
+            classification: Arc::clone(self.classification),
+            primary_system: Arc::clone(self.primary_system),
+            client: Arc::clone(self.client),
+            user_hash: self.user_hash.cloned(),
+            key_digest: Arc::clone(self.key_digest),
+            profile: Arc::clone(self.profile),
+            entry_tokens: self.entry_tokens,
+            entry_cost_usd: self.entry_cost_usd,
+            first_delta_us: self.first_delta_us,
+        }
+    }
+}
+
+impl RequestEvent {
+    /// The event borrowed, as a sink takes it (its id is not carried: a sink that
+    /// keeps it draws its own).
+    pub fn borrowed(&self) -> RequestEventRef<'_> {
+        RequestEventRef {
+            at: self.at,
+            outcome: self.outcome,
+            latency_us: self.latency_us,
+            engine_version: &self.engine_version,
+            prompt_hash: &self.prompt_hash,
+            classification: &self.classification,
+            primary_system: &self.primary_system,
+            client: &self.client,
+            user_hash: self.user_hash.as_ref(),
+            key_digest: &self.key_digest,
+            profile: &self.profile,
+            entry_tokens: self.entry_tokens,
+            entry_cost_usd: self.entry_cost_usd,
+            first_delta_us: self.first_delta_us,
+        }
+    }
+}
+
 fn profile_is_empty(profile: &Arc<str>) -> bool {
     profile.is_empty()
 }
@@ -158,7 +225,7 @@ pub fn new_event_id() -> Uuid {
 
 /// [`new_event_id`] for an event that happened at `at`, read already: the id costs
 /// no second reading of the clock.
-pub fn event_id_at(at: OffsetDateTime) -> Uuid {
+pub(crate) fn event_id_at(at: OffsetDateTime) -> Uuid {
     let millis = u64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
     let random: [u8; 10] = rand::random();
     uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()

@@ -29,8 +29,8 @@ pub mod store;
 pub mod summary;
 
 pub use event::{
-    event_id_at, new_event_id, Batch, BatchFormat, GenerationEvent, GenerationOutcome,
-    RequestEvent, RequestOutcome, Trigger,
+    new_event_id, Batch, BatchFormat, GenerationEvent, GenerationOutcome, RequestEvent,
+    RequestEventRef, RequestOutcome, Trigger,
 };
 pub use memory::{AuditRecord, InMemoryAnalytics};
 pub use popularity::PopularProfile;
@@ -40,6 +40,7 @@ pub use summary::{ratio, Range, RangeError, Summary};
 
 /// Where events go. Implementations never block the caller.
 pub trait EventSink: Send + Sync + std::fmt::Debug {
-    fn record_request(&self, event: RequestEvent);
+    /// Borrowed: a sink that keeps the event makes it owned ([`RequestEventRef::to_event`]).
+    fn record_request(&self, event: RequestEventRef<'_>);
     fn record_generation(&self, event: GenerationEvent);
 }

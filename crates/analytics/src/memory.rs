@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use time::OffsetDateTime;
 
-use crate::event::{GenerationEvent, GenerationOutcome, RequestEvent, RequestOutcome};
+use crate::event::{GenerationEvent, GenerationOutcome, RequestEventRef, RequestOutcome};
 use crate::hll::HyperLogLog;
 use crate::popularity::{PopularProfile, ProfileCounts};
 use crate::summary::{dollars, ratio, Range, RateBucket, Summary, SystemCount, TOP_SYSTEMS};
@@ -219,9 +219,9 @@ impl InMemoryAnalytics {
 }
 
 impl EventSink for InMemoryAnalytics {
-    fn record_request(&self, event: RequestEvent) {
+    fn record_request(&self, event: RequestEventRef<'_>) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(user) = &event.user_hash {
+        if let Some(user) = event.user_hash {
             state
                 .users
                 .entry(day_of(event.at))
@@ -234,10 +234,10 @@ impl EventSink for InMemoryAnalytics {
             hour.tokens_saved += event.entry_tokens;
             hour.saved_usd += event.entry_cost_usd;
         }
-        if let Some(count) = hour.systems.get_mut(&event.primary_system) {
+        if let Some(count) = hour.systems.get_mut(event.primary_system) {
             *count += 1;
         } else if hour.systems.len() < MAX_SYSTEMS_PER_HOUR {
-            hour.systems.insert(event.primary_system, 1);
+            hour.systems.insert(Arc::clone(event.primary_system), 1);
         }
         state.profiles.record(event.profile, event.at);
     }
@@ -289,18 +289,18 @@ mod tests {
     fn totals_hit_rate_cost_and_top_systems() {
         let analytics = InMemoryAnalytics::new();
         let now = OffsetDateTime::now_utc();
-        analytics.record_request(request(RequestOutcome::Miss, "Sirius"));
+        analytics.record_request(request(RequestOutcome::Miss, "Sirius").borrowed());
         analytics.record_generation(generation(true, now));
-        analytics.record_request(request(RequestOutcome::HitL1, "Sirius"));
-        analytics.record_request(request(RequestOutcome::Stale, "Sirius"));
-        analytics.record_request(request(RequestOutcome::Fallback, "Lyra"));
-        analytics.record_request(request(RequestOutcome::Error, "Lyra"));
+        analytics.record_request(request(RequestOutcome::HitL1, "Sirius").borrowed());
+        analytics.record_request(request(RequestOutcome::Stale, "Sirius").borrowed());
+        analytics.record_request(request(RequestOutcome::Fallback, "Lyra").borrowed());
+        analytics.record_request(request(RequestOutcome::Error, "Lyra").borrowed());
         analytics.record_generation(generation(false, now));
         let mut with_user = request(RequestOutcome::HitL2, "Orion");
         with_user.user_hash = Some("u1".into());
-        analytics.record_request(with_user.clone());
+        analytics.record_request(with_user.clone().borrowed());
         with_user.id = new_event_id();
-        analytics.record_request(with_user);
+        analytics.record_request(with_user.borrowed());
 
         let summary =
             analytics.summary(&Range::parse(None, None, now + Duration::minutes(1)).unwrap());
@@ -340,8 +340,8 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let mut old = request(RequestOutcome::Miss, "Sirius");
         old.at = now - Duration::days(3);
-        analytics.record_request(old);
-        analytics.record_request(request(RequestOutcome::HitL1, "Lyra"));
+        analytics.record_request(old.borrowed());
+        analytics.record_request(request(RequestOutcome::HitL1, "Lyra").borrowed());
         let last_day = Range {
             from: now - Duration::days(1),
             to: now + Duration::minutes(1),

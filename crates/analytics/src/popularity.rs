@@ -42,11 +42,11 @@ impl ProfileCounts {
 
     /// Counts one request for `canonical`, keeping the (shared) string only when it is
     /// new.
-    pub fn record(&mut self, canonical: Arc<str>, at: OffsetDateTime) {
+    pub fn record(&mut self, canonical: &Arc<str>, at: OffsetDateTime) {
         if canonical.is_empty() {
             return;
         }
-        if let Some(seen) = self.counts.get_mut(&canonical) {
+        if let Some(seen) = self.counts.get_mut(canonical) {
             seen.requests += 1;
             seen.last = seen.last.max(at);
             return;
@@ -55,7 +55,7 @@ impl ProfileCounts {
             self.decay();
         }
         self.counts.insert(
-            canonical,
+            Arc::clone(canonical),
             Seen {
                 requests: 1,
                 last: at,
@@ -110,11 +110,11 @@ mod tests {
         let mut counts = ProfileCounts::default();
         for (profile, times) in [("a", 3), ("b", 5), ("c", 1)] {
             for _ in 0..times {
-                counts.record(Arc::from(profile), now);
+                counts.record(&Arc::from(profile), now);
             }
         }
-        counts.record("old".into(), now - Duration::days(40));
-        counts.record("old".into(), now - Duration::days(40));
+        counts.record(&"old".into(), now - Duration::days(40));
+        counts.record(&"old".into(), now - Duration::days(40));
         let top = counts.top(2, now - DEFAULT_WINDOW);
         let names: Vec<_> = top
             .iter()
@@ -133,13 +133,13 @@ mod tests {
         let now = OffsetDateTime::now_utc();
         let mut counts = ProfileCounts::default();
         for _ in 0..10 {
-            counts.record("popular".into(), now);
+            counts.record(&"popular".into(), now);
         }
         for i in 0..ProfileCounts::CAPACITY {
-            counts.record(format!("once-{i}").into(), now);
+            counts.record(&format!("once-{i}").into(), now);
         }
         assert!(counts.len() <= ProfileCounts::CAPACITY);
-        counts.record("newcomer".into(), now);
+        counts.record(&"newcomer".into(), now);
         let top = counts.top(1, now - DEFAULT_WINDOW);
         assert_eq!(top[0].canonical, "popular");
         assert!(counts

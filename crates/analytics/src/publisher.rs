@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::event::{Batch, BatchFormat, GenerationEvent, RequestEvent};
+use crate::event::{Batch, BatchFormat, GenerationEvent, RequestEvent, RequestEventRef};
 use crate::EventSink;
 
 #[derive(Debug, Clone)]
@@ -167,8 +167,8 @@ impl EventPublisher {
 }
 
 impl EventSink for EventPublisher {
-    fn record_request(&self, event: RequestEvent) {
-        self.offer(Item::Request(event));
+    fn record_request(&self, event: RequestEventRef<'_>) {
+        self.offer(Item::Request(event.to_event()));
     }
 
     fn record_generation(&self, event: GenerationEvent) {

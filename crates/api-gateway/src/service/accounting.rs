@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use analytics::{event_id_at, RequestEvent, RequestOutcome};
+use analytics::{RequestEventRef, RequestOutcome};
 use cache_core::profile::Classification;
 use cache_core::{Envelope, KeyDeriver, KeyedProfile, Tier};
 
@@ -43,11 +43,11 @@ impl EventTexts {
         }
     }
 
-    fn classification(&self, classification: Classification) -> Arc<str> {
-        Arc::clone(match classification {
+    fn classification(&self, classification: Classification) -> &Arc<str> {
+        match classification {
             Classification::Primary => &self.primary,
             Classification::Hybrid => &self.hybrid,
-        })
+        }
     }
 }
 
@@ -158,21 +158,21 @@ impl NarrativeService {
                 envelope.cost_usd,
             )
         });
-        // Every text is shared: the event allocates nothing of its own.
+        // Borrowed: a sink that only counts it (in process) copies nothing; one that
+        // publishes it makes it owned, sharing every text.
         let texts = &self.event_texts;
-        self.events.record_request(RequestEvent {
-            id: event_id_at(at),
+        self.events.record_request(RequestEventRef {
             at,
             outcome,
             latency_us: u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
-            engine_version: Arc::clone(&texts.engine_version),
-            prompt_hash: Arc::clone(&texts.prompt_hash),
+            engine_version: &texts.engine_version,
+            prompt_hash: &texts.prompt_hash,
             classification: texts.classification(keyed.profile.classification),
-            primary_system: Arc::clone(&keyed.primary_system),
-            client: Arc::clone(&caller.client),
-            user_hash: caller.user_hash.clone(),
-            key_digest: Arc::clone(&keyed.digest),
-            profile: Arc::clone(&keyed.canonical_json),
+            primary_system: &keyed.primary_system,
+            client: &caller.client,
+            user_hash: caller.user_hash.as_ref(),
+            key_digest: &keyed.digest,
+            profile: &keyed.canonical_json,
             entry_tokens,
             entry_cost_usd,
             first_delta_us: first_delta
