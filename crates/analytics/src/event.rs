@@ -171,10 +171,11 @@ impl RequestEventRef<'_> {
     }
 }
 
+#[cfg(test)]
 impl RequestEvent {
     /// The event borrowed, as a sink takes it (its id is not carried: a sink that
     /// keeps it draws its own).
-    pub fn borrowed(&self) -> RequestEventRef<'_> {
+    pub(crate) fn borrowed(&self) -> RequestEventRef<'_> {
         RequestEventRef {
             at: self.at,
             outcome: self.outcome,

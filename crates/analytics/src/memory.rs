@@ -298,8 +298,7 @@ mod tests {
         analytics.record_generation(generation(false, now));
         let mut with_user = request(RequestOutcome::HitL2, "Orion");
         with_user.user_hash = Some("u1".into());
-        analytics.record_request(with_user.clone().borrowed());
-        with_user.id = new_event_id();
+        analytics.record_request(with_user.borrowed());
         analytics.record_request(with_user.borrowed());
 
         let summary =

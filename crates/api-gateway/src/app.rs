@@ -337,6 +337,13 @@ pub async fn run(
     let settings = &app.state.settings;
     let grace = settings.shutdown_grace;
     let closed = app.state.metrics.connections_closed.clone();
+    // The memo frees expired entries (erased narratives' rendered answers among them)
+    // on a timer, not only when traffic comes.
+    let service = Arc::clone(&app.state.service);
+    let stop = app.state.background.clone();
+    app.state
+        .background_tasks
+        .spawn(async move { service.tidy_memo(stop).await });
     let stopped = server::serve(
         listener,
         app.router(),

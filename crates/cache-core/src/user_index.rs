@@ -44,8 +44,9 @@ pub struct MemoryUserIndex {
     state: Mutex<MemoryState>,
 }
 
-/// Maps keyed by keyed hashes (a user's, or a key's digest): a client cannot choose
-/// where its entries land without the secret, so a fast seeded hash is safe here.
+/// Maps keyed by keyed hashes (users' hashes, and cache keys, which are HMACs): a
+/// client cannot choose where its entries land without the secret, so a fast seeded
+/// hash is safe here.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 type FastSet<T> = HashSet<T, foldhash::fast::RandomState>;
 

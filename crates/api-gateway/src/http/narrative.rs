@@ -22,7 +22,8 @@ use super::header_names;
 use super::ApiError;
 use crate::app::AppState;
 use crate::service::{
-    Answer, Caller, Derived, Directives, Followed, Forwarded, Lookup, NotCached, Source,
+    Answer, Caller, Derived, Directives, Followed, Forwarded, Lookup, NarrativeService, NotCached,
+    Source,
 };
 
 pub fn router() -> Router<Arc<AppState>> {
@@ -94,7 +95,7 @@ async fn post_narrative(
     Ok(narrative_response_with(
         &keyed.key,
         &answer,
-        Some((&state, &derived)),
+        Some((&state.service, &derived)),
     ))
 }
 
@@ -201,12 +202,12 @@ fn narrative_response(key: &CacheKey, answer: &Answer) -> Response {
     narrative_response_with(key, answer, None)
 }
 
-/// A narrative answer; a hit's body, given the body it answers, rendered once per
-/// entry and kept with it in the memo ([`Derived::rendered`]).
+/// A narrative answer. A hit answering a memoized request body is rendered once per
+/// entry and kept in the body's memo entry ([`Derived::rendered`]).
 fn narrative_response_with(
     key: &CacheKey,
     answer: &Answer,
-    request: Option<(&AppState, &Arc<Derived>)>,
+    memo: Option<(&NarrativeService, &Arc<Derived>)>,
 ) -> Response {
     let (x_cache, status) = match answer.source {
         Source::Cache => ("HIT", fresh_hit_status(answer)),
@@ -215,12 +216,12 @@ fn narrative_response_with(
             (x_cache, HeaderValue::from_str(&status).ok())
         }
     };
-    let mut response = match (answer.source, request) {
-        (Source::Cache | Source::Stale, Some((state, derived))) => {
+    let mut response = match (answer.source, memo) {
+        (Source::Cache | Source::Stale, Some((service, derived))) => {
             let body = derived.rendered(answer).unwrap_or_else(|| {
                 let json = serde_json::to_vec(&narrative_body(key, answer)).unwrap_or_default();
                 let json = Bytes::from(json);
-                state.service.keep_rendered(derived, answer, json.clone());
+                service.keep_rendered(derived, answer, json.clone());
                 json
             });
             let mut response = Response::new(Body::from(body));

@@ -9,11 +9,13 @@
 //! the memo keeps no body, so no raw `userId` outlives its request here. Only bodies
 //! that derived without error are kept, up to [`MEMO_BYTES`] in all (TinyLFU eviction).
 //!
-//! An entry also keeps the last answer sent for its body, rendered ([`Rendered`]): a
-//! repeated hit of the same stored entry sends those bytes again instead of
-//! serializing (and escaping) the narrative, with no lookup of its own. Kept
-//! answers count in the memo's bytes, and no entry outlives [`MEMO_TTL`]: an erased
-//! narrative is gone from memory within it.
+//! An entry also keeps the last answer sent for its body, rendered: a repeated hit of
+//! the same stored entry sends those bytes again instead of serializing (and
+//! escaping) the narrative, with no lookup of its own. Kept answers count in the
+//! memo's bytes. An entry expires [`MEMO_TTL`] after it was last written, and a kept
+//! answer is always written with it, so none is held longer; [`BodyMemo::tidy`]
+//! (every [`TIDY_EVERY`]) frees expired entries even when no request comes, so an
+//! erased narrative is gone from memory within a minute and a few seconds.
 //!
 //! A memo belongs to one service, built from one set of settings (secret, version,
 //! prompt hash, quantization step, known systems): settings that change the
@@ -32,7 +34,10 @@ use super::{Answer, Source};
 
 /// Bytes of derived keys and rendered answers kept at most (weighed roughly:
 /// canonical JSON, key, a rendered answer and the entry it renders, and a fixed
-/// overhead): what the key memo and the store of rendered hits it replaced held.
+/// overhead). An entry weighs about 4 KiB with an answer of a typical narrative, so
+/// this keeps some 24,000 bodies' answers. Rendered answers are kept per body, not
+/// per key: one profile sent with different `userId`s keeps one copy each, each
+/// counting the entry's narrative.
 pub const MEMO_BYTES: u64 = 96 * 1024 * 1024;
 /// The longest an entry is kept, so the longest a rendered answer is: an erased
 /// entry's narrative is gone within this, as an L1 copy on another gateway is within
@@ -40,6 +45,8 @@ pub const MEMO_BYTES: u64 = 96 * 1024 * 1024;
 /// this bounds what memory holds, not what is served.) Deriving a busy body once a
 /// minute again costs nothing worth counting.
 pub const MEMO_TTL: Duration = Duration::from_secs(60);
+/// How often expired entries are freed without waiting for traffic to do it.
+pub const TIDY_EVERY: Duration = Duration::from_secs(5);
 /// Bodies larger than this are derived each time: profiles are a few hundred bytes.
 const LARGEST_BODY: usize = 4096;
 
@@ -56,7 +63,7 @@ pub struct Derived {
 
 /// An answer as it was sent: the bytes, and the entry and source they render.
 #[derive(Debug)]
-pub struct Rendered {
+struct Rendered {
     envelope: Arc<Envelope>,
     source: Source,
     bytes: Bytes,
@@ -112,12 +119,13 @@ impl std::fmt::Debug for BodyMemo {
 
 impl Default for BodyMemo {
     fn default() -> Self {
-        Self::with_capacity(MEMO_BYTES)
+        Self::new(MEMO_BYTES, MEMO_TTL)
     }
 }
 
 impl BodyMemo {
-    pub fn with_capacity(bytes: u64) -> Self {
+    /// At most `bytes` (weighed), each entry `ttl` after it was last written.
+    pub fn new(bytes: u64, ttl: Duration) -> Self {
         let key: [u8; 32] = rand::random();
         Self {
             entries: moka::sync::Cache::builder()
@@ -125,7 +133,7 @@ impl BodyMemo {
                 .weigher(|_, derived: &Arc<Derived>| {
                     u32::try_from(derived.weight() + 512).unwrap_or(u32::MAX)
                 })
-                .time_to_live(MEMO_TTL)
+                .time_to_live(ttl)
                 // The digests are uniform already: a seeded fast hash spreads them.
                 .build_with_hasher(foldhash::fast::RandomState::default()),
             // HMAC takes keys of any length: this cannot fail.
@@ -175,6 +183,12 @@ impl BodyMemo {
         self.entries.insert(digest, Arc::clone(derived));
     }
 
+    /// Frees expired entries (and applies pending evictions) now: without it they
+    /// would wait for the memo's next use.
+    pub fn tidy(&self) {
+        self.entries.run_pending_tasks();
+    }
+
     /// What `body` derived to before, if these exact bytes did.
     #[cfg(test)]
     fn get(&self, body: &[u8]) -> Option<Arc<Derived>> {
@@ -184,7 +198,7 @@ impl BodyMemo {
         self.entries.get(&self.digest(body))
     }
 
-    /// Remembers what `body` derived to.
+    /// Remembers what `body` derived to, unless it is remembered already.
     #[cfg(test)]
     fn insert(&self, body: &[u8], derived: Derived) {
         let _ = self.get_or_derive(body, || Ok::<_, ()>(derived));
@@ -293,6 +307,25 @@ mod tests {
         );
         memo.entries.run_pending_tasks();
         assert_eq!(memo.entries.weighted_size() - before, 13_000);
+    }
+
+    #[test]
+    fn tidying_frees_expired_entries_and_their_answers_without_traffic() {
+        let ttl = Duration::from_millis(50);
+        let memo = BodyMemo::new(MEMO_BYTES, ttl);
+        let entry = envelope("an erased narrative");
+        memo.keep_rendered(
+            &kept(&memo, LYRA),
+            &answer(&entry, Source::Cache),
+            Bytes::from_static(b"rendered"),
+        );
+        memo.tidy();
+        assert_eq!(memo.entries.entry_count(), 1);
+        // Past the ttl, with no lookup in between: only tidying can free it.
+        std::thread::sleep(ttl * 2);
+        memo.tidy();
+        assert_eq!(memo.entries.entry_count(), 0);
+        assert_eq!(memo.entries.weighted_size(), 0);
     }
 
     #[test]

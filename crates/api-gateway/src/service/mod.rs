@@ -29,8 +29,6 @@
 
 mod accounting;
 mod answer;
-#[cfg(test)]
-pub(crate) use answer::test_support;
 mod counters;
 mod distributed;
 mod erasure;
@@ -56,6 +54,8 @@ use narrative_gen::NarrativeGenerator;
 use tokio_util::task::TaskTracker;
 
 pub use accounting::ServiceStats;
+#[cfg(test)]
+pub(crate) use answer::test_support;
 pub use answer::{Answer, Caller, Directives, Forwarded, Lookup, NotCached, Source};
 pub use counters::{Count, Counters, Totals};
 pub use distributed::{Distributed, RedisFill, WorkerFill, Workers};
@@ -243,6 +243,17 @@ impl NarrativeService {
                 .map(|id| self.deriver.user_hash(id).into());
             Ok(Derived::new(self.derive(&input)?, user_hash))
         })
+    }
+
+    /// Frees the memo's expired entries every [`memo::TIDY_EVERY`] until `stop`, so
+    /// that an idle gateway lets go of erased narratives too.
+    pub async fn tidy_memo(&self, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(memo::TIDY_EVERY) => self.memo.tidy(),
+            }
+        }
     }
 
     /// Keeps `bytes`, `answer` rendered, to send again for hits of the same entry
