@@ -34,16 +34,17 @@ use super::{Answer, Source};
 
 /// Bytes of derived keys and rendered answers kept at most (weighed roughly:
 /// canonical JSON, key, a rendered answer and the entry it renders, and a fixed
-/// overhead). An entry weighs about 4 KiB with an answer of a typical narrative, so
-/// this keeps some 24,000 bodies' answers. Rendered answers are kept per body, not
+/// overhead). An entry with the answer of a typical narrative weighs about 3.6 KiB,
+/// so this keeps some 27,000 bodies' answers. Rendered answers are kept per body, not
 /// per key: one profile sent with different `userId`s keeps one copy each, each
 /// counting the entry's narrative.
 pub const MEMO_BYTES: u64 = 96 * 1024 * 1024;
-/// The longest an entry is kept, so the longest a rendered answer is: an erased
-/// entry's narrative is gone within this, as an L1 copy on another gateway is within
-/// `L1_TTL`. (A kept answer is only sent for the very entry the store answered, so
-/// this bounds what memory holds, not what is served.) Deriving a busy body once a
-/// minute again costs nothing worth counting.
+/// How long after its last write an entry is kept, and so the longest a rendered
+/// answer is (it is written with it): an erased entry's narrative is gone within
+/// this, as an L1 copy on another gateway is within `L1_TTL`. (A kept answer is only
+/// sent for the very entry the store answered, so this bounds what memory holds, not
+/// what is served.) Deriving a busy body once a minute again costs nothing worth
+/// counting.
 pub const MEMO_TTL: Duration = Duration::from_secs(60);
 /// How often expired entries are freed without waiting for traffic to do it.
 pub const TIDY_EVERY: Duration = Duration::from_secs(5);
