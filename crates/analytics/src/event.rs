@@ -92,8 +92,9 @@ impl GenerationOutcome {
 
 /// One answered request. Its text fields are shared (`Arc<str>`): the gateway keeps one
 /// copy of each version, prompt hash, client name, user hash, key digest and
-/// canonical profile, and an event made on the hit path counts references to them
-/// instead of allocating eight strings (which the publisher's thread would then free).
+/// canonical profile, and the publisher's event ([`RequestEventRef::to_event`]) counts
+/// references to them instead of allocating eight strings (which its thread would then
+/// free). The hit path itself hands sinks a [`RequestEventRef`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RequestEvent {
