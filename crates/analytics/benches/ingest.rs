@@ -5,7 +5,7 @@
 //!
 //! 1. Store only: `PgStore::insert` of 5,000-event batches, one after another (the
 //!    consumer's unit of work), rollups and popularity included.
-//! 2. End to end: batches of 1,000 events (what a gateway publishes) are queued in
+//! 2. End to end: batches of 1,000 events (a gateway publishes up to 5,000) are queued in
 //!    RabbitMQ first, then the `analytics` service starts and drains the queue; events/s
 //!    from its first insert to its last commit.
 //!

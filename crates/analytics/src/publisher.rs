@@ -24,6 +24,7 @@ use crate::EventSink;
 pub struct PublisherSettings {
     /// Events held while RabbitMQ is slow or down; beyond it they are dropped.
     pub capacity: usize,
+    /// The most events a batch holds (`EVENT_BATCH_MAX` on gateways).
     pub max_batch: usize,
     /// How long a batch may wait to fill.
     pub linger: Duration,
@@ -40,7 +41,10 @@ impl Default for PublisherSettings {
     fn default() -> Self {
         Self {
             capacity: 100_000,
-            max_batch: 1_000,
+            // RabbitMQ's work is mostly per message: at 75,000 events a second, batches
+            // of 1,000 cost it about 1 µs an event on the gateway's cores, of 5,000 a
+            // third of that (docs/benchmarks.md). A v3 batch of 5,000 is some 60 KB.
+            max_batch: 5_000,
             linger: Duration::from_millis(200),
             confirm_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
@@ -198,7 +202,8 @@ impl PublisherTask {
     /// cross-thread wake-up per request.
     /// `None` once stopped (what is buffered then goes to [`Self::drain`]).
     async fn next_batch(&mut self, stop: &CancellationToken) -> Option<Batch> {
-        let mut items = Vec::with_capacity(self.settings.max_batch);
+        // Grown as events arrive: a quiet gateway's batches are small.
+        let mut items = Vec::new();
         let received = tokio::select! {
             biased;
             () = stop.cancelled() => 0,
@@ -319,5 +324,7 @@ fn into_batch(items: Vec<Item>) -> Batch {
             Item::Generation(event) => batch.generations.push(event),
         }
     }
+    // Once, before the first publish: a retry sends the same ids.
+    batch.number_requests();
     batch
 }

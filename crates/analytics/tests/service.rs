@@ -6,7 +6,7 @@ use std::time::Duration;
 use analytics::app::{run, AnalyticsApp};
 use analytics::event::RequestOutcome;
 use analytics::settings::AnalyticsSettings;
-use analytics::{new_event_id, Batch, RequestEvent};
+use analytics::{new_event_id, Batch, BatchFormat, RequestEvent};
 use cache_core::config::Vars;
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -152,16 +152,18 @@ async fn a_batch_delivered_twice_is_stored_once() {
     service.stop().await;
 }
 
-/// A rolling upgrade: gateways of the last release still publish v1 (JSON) while
-/// upgraded ones publish v2 (binary), and a batch may even be redelivered in the
-/// other format. The consumer stores both alike, each event once.
+/// A rolling upgrade: gateways of earlier releases still publish v1 (JSON) and v2
+/// (binary, each id written out) while upgraded ones publish v3 (their ids as a run),
+/// and a batch may even be redelivered in another format. The consumer stores all
+/// alike, each event once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batches_of_both_formats_are_stored_alike() {
+async fn batches_of_every_format_are_stored_alike() {
     let (service, amqp_url) = Service::start("formats").await;
-    let (old, new) = (batch(40), batch(40));
+    let (old, previous, mut new) = (batch(40), batch(40), batch(40));
+    new.number_requests();
     let mut streamed = new.clone();
+    streamed.number_requests();
     for (i, event) in streamed.requests.iter_mut().enumerate() {
-        event.id = new_event_id();
         event.user_hash = Some(format!("{i:032x}").into());
         event.first_delta_us = Some(1_000 + i as u64);
     }
@@ -169,6 +171,7 @@ async fn batches_of_both_formats_are_stored_alike() {
         &amqp_url,
         &[
             old.to_json_v1(),
+            previous.encode(BatchFormat::BinaryV2),
             new.to_bytes(),
             new.to_json_v1(),
             streamed.to_bytes(),
@@ -178,16 +181,17 @@ async fn batches_of_both_formats_are_stored_alike() {
     let metrics = service.app.metrics().clone();
     test_kit::eventually("every delivery handled", Duration::from_secs(20), || {
         let handled = metrics.inserted("request") + metrics.duplicates.get();
-        async move { handled == 160 }
+        async move { handled == 200 }
     })
     .await;
-    assert_eq!(metrics.inserted("request"), 120);
+    assert_eq!(metrics.inserted("request"), 160);
     assert_eq!(metrics.duplicates.get(), 40);
     assert_eq!(metrics.dead_lettered.get(), 0);
     // What each row holds is what its event said, whichever format carried it.
     for event in old
         .requests
         .iter()
+        .chain(&previous.requests)
         .chain(&new.requests)
         .chain(&streamed.requests)
     {

@@ -302,7 +302,7 @@ pub struct AnalyticsSettings {
 }
 
 /// `DATABASE_URL` (which needs `AMQP_URL`: events reach Postgres through RabbitMQ and
-/// the `analytics` service), `EVENT_BUFFER` and `EVENT_BATCH_FORMAT`.
+/// the `analytics` service), `EVENT_BUFFER`, `EVENT_BATCH_MAX` and `EVENT_BATCH_FORMAT`.
 fn analytics_settings(
     vars: &Vars,
     queue: Option<&QueueSettings>,
@@ -310,6 +310,14 @@ fn analytics_settings(
     let capacity = vars.from_str_or("EVENT_BUFFER", 100_000usize)?;
     if capacity == 0 {
         return Err(ConfigError::new("EVENT_BUFFER", "must be at least 1"));
+    }
+    let defaults = PublisherSettings::default();
+    let max_batch = vars.from_str_or("EVENT_BATCH_MAX", defaults.max_batch)?;
+    if !(1..=100_000).contains(&max_batch) {
+        return Err(ConfigError::new(
+            "EVENT_BATCH_MAX",
+            "must be from 1 to 100000 events",
+        ));
     }
     let Some(database_url) = database_url_from(vars)? else {
         return Ok(None);
@@ -320,9 +328,9 @@ fn analytics_settings(
             "needs AMQP_URL too: events reach Postgres through RabbitMQ and the analytics service",
         )
     })?;
-    let defaults = PublisherSettings::default();
     let events = PublisherSettings {
         capacity,
+        max_batch,
         confirm_timeout: queue.confirm_timeout.max(defaults.confirm_timeout),
         format: vars.from_str_or("EVENT_BATCH_FORMAT", defaults.format)?,
         ..defaults
@@ -427,6 +435,8 @@ mod tests {
             ("MEMORY_CACHE_MAX_MB", "18446744073709551615", &[]),
             ("PREWARM_RATE", "fast", &[]),
             ("PREWARM_WINDOW", "0s", &[]),
+            ("EVENT_BATCH_MAX", "0", &[]),
+            ("EVENT_BATCH_MAX", "100001", &[]),
             (
                 "EVENT_BATCH_FORMAT",
                 "msgpack",
