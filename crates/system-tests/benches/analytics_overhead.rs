@@ -3,8 +3,13 @@
 //! (`DATABASE_URL` set), and, side by side in every round, without (events folded
 //! into the in-process aggregator, the cheapest path there is).
 //!
+//! Beside them, the gateway's own share: gateways publishing to vhosts nobody
+//! consumes, one for each publisher `BENCH_EVENT_FORMATS` names (default `binary`): a
+//! batch format, and after a `/` the most events a batch holds, as in
+//! `BENCH_EVENT_FORMATS="binary-v2/1000 binary/1000 binary"`.
+//!
 //! Everything shares the machine: redis-server, RabbitMQ, PostgreSQL (test kit), the
-//! analytics service inserting every event, both gateways, and `loadgen` (closed
+//! analytics service inserting every event, the gateways, and `loadgen` (closed
 //! loop, concurrency 32), which `scripts/bench.sh` builds first. So the "on" figure
 //! pays for the whole pipeline's CPU, not just the publish.
 //!
@@ -212,25 +217,36 @@ async fn main() {
     let off = gateway(common.clone()).await;
     let mut with_database = common.clone();
     with_database.push(("DATABASE_URL", database.as_str()));
-    let on = gateway(with_database).await;
+    let on = gateway(with_database.clone()).await;
     // The same, publishing to a vhost nobody consumes: the gateway's own share of the
-    // cost, without Postgres ingesting on the same cores.
-    let parked = test_kit::rabbitmq().vhost("analytics-overhead-parked");
-    let parked_vars = vec![
-        ("LLM_BASE_URL", base.as_str()),
-        ("LLM_API_KEY", "sk-sim"),
-        ("CACHE_KEY_SECRET", "bench-secret-0123456789"),
-        ("REDIS_URL", redis.as_str()),
-        ("AMQP_URL", parked.as_str()),
-        ("ENGINE_VERSION", "narrative@9.9.9"),
-        ("DATABASE_URL", database.as_str()),
-    ];
-    let publish_only = gateway(parked_vars).await;
+    // cost, without Postgres ingesting on the same cores. One such gateway for each
+    // publisher in `BENCH_EVENT_FORMATS` (default `binary`): a batch format, and after
+    // a `/` the most events a batch holds (`binary-v2 binary binary/5000`), each to its
+    // own vhost, so they compare side by side in the same rounds.
+    let formats = std::env::var("BENCH_EVENT_FORMATS").unwrap_or_else(|_| "binary".into());
+    let mut publish_only = Vec::new();
+    for publisher in formats.split_whitespace() {
+        let (format, max_batch) = match publisher.split_once('/') {
+            Some((format, max_batch)) => (format, Some(max_batch)),
+            None => (publisher, None),
+        };
+        let vhost = format!("analytics-overhead-parked-{}", publisher.replace('/', "-"));
+        let parked = test_kit::rabbitmq().vhost(&vhost);
+        // The "on" gateway's settings, publishing elsewhere (a later pair wins).
+        let mut parked_vars = with_database.clone();
+        parked_vars.push(("AMQP_URL", parked.as_str()));
+        parked_vars.push(("EVENT_BATCH_FORMAT", format));
+        parked_vars.extend(max_batch.map(|events| ("EVENT_BATCH_MAX", events)));
+        publish_only.push((publisher.to_owned(), gateway(parked_vars).await));
+    }
 
     let body = std::env::temp_dir().join(format!("analytics-overhead-{}.json", std::process::id()));
     std::fs::write(&body, PROFILE).expect("profile file");
     let client = reqwest::Client::new();
-    for addr in [off, on, publish_only] {
+    for addr in [off, on]
+        .into_iter()
+        .chain(publish_only.iter().map(|(_, addr)| *addr))
+    {
         // Prime the entry: until a request hits.
         for _ in 0..100 {
             let reply = client
@@ -252,20 +268,22 @@ async fn main() {
         std::thread::available_parallelism().map_or(0, usize::from)
     );
     let metrics = service.metrics().clone();
-    let mut ratios = (Vec::new(), Vec::new());
+    // Per round: each parked format's ratio to off, then the whole pipeline's.
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); publish_only.len() + 1];
     for round in 1..=rounds {
         let mut figures = Vec::new();
-        for (label, addr) in [
-            ("analytics off (in-process aggregation)", off),
-            (
-                "analytics on, nobody consuming (the gateway's share)",
-                publish_only,
-            ),
-            (
-                "analytics on (RabbitMQ -> analytics -> Postgres, same cores)",
-                on,
-            ),
-        ] {
+        let mut paths = vec![("analytics off (in-process aggregation)".to_owned(), off)];
+        for (format, addr) in &publish_only {
+            paths.push((
+                format!("analytics on ({format}), nobody consuming (the gateway's share)"),
+                *addr,
+            ));
+        }
+        paths.push((
+            "analytics on (RabbitMQ -> analytics -> Postgres, same cores)".to_owned(),
+            on,
+        ));
+        for (label, addr) in paths {
             let before = Cpu::now();
             let body = body.clone();
             let label = format!("round{round} {label}");
@@ -296,23 +314,35 @@ async fn main() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
-        let (off_rps, parked_rps, on_rps) = (figures[0], figures[1], figures[2]);
+        let off_rps = figures[0].max(1.0);
+        let shares: Vec<String> = publish_only
+            .iter()
+            .zip(&figures[1..])
+            .map(|((format, _), rps)| format!("{format} {:.3}", rps / off_rps))
+            .collect();
         println!(
-            "round{round} ratios: gateway's share {:.3}; whole pipeline on these cores {:.3}",
-            parked_rps / off_rps.max(1.0),
-            on_rps / off_rps.max(1.0)
+            "round{round} ratios: gateway's share {}; whole pipeline on these cores {:.3}",
+            shares.join(", "),
+            figures[figures.len() - 1] / off_rps
         );
-        ratios.0.push(parked_rps / off_rps.max(1.0));
-        ratios.1.push(on_rps / off_rps.max(1.0));
+        for (ratios, rps) in ratios.iter_mut().zip(&figures[1..]) {
+            ratios.push(rps / off_rps);
+        }
     }
-    let median = |mut v: Vec<f64>| {
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
+    let shares: Vec<String> = publish_only
+        .iter()
+        .zip(&ratios)
+        .map(|((format, _), ratios)| format!("{format} {:.3}", median(ratios)))
+        .collect();
     println!(
-        "median ratios over {rounds} rounds: gateway's share {:.3}; whole pipeline {:.3}",
-        median(ratios.0),
-        median(ratios.1)
+        "median ratios over {rounds} rounds: gateway's share {}; whole pipeline {:.3}",
+        shares.join(", "),
+        median(&ratios[ratios.len() - 1])
     );
     // Give the pipeline a moment, then report what reached Postgres.
     tokio::time::sleep(Duration::from_secs(3)).await;
