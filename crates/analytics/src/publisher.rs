@@ -188,6 +188,7 @@ impl PublisherTask {
     pub async fn run(mut self, stop: CancellationToken) {
         let mut pending = None;
         while let Some(batch) = self.next_batch(&stop).await {
+            self.observe(&batch).await;
             if !self.deliver(&batch, &stop, None).await {
                 pending = Some(batch);
                 break;
@@ -228,6 +229,13 @@ impl PublisherTask {
         Some(into_batch(items))
     }
 
+    /// Shows a batch to the observer, once: when it is made, not at each try.
+    async fn observe(&self, batch: &Batch) {
+        if let Some(observer) = &self.observer {
+            observer.observe(batch).await;
+        }
+    }
+
     /// Publishes `batch`, retrying with backoff; false if `stop` or `deadline` came
     /// first.
     async fn deliver(
@@ -236,9 +244,6 @@ impl PublisherTask {
         stop: &CancellationToken,
         deadline: Option<Instant>,
     ) -> bool {
-        if let Some(observer) = &self.observer {
-            observer.observe(batch).await;
-        }
         let mut backoff = MIN_BACKOFF;
         loop {
             match self.publish(batch).await {
@@ -282,7 +287,9 @@ impl PublisherTask {
                 if items.is_empty() {
                     return;
                 }
-                batch = Some(into_batch(items));
+                let made = into_batch(items);
+                self.observe(&made).await;
+                batch = Some(made);
             }
             let Some(current) = batch.take() else { return };
             if !self.deliver(&current, &never, Some(deadline)).await {
@@ -327,4 +334,68 @@ fn into_batch(items: Vec<Item>) -> Batch {
     // Once, before the first publish: a retry sends the same ids.
     batch.number_requests();
     batch
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use narrative_queue::QueueSettings;
+
+    use super::*;
+    use crate::event::tests::request;
+    use crate::event::RequestOutcome;
+
+    /// Counts the events it is shown, and wakes the test at the first batch.
+    #[derive(Debug, Default)]
+    struct Tally {
+        events: AtomicUsize,
+        shown: tokio::sync::Notify,
+    }
+
+    #[async_trait::async_trait]
+    impl BatchObserver for Tally {
+        async fn observe(&self, batch: &Batch) {
+            self.events.fetch_add(batch.len(), Ordering::SeqCst);
+            self.shown.notify_one();
+        }
+    }
+
+    /// A batch whose publish is still failing when the gateway stops is retried by
+    /// the drain, but its events were tallied when it was made: not again.
+    #[tokio::test]
+    async fn a_batch_retried_at_shutdown_is_observed_once() {
+        // Nothing listens on port 1: every publish fails.
+        let broker = Arc::new(ConfirmedPublisher::new(
+            QueueSettings {
+                url: "amqp://127.0.0.1:1".into(),
+                quorum: false,
+                delivery_limit: 5,
+                confirm_timeout: Duration::from_millis(200),
+            },
+            Duration::from_secs(60),
+        ));
+        let tally = Arc::new(Tally::default());
+        let metrics = EventMetrics::register(&Registry::new()).expect("metrics");
+        let settings = PublisherSettings {
+            linger: Duration::from_millis(1),
+            drain_timeout: Duration::from_millis(400),
+            ..PublisherSettings::default()
+        };
+        let observer: Arc<dyn BatchObserver> = tally.clone();
+        let (publisher, task) =
+            EventPublisher::new(broker, settings, Some(observer), metrics.clone());
+        let event = request(RequestOutcome::HitL1, "Sirius");
+        for _ in 0..3 {
+            publisher.record_request(event.borrowed());
+        }
+        let stop = CancellationToken::new();
+        let running = tokio::spawn(task.run(stop.clone()));
+        // The batch is made and being tried: stop while it fails.
+        tally.shown.notified().await;
+        stop.cancel();
+        running.await.expect("publisher task");
+        assert_eq!(metrics.dropped("shutdown"), 3);
+        assert_eq!(tally.events.load(Ordering::SeqCst), 3);
+    }
 }
