@@ -220,7 +220,7 @@ cargo bench -q -p system-tests --bench queue_miss 2>/dev/null | grep -E 'round|p
 echo "== analytics: event ingest into Postgres"
 cargo bench -q -p analytics --bench ingest 2>/dev/null | grep -E 'machine|events_per_s'
 echo "== analytics: cached-hit throughput, on vs off"
-BENCH_SECONDS=$seconds BENCH_ROUNDS=$rounds cargo bench -q -p system-tests --bench analytics_overhead 2>/dev/null | grep -E 'round|ratios|stored'
+BENCH_SECONDS=$seconds BENCH_ROUNDS=$rounds cargo bench -q -p system-tests --bench analytics_overhead 2>/dev/null | grep -E 'round|ratios|stored|cpu per hit'
 echo "== user misses beside a pre-warm"
 cargo bench -q -p system-tests --bench prewarm_latency 2>/dev/null
 echo "== workload simulator (quick)"
