@@ -313,10 +313,12 @@ fn analytics_settings(
     }
     let defaults = PublisherSettings::default();
     let max_batch = vars.from_str_or("EVENT_BATCH_MAX", defaults.max_batch)?;
-    if !(1..=100_000).contains(&max_batch) {
+    // A binary batch holds at most this many: the `analytics` service refuses more.
+    let most = analytics::event::MOST_BATCH_EVENTS;
+    if !(1..=most).contains(&max_batch) {
         return Err(ConfigError::new(
             "EVENT_BATCH_MAX",
-            "must be from 1 to 100000 events",
+            format!("must be from 1 to {most} events"),
         ));
     }
     let Some(database_url) = database_url_from(vars)? else {
