@@ -271,19 +271,27 @@ async fn main() {
     // Per round: each parked format's ratio to off, then the whole pipeline's.
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); publish_only.len() + 1];
     for round in 1..=rounds {
-        let mut figures = Vec::new();
-        let mut paths = vec![("analytics off (in-process aggregation)".to_owned(), off)];
-        for (format, addr) in &publish_only {
+        // Indexed as reported: off, each parked publisher, then the whole pipeline.
+        let mut paths = vec![(0, "analytics off (in-process aggregation)".to_owned(), off)];
+        for (n, (format, addr)) in publish_only.iter().enumerate() {
             paths.push((
+                n + 1,
                 format!("analytics on ({format}), nobody consuming (the gateway's share)"),
                 *addr,
             ));
         }
+        // A shared machine drifts within a run (seen here: 15% over five rounds), which
+        // favours whatever is measured first: every other round runs them backwards.
+        if round % 2 == 0 {
+            paths.reverse();
+        }
         paths.push((
+            publish_only.len() + 1,
             "analytics on (RabbitMQ -> analytics -> Postgres, same cores)".to_owned(),
             on,
         ));
-        for (label, addr) in paths {
+        let mut figures = vec![0.0; paths.len()];
+        for (index, label, addr) in paths {
             let before = Cpu::now();
             let body = body.clone();
             let label = format!("round{round} {label}");
@@ -298,7 +306,7 @@ async fn main() {
                 cpu.rabbitmq / requests * 1e6,
                 cpu.postgres / requests * 1e6
             );
-            figures.push(field(&line, "rps="));
+            figures[index] = field(&line, "rps=");
             // Let ingest catch up, so it does not run into the next measurement: until
             // every event the "on" gateway published is stored (a pause in inserts is
             // not enough: one insert of merged batches can take longer than a pause).
