@@ -113,8 +113,8 @@ impl EventMetrics {
 
 /// Where request threads leave events for the publisher task: a few buffers
 /// ("slots"), each behind its own lock, a thread always writing the same one. Two
-/// request threads rarely meet on a lock, and a slot's cache lines stay with the core
-/// that fills it. (A tokio channel did this with four or five cache lines that every
+/// request threads rarely meet on a lock, and a slot's cache lines stay with the
+/// thread that fills it. (A tokio channel did this with four or five cache lines that every
 /// sender writes, its permits, tail, block bits and the receiver's waker, each moving
 /// between cores at every event: docs/benchmarks.md.) The one figure all threads
 /// write is [`Staging::held`], which keeps `capacity` exact.
@@ -287,7 +287,8 @@ fn thread_number() -> usize {
     thread_local! {
         static NUMBER: usize = NEXT.fetch_add(1, Ordering::Relaxed);
     }
-    NUMBER.with(|number| *number)
+    // A thread being torn down has no number left: any slot will do.
+    NUMBER.try_with(|number| *number).unwrap_or(0)
 }
 
 /// The request side: cheap to call from any task.
