@@ -114,10 +114,10 @@ impl EventMetrics {
 /// Where request threads leave events for the publisher task: a few buffers
 /// ("slots"), each behind its own lock, a thread always writing the same one. Two
 /// request threads rarely meet on a lock, and a slot's cache lines stay with the
-/// thread that fills it. (A tokio channel did this with four or five cache lines that every
-/// sender writes, its permits, tail, block bits and the receiver's waker, each moving
-/// between cores at every event: docs/benchmarks.md.) The one figure all threads
-/// write is [`Staging::held`], which keeps `capacity` exact.
+/// thread that fills it. (A tokio channel did this with four or five cache lines that
+/// every sender writes, its permits, tail, block bits and the receiver's waker, each
+/// moving between cores at every event: docs/benchmarks.md.) The one figure all
+/// threads write is [`Staging::held`], which keeps `capacity` exact.
 struct Staging {
     slots: Box<[Slot]>,
     held: Held,
@@ -239,6 +239,11 @@ impl Staging {
             let mut waiting = slot.0.lock().unwrap_or_else(PoisonError::into_inner);
             room -= move_up_to(&mut waiting.requests, &mut batch.requests, room);
             room -= move_up_to(&mut waiting.generations, &mut batch.generations, room);
+            // A slot that held an outage's backlog gives the memory back once emptied:
+            // otherwise each slot would keep the most it ever held.
+            if waiting.requests.is_empty() {
+                waiting.requests.shrink_to(self.max_batch);
+            }
         }
         self.held.0.fetch_sub(batch.len(), Ordering::AcqRel);
         batch
@@ -664,6 +669,35 @@ mod tests {
         assert_eq!(kept, 1_000);
         assert_eq!(staging.held(), 1_000);
         assert_eq!(staging.take(Vec::new(), 0).len(), 1_000);
+    }
+
+    /// A backlog taken batch by batch leaves no slot holding its memory afterwards.
+    #[test]
+    fn an_emptied_slot_keeps_no_more_than_a_batch_of_room() {
+        let staging = Staging::new(10_000, 700);
+        for _ in 0..5_000 {
+            let event = request(RequestOutcome::HitL1, "Sirius");
+            staging
+                .offer(|waiting| waiting.requests.push(event))
+                .expect("room");
+        }
+        let mut spare = Vec::new();
+        loop {
+            let mut batch = staging.take(spare, 0);
+            if batch.is_empty() {
+                break;
+            }
+            batch.requests.clear();
+            spare = batch.requests;
+        }
+        for slot in &staging.slots {
+            let waiting = slot.0.lock().expect("slot");
+            assert!(
+                waiting.requests.capacity() <= 700,
+                "{}",
+                waiting.requests.capacity()
+            );
+        }
     }
 
     /// After the publisher's last drain, an event is not kept where nothing will take
