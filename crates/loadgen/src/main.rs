@@ -21,6 +21,14 @@
 //! `--header 'Accept: text/event-stream'` each response is a whole streamed answer
 //! (chunked, read to its end).
 //!
+//! `--versus ADDR` interleaves a second server with the first: time is cut into
+//! phases of `--phase` seconds (default 1), and in even phases every connection sends
+//! to `--addr`, in odd ones to `ADDR` (each connection holds one keep-alive connection
+//! to each). A line for each then gives its requests over the time it owned. Two
+//! servers measured this way share the machine's moods, which on a shared machine
+//! move more between runs seconds apart than a small difference between them does.
+//! `--versus-label` names the second line (default: the label and "versus").
+//!
 //! `--slow N` adds N hostile connections meanwhile, each trickling a request header a
 //! byte a second and reconnecting when the server closes it (slowloris); the line then
 //! also says how many the server closed and how long they lived on average.
@@ -49,6 +57,10 @@ struct Args {
     slow: usize,
     /// Requests a second in all, paced; `None` is as fast as answers come.
     rate: Option<f64>,
+    /// A second server, given every other phase of `phase` seconds.
+    versus: Option<SocketAddr>,
+    versus_label: Option<String>,
+    phase: f64,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -65,6 +77,9 @@ fn parse_args() -> anyhow::Result<Args> {
         headers: Vec::new(),
         slow: 0,
         rate: None,
+        versus: None,
+        versus_label: None,
+        phase: 1.0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -85,10 +100,49 @@ fn parse_args() -> anyhow::Result<Args> {
             "--slow" => args.slow = value()?.parse().context("--slow")?,
             "--header" => args.headers.push(value()?),
             "--rate" => args.rate = Some(value()?.parse().context("--rate")?),
+            "--versus" => args.versus = Some(value()?.parse().context("--versus")?),
+            "--versus-label" => args.versus_label = Some(value()?),
+            "--phase" => args.phase = value()?.parse().context("--phase")?,
             other => bail!("unknown flag {other}"),
         }
     }
+    if args.phase.is_nan() || args.phase <= 0.0 {
+        bail!("--phase must be more than 0 seconds");
+    }
     Ok(args)
+}
+
+/// Which server owns each moment: with one server, always the first; with two, they
+/// take turns of `phase`, the first from `start`.
+#[derive(Clone, Copy)]
+struct Turns {
+    start: Instant,
+    phase: Duration,
+    servers: usize,
+}
+
+impl Turns {
+    fn owner(&self, at: Instant) -> usize {
+        let phases = at.saturating_duration_since(self.start).as_nanos() / self.phase.as_nanos();
+        (phases % self.servers as u128) as usize
+    }
+
+    /// How long server `server` owned within `from..until`.
+    fn owned(&self, server: usize, from: Instant, until: Instant) -> Duration {
+        let mut owned = Duration::ZERO;
+        let mut phase_start = self.start;
+        let mut index = 0;
+        while phase_start < until {
+            let phase_end = phase_start + self.phase;
+            if index % self.servers == server {
+                let (a, b) = (phase_start.max(from), phase_end.min(until));
+                owned += b.saturating_duration_since(a);
+            }
+            phase_start = phase_end;
+            index += 1;
+        }
+        owned
+    }
 }
 
 fn request_bytes(args: &Args, body: Option<&[u8]>) -> Vec<u8> {
@@ -185,19 +239,27 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<
     Ok(())
 }
 
+/// One connection to each server; every request goes to the server whose turn it is.
+/// Returns a tally for each server.
 async fn connection(
-    addr: SocketAddr,
+    servers: Vec<SocketAddr>,
+    turns: Turns,
     request: Vec<u8>,
     expect: Option<String>,
     (warm_until, until): (Instant, Instant),
     pace: Option<(Instant, Duration)>,
-) -> anyhow::Result<Tally> {
-    let mut stream = TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let mut tally = Tally {
-        latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)?,
-        bad: 0,
-    };
+) -> anyhow::Result<Vec<Tally>> {
+    let mut streams = Vec::with_capacity(servers.len());
+    let mut tallies = Vec::with_capacity(servers.len());
+    for addr in servers {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        streams.push(stream);
+        tallies.push(Tally {
+            latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+            bad: 0,
+        });
+    }
     let mut buf = Vec::with_capacity(16 * 1024);
     let mut next = pace.map(|(first, _)| first);
     loop {
@@ -210,10 +272,12 @@ async fn connection(
         }
         let sent = Instant::now();
         if sent >= until {
-            return Ok(tally);
+            return Ok(tallies);
         }
+        let server = turns.owner(sent);
+        let (stream, tally) = (&mut streams[server], &mut tallies[server]);
         stream.write_all(&request).await?;
-        let ok = read_response(&mut stream, &mut buf, expect.as_deref()).await?;
+        let ok = read_response(stream, &mut buf, expect.as_deref()).await?;
         if sent >= warm_until {
             tally
                 .latency_us
@@ -267,6 +331,12 @@ async fn main() -> anyhow::Result<()> {
     let start = Instant::now();
     let warm_until = start + Duration::from_secs_f64(args.warmup);
     let until = warm_until + Duration::from_secs_f64(args.seconds);
+    let servers: Vec<SocketAddr> = std::iter::once(args.addr).chain(args.versus).collect();
+    let turns = Turns {
+        start,
+        phase: Duration::from_secs_f64(args.phase),
+        servers: servers.len(),
+    };
     let slow: Vec<_> = (0..args.slow)
         .map(|_| tokio::spawn(slow_client(args.addr, until)))
         .collect();
@@ -284,7 +354,8 @@ async fn main() -> anyhow::Result<()> {
                 )
             });
             tokio::spawn(connection(
-                args.addr,
+                servers.clone(),
+                turns,
                 requests[i % requests.len()].clone(),
                 args.expect_header.clone(),
                 (warm_until, until),
@@ -292,12 +363,18 @@ async fn main() -> anyhow::Result<()> {
             ))
         })
         .collect();
-    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut bad = 0;
+    let mut totals = Vec::new();
+    for _ in &servers {
+        totals.push(Tally {
+            latency_us: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?,
+            bad: 0,
+        });
+    }
     for task in tasks {
-        let tally = task.await??;
-        total.add(&tally.latency_us)?;
-        bad += tally.bad;
+        for (total, tally) in totals.iter_mut().zip(task.await??) {
+            total.latency_us.add(&tally.latency_us)?;
+            total.bad += tally.bad;
+        }
     }
     let (mut slow_closed, mut slow_lived) = (0, Duration::ZERO);
     for task in slow {
@@ -305,18 +382,27 @@ async fn main() -> anyhow::Result<()> {
         slow_closed += closed;
         slow_lived += lived;
     }
-    let measured = until.saturating_duration_since(warm_until).as_secs_f64();
-    let count = total.len();
-    println!(
-        "{label}: requests={count} rps={rps:.0} p50_us={p50} p99_us={p99} p999_us={p999} max_us={max} concurrency={c} bad={bad}",
-        label = args.label,
-        rps = count as f64 / measured,
-        p50 = total.value_at_quantile(0.50),
-        p99 = total.value_at_quantile(0.99),
-        p999 = total.value_at_quantile(0.999),
-        max = total.max(),
-        c = args.concurrency,
-    );
+    let labels = [
+        args.label.clone(),
+        args.versus_label
+            .clone()
+            .unwrap_or_else(|| format!("{} versus", args.label)),
+    ];
+    for (server, (total, label)) in totals.iter().zip(&labels).enumerate() {
+        let measured = turns.owned(server, warm_until, until).as_secs_f64();
+        let latency = &total.latency_us;
+        let count = latency.len();
+        println!(
+            "{label}: requests={count} rps={rps:.0} p50_us={p50} p99_us={p99} p999_us={p999} max_us={max} concurrency={c} bad={bad}",
+            rps = count as f64 / measured.max(f64::MIN_POSITIVE),
+            p50 = latency.value_at_quantile(0.50),
+            p99 = latency.value_at_quantile(0.99),
+            p999 = latency.value_at_quantile(0.999),
+            max = latency.max(),
+            c = args.concurrency,
+            bad = total.bad,
+        );
+    }
     if args.slow > 0 {
         println!(
             "{label}: slow={n} slow_closed_by_server={slow_closed} slow_mean_life_ms={life}",
@@ -325,6 +411,7 @@ async fn main() -> anyhow::Result<()> {
             life = slow_lived.as_millis() / u128::from(slow_closed.max(1)),
         );
     }
+    let bad: u64 = totals.iter().map(|total| total.bad).sum();
     if bad > 0 {
         bail!(
             "{bad} responses were not 200 or lacked {:?}",
@@ -332,4 +419,47 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn turns(servers: usize) -> Turns {
+        Turns {
+            start: Instant::now(),
+            phase: Duration::from_millis(500),
+            servers,
+        }
+    }
+
+    #[test]
+    fn two_servers_take_turns_from_the_first() {
+        let turns = turns(2);
+        let at = |ms| turns.start + Duration::from_millis(ms);
+        assert_eq!(turns.owner(at(0)), 0);
+        assert_eq!(turns.owner(at(499)), 0);
+        assert_eq!(turns.owner(at(500)), 1);
+        assert_eq!(turns.owner(at(1_250)), 0);
+        assert_eq!(turns.owner(at(1_999)), 1);
+    }
+
+    #[test]
+    fn one_server_owns_every_moment() {
+        let turns = turns(1);
+        let (from, until) = (turns.start, turns.start + Duration::from_millis(1_730));
+        assert_eq!(turns.owner(until), 0);
+        assert_eq!(turns.owned(0, from, until), Duration::from_millis(1_730));
+    }
+
+    #[test]
+    fn the_measured_window_is_shared_out_by_turns() {
+        let turns = turns(2);
+        // From 0.3 s to 2.1 s: the first owns 0.3-0.5, 1.0-1.5 and 2.0-2.1 (0.8 s), the
+        // second 0.5-1.0 and 1.5-2.0 (1.0 s).
+        let from = turns.start + Duration::from_millis(300);
+        let until = turns.start + Duration::from_millis(2_100);
+        assert_eq!(turns.owned(0, from, until), Duration::from_millis(800));
+        assert_eq!(turns.owned(1, from, until), Duration::from_millis(1_000));
+    }
 }
