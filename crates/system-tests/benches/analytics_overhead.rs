@@ -6,7 +6,12 @@
 //! Beside them, the gateway's own share: gateways publishing to vhosts nobody
 //! consumes, one for each publisher `BENCH_EVENT_FORMATS` names (default `binary`): a
 //! batch format, and after a `/` the most events a batch holds, as in
-//! `BENCH_EVENT_FORMATS="binary-v2/1000 binary/1000 binary"`.
+//! `BENCH_EVENT_FORMATS="binary-v2/1000 binary/1000 binary"`. Each is measured
+//! interleaved with the gateway without analytics (`loadgen --versus`: turns of half a
+//! second, in one run of `BENCH_SECONDS` each), and so is a second gateway identical to
+//! that one: the control, whose ratio to its twin is what the noise alone makes of two
+//! equal gateways. Each of these gateways runs on a runtime of its own, so its CPU a
+//! hit is read from its own threads.
 //!
 //! Everything shares the machine: redis-server, RabbitMQ, PostgreSQL (test kit), the
 //! analytics service inserting every event, the gateways, and `loadgen` (closed
@@ -34,8 +39,12 @@ const PROFILE: &str = r#"{"classification":"hybrid","hybrid":["Pleiades","Sirius
  "userId":"bench-user"}"#;
 
 async fn gateway(vars: Vec<(&str, &str)>) -> std::net::SocketAddr {
-    let app =
-        App::build(Settings::from_vars(&Vars::from_pairs(vars)).expect("settings")).expect("app");
+    serve(Vars::from_pairs(vars)).await
+}
+
+/// Builds a gateway and serves it on the current runtime, on a random port.
+async fn serve(vars: Vars) -> std::net::SocketAddr {
+    let app = App::build(Settings::from_vars(&vars).expect("settings")).expect("app");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -51,7 +60,135 @@ fn loadgen() -> PathBuf {
     )
 }
 
+/// A gateway on a runtime of its own, whose threads are all named `name`, so that its
+/// CPU can be read apart from the rest of this process (as if it were a process of
+/// its own: Redis, RabbitMQ and publishing tasks all run on its runtime).
+struct Apart {
+    addr: std::net::SocketAddr,
+    name: String,
+    runtime: tokio::runtime::Runtime,
+}
+
+async fn gateway_apart(name: &str, vars: &[(&str, &str)]) -> Apart {
+    // Thread names are cut to 15 bytes in /proc: keep them short and distinct.
+    assert!(name.len() <= 15, "thread name {name} is too long");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .expect("a gateway's runtime");
+    let vars = Vars::from_pairs(vars.iter().copied());
+    let addr = runtime
+        .spawn(serve(vars))
+        .await
+        .expect("the gateway starts");
+    Apart {
+        addr,
+        name: name.to_owned(),
+        runtime,
+    }
+}
+
+impl Apart {
+    /// CPU seconds its threads have used.
+    fn cpu(&self) -> f64 {
+        let mut seconds = 0.0;
+        for task in std::fs::read_dir("/proc/self/task")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let path = task.path();
+            let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+            if comm.trim_end() == self.name {
+                let tid = task.file_name().to_string_lossy().into_owned();
+                seconds += cpu_seconds(&format!("self/task/{tid}")).unwrap_or(0.0);
+            }
+        }
+        seconds
+    }
+
+    /// Stops its runtime; dropping one inside this process's runtime would panic.
+    fn stop(self) {
+        self.runtime.shutdown_background();
+    }
+}
+
+/// `off` and `other` interleaved in one run, turns of half a second, `seconds` each
+/// (odd rounds give off the first turn, even ones `other`): `other`'s requests/s over
+/// off's, and off's CPU a hit over `other`'s (both read as the share `other` keeps).
+async fn interleaved(
+    round: u32,
+    off: &Apart,
+    other: &Apart,
+    label: &str,
+    body: &std::path::Path,
+    seconds: u32,
+) -> (f64, f64) {
+    let off_label = format!("round{round} analytics off (in-process aggregation)");
+    let other_label = format!("round{round} {label}");
+    let (first, second) = if round % 2 == 1 {
+        (
+            (off.addr, off_label.clone()),
+            (other.addr, other_label.clone()),
+        )
+    } else {
+        (
+            (other.addr, other_label.clone()),
+            (off.addr, off_label.clone()),
+        )
+    };
+    let extra = vec![
+        "--versus".to_owned(),
+        second.0.to_string(),
+        "--versus-label".to_owned(),
+        second.1,
+        "--phase".to_owned(),
+        "0.5".to_owned(),
+    ];
+    let before = (off.cpu(), other.cpu(), Cpu::now());
+    let body = body.to_owned();
+    let output = tokio::task::spawn_blocking(move || {
+        load_with(&first.1, first.0, &body, 2 * seconds, &extra)
+    })
+    .await
+    .expect("load");
+    let (off_cpu, other_cpu) = (off.cpu() - before.0, other.cpu() - before.1);
+    let broker = Cpu::now().since(&before.2).rabbitmq;
+    let line_of = |label: &str| {
+        output
+            .lines()
+            .find(|line| line.starts_with(&format!("{label}:")))
+            .expect("a line for each gateway")
+            .to_owned()
+    };
+    let (off_line, other_line) = (line_of(&off_label), line_of(&other_label));
+    let off_hits = field(&off_line, "requests=").max(1.0);
+    let other_hits = field(&other_line, "requests=").max(1.0);
+    let (off_us, other_us) = (off_cpu / off_hits * 1e6, other_cpu / other_hits * 1e6);
+    println!(
+        "{off_line}\n{other_line}\n    cpu per hit: off {off_us:.2} us, the other {other_us:.2} us; rabbitmq {:.2} us a hit of the other",
+        broker / other_hits * 1e6
+    );
+    (
+        field(&other_line, "rps=") / field(&off_line, "rps=").max(1.0),
+        off_us / other_us.max(f64::MIN_POSITIVE),
+    )
+}
+
 fn load(label: &str, addr: std::net::SocketAddr, body: &std::path::Path, seconds: u32) -> String {
+    load_with(label, addr, body, seconds, &[])
+}
+
+/// `extra`: more `loadgen` arguments (`--versus` another gateway, for one).
+fn load_with(
+    label: &str,
+    addr: std::net::SocketAddr,
+    body: &std::path::Path,
+    seconds: u32,
+    extra: &[String],
+) -> String {
     let output = Command::new(loadgen())
         .args([
             "--addr",
@@ -70,6 +207,7 @@ fn load(label: &str, addr: std::net::SocketAddr, body: &std::path::Path, seconds
             &seconds.to_string(),
         ])
         .args(["--expect-header", "x-cache: hit", "--label", label])
+        .args(extra)
         .output()
         .expect("loadgen (cargo build --release -p loadgen)");
     assert!(
@@ -214,7 +352,9 @@ async fn main() {
         .expect("bind");
     tokio::spawn(run_worker(listener, worker, std::future::pending()));
 
-    let off = gateway(common.clone()).await;
+    // The gateway without analytics, and its twin, identical: the control.
+    let off = gateway_apart("gw-off", &common).await;
+    let twin = gateway_apart("gw-twin", &common).await;
     let mut with_database = common.clone();
     with_database.push(("DATABASE_URL", database.as_str()));
     let on = gateway(with_database.clone()).await;
@@ -225,7 +365,7 @@ async fn main() {
     // own vhost, so they compare side by side in the same rounds.
     let formats = std::env::var("BENCH_EVENT_FORMATS").unwrap_or_else(|_| "binary".into());
     let mut publish_only = Vec::new();
-    for publisher in formats.split_whitespace() {
+    for (n, publisher) in formats.split_whitespace().enumerate() {
         let (format, max_batch) = match publisher.split_once('/') {
             Some((format, max_batch)) => (format, Some(max_batch)),
             None => (publisher, None),
@@ -237,15 +377,16 @@ async fn main() {
         parked_vars.push(("AMQP_URL", parked.as_str()));
         parked_vars.push(("EVENT_BATCH_FORMAT", format));
         parked_vars.extend(max_batch.map(|events| ("EVENT_BATCH_MAX", events)));
-        publish_only.push((publisher.to_owned(), gateway(parked_vars).await));
+        let gateway = gateway_apart(&format!("gw-parked-{n}"), &parked_vars).await;
+        publish_only.push((publisher.to_owned(), gateway));
     }
 
     let body = std::env::temp_dir().join(format!("analytics-overhead-{}.json", std::process::id()));
     std::fs::write(&body, PROFILE).expect("profile file");
     let client = reqwest::Client::new();
-    for addr in [off, on]
+    for addr in [off.addr, twin.addr, on]
         .into_iter()
-        .chain(publish_only.iter().map(|(_, addr)| *addr))
+        .chain(publish_only.iter().map(|(_, gateway)| gateway.addr))
     {
         // Prime the entry: until a request hits.
         for _ in 0..100 {
@@ -268,30 +409,34 @@ async fn main() {
         std::thread::available_parallelism().map_or(0, usize::from)
     );
     let metrics = service.metrics().clone();
-    // Per round: each parked format's ratio to off, then the whole pipeline's.
-    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); publish_only.len() + 1];
+    // Per round, each against off: the twin's ratio (the control), then each parked
+    // publisher's by requests/s and by the gateway's CPU a hit; then the whole
+    // pipeline's, measured after off in a run of its own.
+    let mut control = Vec::new();
+    let mut shares: Vec<(Vec<f64>, Vec<f64>)> = vec![Default::default(); publish_only.len()];
+    let mut pipeline = Vec::new();
     for round in 1..=rounds {
-        // Indexed as reported: off, each parked publisher, then the whole pipeline.
-        let mut paths = vec![(0, "analytics off (in-process aggregation)".to_owned(), off)];
-        for (n, (format, addr)) in publish_only.iter().enumerate() {
-            paths.push((
-                n + 1,
-                format!("analytics on ({format}), nobody consuming (the gateway's share)"),
-                *addr,
+        let mut line = format!("round{round} ratios to off:");
+        let (ratio, _) = interleaved(round, &off, &twin, "off's twin", &body, seconds).await;
+        line.push_str(&format!(" control (its twin) {ratio:.3};"));
+        control.push(ratio);
+        for ((format, parked), (by_rps, by_cpu)) in publish_only.iter().zip(&mut shares) {
+            let label = format!("analytics on ({format}), nobody consuming");
+            let (rps, cpu) = interleaved(round, &off, parked, &label, &body, seconds).await;
+            line.push_str(&format!(
+                " gateway's share {format} {rps:.3} (by CPU a hit {cpu:.3});"
             ));
+            by_rps.push(rps);
+            by_cpu.push(cpu);
         }
-        // A shared machine drifts within a run (seen here: 15% over five rounds), which
-        // favours whatever is measured first: every other round runs them backwards.
-        if round % 2 == 0 {
-            paths.reverse();
-        }
-        paths.push((
-            publish_only.len() + 1,
-            "analytics on (RabbitMQ -> analytics -> Postgres, same cores)".to_owned(),
-            on,
-        ));
-        let mut figures = vec![0.0; paths.len()];
-        for (index, label, addr) in paths {
+        let mut figures = Vec::new();
+        for (label, addr) in [
+            ("analytics off (in-process aggregation)", off.addr),
+            (
+                "analytics on (RabbitMQ -> analytics -> Postgres, same cores)",
+                on,
+            ),
+        ] {
             let before = Cpu::now();
             let body = body.clone();
             let label = format!("round{round} {label}");
@@ -301,12 +446,12 @@ async fn main() {
             let cpu = Cpu::now().since(&before);
             let requests = field(&line, "requests=").max(1.0);
             println!(
-                "{line}\n    cpu per hit: gateway+service {:.1} us, rabbitmq {:.1} us, postgres {:.1} us",
+                "{line}\n    cpu per hit: this process {:.1} us, rabbitmq {:.1} us, postgres {:.1} us",
                 cpu.own / requests * 1e6,
                 cpu.rabbitmq / requests * 1e6,
                 cpu.postgres / requests * 1e6
             );
-            figures[index] = field(&line, "rps=");
+            figures.push(field(&line, "rps="));
             // Let ingest catch up, so it does not run into the next measurement: until
             // every event the "on" gateway published is stored (a pause in inserts is
             // not enough: one insert of merged batches can take longer than a pause).
@@ -322,35 +467,40 @@ async fn main() {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
-        let off_rps = figures[0].max(1.0);
-        let shares: Vec<String> = publish_only
-            .iter()
-            .zip(&figures[1..])
-            .map(|((format, _), rps)| format!("{format} {:.3}", rps / off_rps))
-            .collect();
-        println!(
-            "round{round} ratios: gateway's share {}; whole pipeline on these cores {:.3}",
-            shares.join(", "),
-            figures[figures.len() - 1] / off_rps
-        );
-        for (ratios, rps) in ratios.iter_mut().zip(&figures[1..]) {
-            ratios.push(rps / off_rps);
-        }
+        let whole = figures[1] / figures[0].max(1.0);
+        pipeline.push(whole);
+        println!("{line} whole pipeline on these cores {whole:.3}");
     }
     let median = |v: &[f64]| {
         let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
+    let range = |v: &[f64]| {
+        let (low, high) = v
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(*x), h.max(*x)));
+        format!("{low:.3}-{high:.3}")
+    };
     let shares: Vec<String> = publish_only
         .iter()
-        .zip(&ratios)
-        .map(|((format, _), ratios)| format!("{format} {:.3}", median(ratios)))
+        .zip(&shares)
+        .map(|((format, _), (by_rps, by_cpu))| {
+            format!(
+                "{format} {:.3} ({}; by CPU a hit {:.3}, {})",
+                median(by_rps),
+                range(by_rps),
+                median(by_cpu),
+                range(by_cpu)
+            )
+        })
         .collect();
     println!(
-        "median ratios over {rounds} rounds: gateway's share {}; whole pipeline {:.3}",
+        "median ratios over {rounds} rounds: control {:.3} ({}); gateway's share {}; whole pipeline {:.3}",
+        median(&control),
+        range(&control),
         shares.join(", "),
-        median(&ratios[ratios.len() - 1])
+        median(&pipeline)
     );
     // Give the pipeline a moment, then report what reached Postgres.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -372,4 +522,10 @@ async fn main() {
         .join(", ");
     println!("events stored in Postgres so far: {stored}; {dropped}");
     let _ = std::fs::remove_file(&body);
+    for gateway in [off, twin]
+        .into_iter()
+        .chain(publish_only.into_iter().map(|(_, gateway)| gateway))
+    {
+        gateway.stop();
+    }
 }
