@@ -24,8 +24,11 @@
 # 3. Redis memory per entry over 100,000 entries against the raw narrative size.
 # 4. Misses through RabbitMQ workers: overhead over the LLM latency; worker jobs/s.
 # 5. Analytics: event ingest into Postgres (store, and RabbitMQ -> analytics ->
-#    Postgres); cached-hit throughput with analytics on and off, side by side
-#    (`BENCH_EVENT_FORMATS` adds publishers to compare, see analytics_overhead.rs).
+#    Postgres); cached-hit throughput with analytics on and off: the gateway's share
+#    (events published, nobody consuming) in alternating half-second turns with off,
+#    beside a control (off against an identical twin, measured the same way), and
+#    the whole pipeline on these cores (`BENCH_EVENT_FORMATS` adds publishers to
+#    compare, see analytics_overhead.rs).
 # 6. User misses before, during and after a 500-profile pre-warm.
 # 7. workload-sim --quick: hit rate and cost by quantization step and pre-warm size.
 # 8. Streaming: time to the first delta for the leader, a follower on the same and on
