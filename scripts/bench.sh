@@ -162,7 +162,8 @@ for round in 1 2 3 4 5; do
     before=$(cpu_ticks "$pid")
     out=$(load "round$round $who" "$port" "${hit[@]}")
     after=$(cpu_ticks "$pid")
-    n=$(echo "$out" | sed -E 's/.*requests=([0-9]+).*/\1/')
+    # Every request it answered, the warm-up's too: the ticks cover the whole run.
+    n=$(echo "$out" | sed -E 's/.* requests=([0-9]+) .* warmup_requests=([0-9]+).*/\1 \2/' | awk '{print $1 + $2}')
     echo "$out cpu_us_per_request=$(awk -v a="$after" -v b="$before" -v n="$n" -v hz="$(getconf CLK_TCK)" 'BEGIN{printf "%.1f", (a-b)*1000000/hz/n}')"
   done
 done | tee "$work/ceiling-rounds.txt"

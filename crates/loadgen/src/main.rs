@@ -8,7 +8,9 @@
 //!         --concurrency 32 --seconds 10 --warmup 2 --label cached-hit
 //! ```
 //! Prints one line of figures: requests/s, latency percentiles in microseconds, and
-//! how many responses were not 200 or lacked `--expect-header`.
+//! how many responses were not 200 or lacked `--expect-header`; last, how many were
+//! answered during the warm-up (`warmup_requests`), so that a server's CPU over the
+//! whole run can be divided by every request it answered.
 //!
 //! `--body-file` may be given more than once: connection i then sends body i modulo
 //! their number (distinct profiles, so distinct keys, side by side).
@@ -171,6 +173,8 @@ fn request_bytes(args: &Args, body: Option<&[u8]>) -> Vec<u8> {
 struct Tally {
     latency_us: Histogram<u64>,
     bad: u64,
+    /// Answered during the warm-up: not in the figures, but the server did the work.
+    warm: u64,
 }
 
 /// Reads one response; returns whether it was a 200 carrying the expected header.
@@ -258,6 +262,7 @@ async fn connection(
         tallies.push(Tally {
             latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)?,
             bad: 0,
+            warm: 0,
         });
     }
     let mut buf = Vec::with_capacity(16 * 1024);
@@ -283,6 +288,8 @@ async fn connection(
                 .latency_us
                 .record(sent.elapsed().as_micros().max(1) as u64)?;
             tally.bad += u64::from(!ok);
+        } else {
+            tally.warm += 1;
         }
     }
 }
@@ -368,12 +375,14 @@ async fn main() -> anyhow::Result<()> {
         totals.push(Tally {
             latency_us: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?,
             bad: 0,
+            warm: 0,
         });
     }
     for task in tasks {
         for (total, tally) in totals.iter_mut().zip(task.await??) {
             total.latency_us.add(&tally.latency_us)?;
             total.bad += tally.bad;
+            total.warm += tally.warm;
         }
     }
     let (mut slow_closed, mut slow_lived) = (0, Duration::ZERO);
@@ -393,7 +402,7 @@ async fn main() -> anyhow::Result<()> {
         let latency = &total.latency_us;
         let count = latency.len();
         println!(
-            "{label}: requests={count} rps={rps:.0} p50_us={p50} p99_us={p99} p999_us={p999} max_us={max} concurrency={c} bad={bad}",
+            "{label}: requests={count} rps={rps:.0} p50_us={p50} p99_us={p99} p999_us={p999} max_us={max} concurrency={c} bad={bad} warmup_requests={warm}",
             rps = count as f64 / measured.max(f64::MIN_POSITIVE),
             p50 = latency.value_at_quantile(0.50),
             p99 = latency.value_at_quantile(0.99),
@@ -401,6 +410,7 @@ async fn main() -> anyhow::Result<()> {
             max = latency.max(),
             c = args.concurrency,
             bad = total.bad,
+            warm = total.warm,
         );
     }
     if args.slow > 0 {

@@ -164,8 +164,7 @@ async fn interleaved(
             .to_owned()
     };
     let (off_line, other_line) = (line_of(&off_label), line_of(&other_label));
-    let off_hits = field(&off_line, "requests=").max(1.0);
-    let other_hits = field(&other_line, "requests=").max(1.0);
+    let (off_hits, other_hits) = (answered(&off_line), answered(&other_line));
     let (off_us, other_us) = (off_cpu / off_hits * 1e6, other_cpu / other_hits * 1e6);
     println!(
         "{off_line}\n{other_line}\n    cpu per hit: off {off_us:.2} us, the other {other_us:.2} us; rabbitmq {:.2} us a hit of the other",
@@ -223,6 +222,12 @@ fn field(line: &str, name: &str) -> f64 {
         .find_map(|f| f.strip_prefix(name))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Every request a `loadgen` line says its server answered, the warm-up's included:
+/// what CPU read before and after the run is divided by.
+fn answered(line: &str) -> f64 {
+    (field(line, "requests=") + field(line, "warmup_requests=")).max(1.0)
 }
 
 /// CPU seconds used so far: this process (gateways and the analytics service), the
@@ -444,7 +449,7 @@ async fn main() {
                 .await
                 .expect("load");
             let cpu = Cpu::now().since(&before);
-            let requests = field(&line, "requests=").max(1.0);
+            let requests = answered(&line);
             println!(
                 "{line}\n    cpu per hit: this process {:.1} us, rabbitmq {:.1} us, postgres {:.1} us",
                 cpu.own / requests * 1e6,
